@@ -1,0 +1,180 @@
+"""Figures of the imbalance that Libra R-CNN removes.
+
+``python -m libra_jax.diagnostics --out DIR`` writes
+
+- ``regression_losses.png``: loss and gradient magnitude against the
+  regression error ``|x|`` for smooth L1 and balanced L1 at several
+  ``(alpha, gamma)`` (the paper's Figure 5): balanced L1 gives inliers (small
+  errors) larger gradients while capping outliers' at ``gamma``;
+- ``negative_iou_histogram.png``: the IoU distribution of the negatives chosen
+  by random sampling and by IoU-balanced sampling from the same candidates:
+  random sampling follows the candidates, which are mostly easy (IoU near 0);
+  IoU-balanced sampling draws far more hard negatives.
+
+Each figure comes from a function that also returns the arrays behind it.
+"""
+
+import argparse
+import pathlib
+from typing import Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from libra_jax import losses
+from libra_jax.ops import sample
+
+BALANCED_L1_SETTINGS = ((0.5, 1.5), (0.3, 1.5), (0.5, 1.0), (0.5, 2.0))
+
+
+def regression_loss_curves(max_error: float = 1.5, num_points: int = 301,
+                           settings: Sequence[Tuple[float, float]] = BALANCED_L1_SETTINGS,
+                           beta: float = 1.0) -> Dict[str, np.ndarray]:
+  """Loss value and gradient magnitude of each regression loss on a grid of errors.
+
+  Returns:
+    ``{"error": [P]}`` plus, for every curve name (``"smooth_l1"``,
+    ``"balanced_l1 a=0.5 g=1.5"``, ...), ``"<name>/loss"`` and
+    ``"<name>/grad"``, each ``[P]`` float.
+  """
+  error = np.linspace(0.0, max_error, num_points, dtype=np.float32)
+  curves = {"smooth_l1": lambda x: losses.smooth_l1_loss(x, 0.0, beta=beta)}
+  for alpha, gamma in settings:
+    curves[f"balanced_l1 a={alpha} g={gamma}"] = (
+        lambda x, a=alpha, g=gamma: losses.balanced_l1_loss(x, 0.0, alpha=a, gamma=g, beta=beta))
+  data = {"error": error}
+  for name, fn in curves.items():
+    data[f"{name}/loss"] = np.asarray(jax.vmap(fn)(error))
+    data[f"{name}/grad"] = np.abs(np.asarray(jax.vmap(jax.grad(fn))(error)))
+  return data
+
+
+def synthetic_candidates(key, num_candidates: int = 2000, positive_fraction: float = 0.1,
+                         disjoint_fraction: float = 0.6) -> np.ndarray:
+  """IoUs with the best gt of synthetic RoI candidates ``[N]`` float32.
+
+  Most proposals of an RPN do not touch any object: a ``disjoint_fraction``
+  share of the negatives has IoU exactly 0. The other negatives' IoUs follow
+  a Beta(0.6, 4) law scaled to [0, 0.5) (mostly easy, a tail of hard ones); a
+  ``positive_fraction`` share of all candidates lies uniformly in [0.5, 1], and
+  one gt added as a proposal has IoU 1.
+  """
+  neg_key, pos_key = jax.random.split(key)
+  num_pos = int(num_candidates * positive_fraction)
+  num_neg = num_candidates - num_pos - 1
+  num_disjoint = int(num_neg * disjoint_fraction)
+  touching = 0.5 * jax.random.beta(neg_key, 0.6, 4.0, (num_neg - num_disjoint,))
+  positives = jax.random.uniform(pos_key, (num_pos,), minval=0.5, maxval=1.0)
+  return np.asarray(jnp.concatenate([jnp.zeros((num_disjoint,)), touching, positives, jnp.ones((1,))]),
+                    np.float32)
+
+
+def negative_iou_histograms(seed: int = 0, num_candidates: int = 2000, num_negatives: int = 384,
+                            num_draws: int = 50, neg_iou_thr: float = 0.5,
+                            num_hist_bins: int = 10) -> Dict[str, np.ndarray]:
+  """IoU histograms of all negatives and of those each sampler picks.
+
+  ``num_draws`` independent draws of ``num_negatives`` from the same
+  candidates, averaged: random uniform sampling against IoU-balanced sampling
+  (3 bins, ``floor_thr=0``, as in the Libra configs).
+
+  Returns:
+    ``edges [H + 1]``; ``candidates``, ``random``, ``iou_balanced`` ``[H]``
+    as fractions of their totals; ``max_iou [N]``.
+  """
+  key = jax.random.key(seed)
+  data_key, draw_key = jax.random.split(key)
+  max_iou = synthetic_candidates(data_key, num_candidates)
+  is_negative = max_iou < neg_iou_thr
+  keys = jax.random.split(draw_key, num_draws)
+  random_masks = jax.vmap(lambda k: sample.choose_random(k, is_negative, num_negatives))(keys)
+  balanced_masks = jax.vmap(
+      lambda k: sample.iou_balanced_negatives(k, max_iou, is_negative, num_negatives, floor_thr=0))(keys)
+  edges = np.linspace(0.0, neg_iou_thr, num_hist_bins + 1)
+
+  def fractions(values, weights):
+    counts, _ = np.histogram(values, bins=edges, weights=weights)
+    return counts / counts.sum()
+
+  return {
+      "edges": edges,
+      "max_iou": max_iou,
+      "candidates": fractions(max_iou, is_negative.astype(np.float64)),
+      "random": fractions(max_iou, np.asarray(random_masks).sum(0)),
+      "iou_balanced": fractions(max_iou, np.asarray(balanced_masks).sum(0)),
+  }
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_regression_losses(path, **kwargs) -> Dict[str, np.ndarray]:
+  """Draws :func:`regression_loss_curves` into the PNG file ``path``; returns the data."""
+  data = regression_loss_curves(**kwargs)
+  names = sorted({key.split("/")[0] for key in data if "/" in key}, key=lambda n: (n != "smooth_l1", n))
+  plt = _pyplot()
+  fig, (ax_grad, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for name in names:
+    style = "--" if name == "smooth_l1" else "-"
+    ax_grad.plot(data["error"], data[f"{name}/grad"], style, label=name)
+    ax_loss.plot(data["error"], data[f"{name}/loss"], style, label=name)
+  ax_grad.set(xlabel="regression error |x|", ylabel="gradient magnitude", title="Gradient")
+  ax_loss.set(xlabel="regression error |x|", ylabel="loss", title="Loss")
+  ax_grad.legend(fontsize=8)
+  for ax in (ax_grad, ax_loss):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return data
+
+
+def plot_negative_iou_histogram(path, **kwargs) -> Dict[str, np.ndarray]:
+  """Draws :func:`negative_iou_histograms` into the PNG file ``path``; returns the data."""
+  data = negative_iou_histograms(**kwargs)
+  edges = data["edges"]
+  centers, width = (edges[:-1] + edges[1:]) / 2, (edges[1] - edges[0]) / 3.2
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for offset, name in zip((-1, 0, 1), ("candidates", "random", "iou_balanced")):
+    ax.bar(centers + offset * width, data[name], width=width, label=name.replace("_", "-"))
+  ax.set(xlabel="IoU with the best ground truth", ylabel="fraction of negatives",
+         title="Negatives chosen by random vs IoU-balanced sampling")
+  ax.legend()
+  ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return data
+
+
+def write_all(out_dir) -> Dict[str, pathlib.Path]:
+  """Writes every diagnostic figure into ``out_dir``; returns their paths by name."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = {"regression_losses": out_dir / "regression_losses.png",
+           "negative_iou_histogram": out_dir / "negative_iou_histogram.png"}
+  plot_regression_losses(paths["regression_losses"])
+  histograms = plot_negative_iou_histogram(paths["negative_iou_histogram"])
+  hard = histograms["edges"][:-1] >= 0.1
+  print(f"negatives with IoU >= 0.1: candidates {histograms['candidates'][hard].sum():.1%}, "
+        f"random {histograms['random'][hard].sum():.1%}, "
+        f"IoU-balanced {histograms['iou_balanced'][hard].sum():.1%}")
+  return paths
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="runs/diagnostics", help="directory for the PNG files")
+  args = parser.parse_args(argv)
+  for name, path in write_all(args.out).items():
+    print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+  main()

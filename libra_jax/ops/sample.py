@@ -1,0 +1,237 @@
+"""Static-shape samplers of positive and negative training candidates.
+
+Every sampler takes an explicit ``jax.random`` key and boolean masks over a
+fixed number N of candidates and returns boolean masks ``[N]`` of the chosen
+ones, so nothing changes shape with the data. Counts follow the reference
+(mmdetection's RandomSampler, InstanceBalancedPosSampler and
+IoUBalancedNegSampler) exactly; which candidates are drawn is random, so
+parity with the reference is statistical.
+
+Building blocks: each candidate draws a uniform key; sorting by (group, key)
+ranks candidates within their group at random, and "choose k at random" is
+"rank < k". No loops over boxes, bins or instances.
+"""
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+
+def _random_ranks(key, groups):
+  """Random rank of every element inside its group.
+
+  Args:
+    key: PRNG key.
+    groups: ``[N]`` int group id per element.
+
+  Returns:
+    ``[N]`` int32: the members of each group numbered 0, 1, ... in a
+    uniformly random order.
+  """
+  num = groups.shape[0]
+  order = jnp.lexsort((jax.random.uniform(key, (num,)), groups))
+  sorted_groups = groups[order]
+  position = jnp.arange(num, dtype=jnp.int32)
+  starts = jnp.concatenate([jnp.ones((1,), bool), sorted_groups[1:] != sorted_groups[:-1]])
+  group_start = jax.lax.cummax(jnp.where(starts, position, 0))
+  return jnp.zeros((num,), jnp.int32).at[order].set(position - group_start)
+
+
+def _count_distinct_positive(values):
+  """Number of distinct values > 0 in ``values [N]`` int."""
+  ordered = jnp.sort(jnp.maximum(values, 0))
+  starts = jnp.concatenate([ordered[:1] > 0, ordered[1:] != ordered[:-1]])
+  return jnp.sum(starts, dtype=jnp.int32)
+
+
+def choose_random(key, candidates, k) -> jnp.ndarray:
+  """Chooses ``min(k, #candidates)`` of the candidates uniformly without replacement.
+
+  Args:
+    key: PRNG key.
+    candidates: ``[N]`` bool.
+    k: int scalar, may be traced.
+
+  Returns:
+    ``[N]`` bool, a subset of ``candidates``.
+  """
+  rank = _random_ranks(key, jnp.where(candidates, 0, 1))
+  return candidates & (rank < k)
+
+
+def choose_per_group(key, groups, candidates, quota) -> jnp.ndarray:
+  """Chooses ``min(quota, size)`` candidates of every group uniformly at random.
+
+  Args:
+    key: PRNG key.
+    groups: ``[N]`` int group id (any integers).
+    candidates: ``[N]`` bool; non-candidates are never chosen.
+    quota: int scalar, the same for every group, may be traced.
+
+  Returns:
+    ``[N]`` bool, a subset of ``candidates``.
+  """
+  outside = jnp.max(groups, initial=0) + 1
+  rank = _random_ranks(key, jnp.where(candidates, groups, outside))
+  return candidates & (rank < quota)
+
+
+def random_positives_negatives(key, gt_inds, num: int, pos_fraction: float,
+                               neg_pos_ub: float = -1,
+                               valid=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """mmdetection's ``RandomSampler`` (RPN, baseline RoI head).
+
+  Up to ``int(num * pos_fraction)`` positives at random; negatives fill the
+  rest up to ``num`` (so fewer positives mean more negatives), at most
+  ``int(neg_pos_ub * max(1, #positives))`` of them when ``neg_pos_ub >= 0``.
+
+  Args:
+    key: PRNG key.
+    gt_inds: ``[N]`` int32 assigner output (0 negative, k >= 1 positive, -1 neither).
+    num: total samples asked for.
+    pos_fraction: the largest share of positives.
+    neg_pos_ub: the largest negatives-to-positives ratio; < 0 for none.
+    valid: optional ``[N]`` bool; invalid candidates (padding, anchors off the
+      image) are never chosen.
+
+  Returns:
+    ``(positives [N] bool, negatives [N] bool)``.
+  """
+  pos_key, neg_key = jax.random.split(key)
+  gt_inds = jnp.asarray(gt_inds)
+  valid = jnp.ones(gt_inds.shape, bool) if valid is None else jnp.asarray(valid, bool)
+  positives = choose_random(pos_key, (gt_inds > 0) & valid, int(num * pos_fraction))
+  num_pos = jnp.sum(positives, dtype=jnp.int32)
+  num_neg = num - num_pos
+  if neg_pos_ub >= 0:
+    num_neg = jnp.minimum(num_neg, (neg_pos_ub * jnp.maximum(num_pos, 1)).astype(jnp.int32))
+  negatives = choose_random(neg_key, (gt_inds == 0) & valid, num_neg)
+  return positives, negatives
+
+
+def iou_balanced_negatives(key, max_iou, is_negative, num, floor_thr: float = -1,
+                           floor_fraction: float = 0.0, num_bins: int = 3) -> jnp.ndarray:
+  """Libra R-CNN's IoU-balanced negative sampling.
+
+  With more negatives than ``num``:
+  1. Split the negatives by ``floor_thr``: ``-1`` bins all of them; ``0`` bins
+     those with IoU > 0 and keeps IoU == 0 ones as the floor set; ``t > 0``
+     bins IoU >= t and keeps IoU in [0, t) as the floor set.
+  2. ``n_iou = int(num * (1 - floor_fraction))`` are drawn from the binned
+     negatives (all of them if there are no more): ``num_bins`` equal-width
+     bins span ``[max(floor_thr, 0), m)`` with ``m`` the largest IoU over *all*
+     candidates; each bin gives ``min(int(n_iou / num_bins), size)`` at
+     random, and a shortfall is filled uniformly from the binned negatives
+     left. With ``num_bins = 1`` the draw is uniform.
+  3. The floor set gives the rest at random; any remaining shortfall is
+     filled from all negatives left.
+  Exactly ``min(num, #negatives)`` are chosen.
+
+  Args:
+    key: PRNG key.
+    max_iou: ``[N]`` float, each candidate's IoU with its best gt (all
+      candidates, the gts added as proposals included).
+    is_negative: ``[N]`` bool, the candidates that may be sampled.
+    num: int scalar (may be traced), negatives wanted.
+    floor_thr: -1, 0 or a positive IoU threshold, as above.
+    floor_fraction: share of ``num`` reserved for the floor set.
+    num_bins: K, the number of IoU bins.
+
+  Returns:
+    ``[N]`` bool mask of the chosen negatives.
+  """
+  bin_key, bin_fill_key, floor_key, fill_key = jax.random.split(key, 4)
+  max_iou = jnp.asarray(max_iou, jnp.float32)
+  is_negative = jnp.asarray(is_negative, bool)
+  if floor_thr > 0:
+    binned = is_negative & (max_iou >= floor_thr)
+    floor_set = is_negative & (max_iou >= 0) & (max_iou < floor_thr)
+  elif floor_thr == 0:
+    binned = is_negative & (max_iou > 0)
+    floor_set = is_negative & (max_iou == 0)
+  elif floor_thr == -1:
+    binned = is_negative & (max_iou > -1)
+    floor_set = jnp.zeros_like(is_negative)
+  else:
+    raise ValueError(f"floor_thr must be -1, 0 or positive, got {floor_thr}")
+  low = max(floor_thr, 0.0)
+  num_iou = jnp.floor(jnp.asarray(num) * (1.0 - floor_fraction)).astype(jnp.int32)
+
+  if num_bins >= 2:
+    width = (jnp.max(max_iou) - low) / num_bins
+    edges = low + jnp.arange(num_bins + 1, dtype=jnp.float32) * width
+    in_bin = (max_iou[:, None] >= edges[None, :-1]) & (max_iou[:, None] < edges[None, 1:])
+    in_some_bin = binned & jnp.any(in_bin, axis=1)
+    bin_ids = jnp.argmax(in_bin, axis=1)
+    from_bins = choose_per_group(bin_key, bin_ids, in_some_bin, num_iou // num_bins)
+    shortfall = num_iou - jnp.sum(from_bins, dtype=jnp.int32)
+    iou_sampled = from_bins | choose_random(bin_fill_key, binned & ~from_bins, shortfall)
+  else:
+    iou_sampled = choose_random(bin_key, binned, num_iou)
+
+  num_floor = num - jnp.sum(iou_sampled, dtype=jnp.int32)
+  chosen = iou_sampled | choose_random(floor_key, floor_set, num_floor)
+  return chosen | choose_random(fill_key, is_negative & ~chosen,
+                                 num - jnp.sum(chosen, dtype=jnp.int32))
+
+
+def instance_balanced_positives(key, gt_inds, num) -> jnp.ndarray:
+  """Libra R-CNN's instance-balanced positive sampling.
+
+  With more positives than ``num``, every gt instance present gives up to
+  ``q = int(round(num / G) + 1)`` of its positives at random (G = number of
+  distinct instances among the positives); a shortfall is filled uniformly
+  from the positives left, an excess is cut uniformly back to ``num``.
+  Exactly ``min(num, #positives)`` are chosen (the reference can pick
+  duplicates in its fill step and then return fewer; we do not).
+
+  Args:
+    key: PRNG key.
+    gt_inds: ``[N]`` int32 assigner output; k >= 1 is a positive of gt k - 1.
+    num: int scalar (may be traced), positives wanted.
+
+  Returns:
+    ``[N]`` bool mask of the chosen positives.
+  """
+  quota_key, cut_key, fill_key = jax.random.split(key, 3)
+  gt_inds = jnp.asarray(gt_inds, jnp.int32)
+  positive = gt_inds > 0
+  num_instances = _count_distinct_positive(gt_inds)
+  quota = (jnp.round(num / jnp.maximum(num_instances, 1)) + 1).astype(jnp.int32)
+  per_instance = choose_per_group(quota_key, gt_inds, positive, quota)
+  per_instance = choose_random(cut_key, per_instance, num)
+  return per_instance | choose_random(fill_key, positive & ~per_instance,
+                                      num - jnp.sum(per_instance, dtype=jnp.int32))
+
+
+def balanced_positives_negatives(key, gt_inds, max_iou, num: int, pos_fraction: float,
+                                 floor_thr: float = -1, floor_fraction: float = 0.0,
+                                 num_bins: int = 3,
+                                 valid=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Libra R-CNN's R-CNN sampler: instance-balanced positives, IoU-balanced negatives.
+
+  Up to ``int(num * pos_fraction)`` positives by
+  :func:`instance_balanced_positives`, then ``num - #positives`` negatives by
+  :func:`iou_balanced_negatives` (mmdetection's ``CombinedSampler``).
+
+  Args:
+    key: PRNG key.
+    gt_inds: ``[N]`` int32 assigner output.
+    max_iou: ``[N]`` float assigner output.
+    num, pos_fraction: total samples and the largest share of positives.
+    floor_thr, floor_fraction, num_bins: see :func:`iou_balanced_negatives`.
+    valid: optional ``[N]`` bool; invalid candidates are never chosen.
+
+  Returns:
+    ``(positives [N] bool, negatives [N] bool)``.
+  """
+  pos_key, neg_key = jax.random.split(key)
+  gt_inds = jnp.asarray(gt_inds, jnp.int32)
+  if valid is not None:
+    gt_inds = jnp.where(jnp.asarray(valid, bool), gt_inds, -1)
+  positives = instance_balanced_positives(pos_key, gt_inds, int(num * pos_fraction))
+  negatives = iou_balanced_negatives(neg_key, max_iou, gt_inds == 0,
+                                     num - jnp.sum(positives, dtype=jnp.int32),
+                                     floor_thr, floor_fraction, num_bins)
+  return positives, negatives

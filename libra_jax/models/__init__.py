@@ -1,0 +1,1 @@
+"""Flax linen modules of the detectors: backbones, necks, heads and the detectors."""

@@ -1,0 +1,89 @@
+"""Balanced feature pyramid (Libra R-CNN), NHWC.
+
+All levels are resized to the refine level and averaged into one balanced
+semantic feature, which is refined (a non-local block by default) and added
+back to every level after resizing to that level's size. The resizing follows
+PyTorch's ``adaptive_max_pool2d`` (finer levels) and legacy ``nearest``
+interpolation (coarser levels) index rules exactly, also for sizes that do not
+divide (e.g. 25x38 against 13x19).
+"""
+
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from libra_jax.models.layers import ConvModule, adaptive_max_pool, resize_nearest
+
+REFINE_TYPES = (None, "conv", "non_local")
+
+
+class NonLocal2d(nn.Module):
+  """Embedded-Gaussian non-local block with a residual (mmcv's ``NonLocal2d``).
+
+  ``reduction=1`` (inner channels = channels) and no ``1/sqrt(C)`` scaling, as
+  Libra R-CNN configures it: with ``theta, phi, g`` 1x1 convs (bias, no norm,
+  no activation) over the N = H * W positions,
+  ``y = softmax(theta(x) phi(x)^T) g(x)`` and ``out = x + conv_out(y)``.
+  ``g, theta, phi`` start from N(0, 0.01^2) and ``conv_out`` from zeros, so
+  the block is the identity at initialization.
+
+  Parameters: ``g/conv``, ``theta/conv``, ``phi/conv``, ``conv_out/conv``.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """``x [B, H, W, C]`` -> ``[B, H, W, C]``."""
+    batch, height, width, channels = x.shape
+    embed = lambda name: ConvModule(channels, 1, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype,
+                                    name=name)(x).reshape(batch, height * width, channels)
+    g, theta, phi = embed("g"), embed("theta"), embed("phi")
+    attention = jax.nn.softmax(jnp.einsum("bnc,bmc->bnm", theta, phi).astype(jnp.float32), axis=-1)
+    y = jnp.einsum("bnm,bmc->bnc", attention.astype(g.dtype), g).reshape(batch, height, width, channels)
+    return x + ConvModule(channels, 1, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out")(y)
+
+
+class BalancedFeaturePyramid(nn.Module):
+  """Libra R-CNN's BFP neck: gather, integrate, refine, scatter with residual.
+
+  Attributes:
+    num_levels: number of input levels L (5).
+    refine_level: the level everything is resized to (2 = P4 for Faster
+      R-CNN's P2..P6; 1 = P4 for RetinaNet's P3..P7).
+    refine_type: ``"non_local"`` (the paper), ``"conv"`` (a 3x3 conv + ReLU
+      with no residual, Xavier init) or ``None`` (no refinement).
+    dtype: computation dtype.
+
+  Parameters: ``refine/...`` (:class:`NonLocal2d`'s, or ``refine/conv`` for
+  ``"conv"``), as in mmdetection.
+  """
+  num_levels: int = 5
+  refine_level: int = 2
+  refine_type: Optional[str] = "non_local"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, ...]:
+    """``num_levels`` maps ``[B, H_l, W_l, C]`` -> the same shapes."""
+    if len(inputs) != self.num_levels:
+      raise ValueError(f"BalancedFeaturePyramid expects {self.num_levels} levels, got {len(inputs)}")
+    if not 0 <= self.refine_level < self.num_levels:
+      raise ValueError(f"refine_level {self.refine_level} outside 0..{self.num_levels - 1}")
+    if self.refine_type not in REFINE_TYPES:
+      raise ValueError(f"refine_type must be one of {REFINE_TYPES}, got {self.refine_type!r}")
+    size = inputs[self.refine_level].shape[1:3]
+    gathered = [adaptive_max_pool(x, size) if level < self.refine_level else resize_nearest(x, size)
+                for level, x in enumerate(inputs)]
+    balanced = sum(gathered) / self.num_levels
+    if self.refine_type == "non_local":
+      balanced = NonLocal2d(dtype=self.dtype, name="refine")(balanced)
+    elif self.refine_type == "conv":
+      balanced = ConvModule(balanced.shape[-1], 3, use_relu=True, dtype=self.dtype, name="refine")(balanced)
+    outs = []
+    for level, x in enumerate(inputs):
+      target = x.shape[1:3]
+      residual = resize_nearest(balanced, target) if level < self.refine_level else adaptive_max_pool(balanced, target)
+      outs.append(x + residual)
+    return tuple(outs)

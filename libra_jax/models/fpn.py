@@ -1,0 +1,65 @@
+"""Feature pyramid network (mmdetection's ``FPN``), NHWC.
+
+Faster R-CNN: C2..C5 -> P2..P6 with P6 a stride-2 subsampling of P5 (max-pool
+of kernel 1). RetinaNet: C3..C5 -> P3..P7 with P6 a stride-2 3x3 conv on C5
+and P7 one on P6 (``add_extra_convs='on_input'``, no ReLU in between).
+"""
+
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from libra_jax.models.layers import ConvModuleList, resize_nearest
+
+EXTRA_CONV_SOURCES = (None, "on_input")
+
+
+class FPN(nn.Module):
+  """Lateral 1x1 convs, a nearest-upsampling top-down path and 3x3 output convs.
+
+  Attributes:
+    out_channels: channels of every output level (256).
+    num_outs: number of output levels (5).
+    start_level: index of the first backbone level used (0 for Faster
+      R-CNN's C2, 1 for RetinaNet's C3).
+    add_extra_convs: ``None`` adds levels by stride-2 subsampling of the last
+      output; ``"on_input"`` adds them with stride-2 3x3 convs, the first on
+      the last backbone level.
+    dtype: computation dtype.
+
+  Parameters: ``lateral_convs/{i}/conv`` and ``fpn_convs/{i}/conv`` (the extra
+  convs continue the ``fpn_convs`` numbering), as in mmdetection; Xavier-uniform
+  kernels, zero biases.
+  """
+  out_channels: int = 256
+  num_outs: int = 5
+  start_level: int = 0
+  add_extra_convs: Optional[str] = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, ...]:
+    """Backbone maps ``[B, H_i, W_i, C_i]`` -> ``num_outs`` maps ``[B, h_l, w_l, out_channels]``.
+
+    Each extra level has size ``ceil(previous / 2)``.
+    """
+    if self.add_extra_convs not in EXTRA_CONV_SOURCES:
+      raise ValueError(f"add_extra_convs must be one of {EXTRA_CONV_SOURCES}, got {self.add_extra_convs!r}")
+    used = list(inputs[self.start_level:])
+    if not used or len(used) > self.num_outs:
+      raise ValueError(f"FPN with start_level {self.start_level} and num_outs {self.num_outs} "
+                       f"cannot use {len(inputs)} backbone levels")
+    lateral_convs = ConvModuleList(self.out_channels, dtype=self.dtype, name="lateral_convs")
+    fpn_convs = ConvModuleList(self.out_channels, dtype=self.dtype, name="fpn_convs")
+    laterals = [lateral_convs(x, i, kernel_size=1) for i, x in enumerate(used)]
+    for i in range(len(laterals) - 1, 0, -1):
+      laterals[i - 1] = laterals[i - 1] + resize_nearest(laterals[i], laterals[i - 1].shape[1:3])
+    outs = [fpn_convs(x, i) for i, x in enumerate(laterals)]
+    for i in range(len(outs), self.num_outs):
+      if self.add_extra_convs is None:
+        outs.append(outs[-1][:, ::2, ::2])
+      else:
+        source = used[-1] if i == len(used) else outs[-1]
+        outs.append(fpn_convs(source, i, strides=2))
+    return tuple(outs)

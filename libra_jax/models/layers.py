@@ -1,0 +1,108 @@
+"""Layers shared by the necks and heads, with PyTorch's exact index rules.
+
+Parameter names mirror mmdetection's: a ``ConvModule`` keeps its convolution in
+a child called ``conv``, so the Flax path ``neck/0/lateral_convs/0/conv``
+joined by dots is the state-dict prefix ``neck.0.lateral_convs.0.conv``.
+"""
+
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Initializer = Callable[..., Any]
+
+
+class ConvModule(nn.Module):
+  """A 2-D convolution with PyTorch padding, optionally followed by ReLU.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side.
+    strides: stride in both directions.
+    use_relu: apply ReLU after the convolution.
+    kernel_init, bias_init: initializers of the ``conv`` child.
+    dtype: computation dtype (parameters stay float32).
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  use_relu: bool = False
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """``x [B, H, W, C_in]`` -> ``[B, ceil(H / s), ceil(W / s), features]`` (odd kernels)."""
+    x = conv2d(self.features, self.kernel_size, self.strides, name="conv", kernel_init=self.kernel_init,
+               bias_init=self.bias_init, dtype=self.dtype)(x)
+    return nn.relu(x) if self.use_relu else x
+
+
+class ConvModuleList(nn.Module):
+  """Numbered ``ConvModule`` children ``"0"``, ``"1"``, ... (an ``nn.ModuleList``).
+
+  ``convs(x, index, ...)`` applies child ``index``, created on first use with
+  the given shape, so FPN-like code can interleave the children with other
+  work while the parameter tree reads ``<name>/<index>/conv``.
+  """
+  features: int
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, index: int, kernel_size: int = 3, strides: int = 1,
+               use_relu: bool = False) -> jnp.ndarray:
+    return ConvModule(self.features, kernel_size, strides, use_relu, self.kernel_init, self.bias_init,
+                      self.dtype, name=str(index))(x)
+
+
+def conv2d(features: int, kernel_size: int, strides: int = 1, use_bias: bool = True,
+           name: Optional[str] = None, feature_group_count: int = 1,
+           kernel_init: Initializer = nn.initializers.xavier_uniform(),
+           bias_init: Initializer = nn.initializers.zeros, dtype: Any = jnp.float32) -> nn.Conv:
+  """``nn.Conv`` padded symmetrically by ``kernel_size // 2`` like PyTorch.
+
+  Flax's ``"SAME"`` pads stride-2 convolutions asymmetrically, which shifts the
+  output by a pixel relative to weights trained in PyTorch.
+  """
+  pad = kernel_size // 2
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                 padding=((pad, pad), (pad, pad)), use_bias=use_bias, name=name,
+                 feature_group_count=feature_group_count, kernel_init=kernel_init,
+                 bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32)
+
+
+def resize_nearest(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
+  """PyTorch's legacy ``interpolate(mode='nearest')`` of ``x [B, H, W, C]`` to ``size``.
+
+  Output pixel ``i`` copies input pixel ``floor(i * H_in / H_out)``
+  (not ``jax.image.resize``'s half-pixel rule).
+  """
+  in_h, in_w = x.shape[1:3]
+  rows = (jnp.arange(size[0]) * in_h) // size[0]
+  cols = (jnp.arange(size[1]) * in_w) // size[1]
+  return x[:, rows][:, :, cols]
+
+
+def _adaptive_windows(in_size: int, out_size: int) -> Sequence[Tuple[int, int]]:
+  """PyTorch's adaptive pooling windows: ``[floor(i n / m), ceil((i + 1) n / m))``."""
+  return [((i * in_size) // out_size, math.ceil((i + 1) * in_size / out_size)) for i in range(out_size)]
+
+
+def adaptive_max_pool(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
+  """PyTorch's ``adaptive_max_pool2d`` of ``x [B, H, W, C]`` to ``size`` (static).
+
+  Windows may overlap or differ in size when the sizes do not divide. When the
+  input is an exact multiple of the output it is a plain strided max-pool.
+  """
+  in_h, in_w = x.shape[1:3]
+  out_h, out_w = size
+  if in_h % out_h == 0 and in_w % out_w == 0:
+    window = (in_h // out_h, in_w // out_w)
+    return nn.max_pool(x, window, strides=window)
+  x = jnp.stack([jnp.max(x[:, lo:hi], axis=1) for lo, hi in _adaptive_windows(in_h, out_h)], axis=1)
+  return jnp.stack([jnp.max(x[:, :, lo:hi], axis=2) for lo, hi in _adaptive_windows(in_w, out_w)], axis=2)

@@ -1,0 +1,302 @@
+"""Tests for libra_jax.ops.roi_align against a loop-by-loop numpy reference."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import test_util as jtu
+
+from libra_jax.ops.roi_align import map_roi_levels, multilevel_roi_align, roi_align
+
+jit_roi_align = jax.jit(roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
+jit_map_roi_levels = jax.jit(map_roi_levels, static_argnames=("num_levels", "finest_scale"))
+jit_multilevel = jax.jit(
+    multilevel_roi_align,
+    static_argnames=("output_size", "strides", "sampling_ratio", "finest_scale", "aligned"))
+
+
+def _bilinear_terms(height, width, y, x):
+  """``[((row, col), weight)]`` of one bilinear sample, by the RoIAlign rules."""
+  if y < -1.0 or y > height or x < -1.0 or x > width:
+    return []
+  y, x = max(y, 0.0), max(x, 0.0)
+  y_low, x_low = int(math.floor(y)), int(math.floor(x))
+  if y_low >= height - 1:
+    y_low = y_high = height - 1
+    y = float(y_low)
+  else:
+    y_high = y_low + 1
+  if x_low >= width - 1:
+    x_low = x_high = width - 1
+    x = float(x_low)
+  else:
+    x_high = x_low + 1
+  ly, lx = y - y_low, x - x_low
+  hy, hx = 1.0 - ly, 1.0 - lx
+  return [((y_low, x_low), hy * hx), ((y_low, x_high), hy * lx),
+          ((y_high, x_low), ly * hx), ((y_high, x_high), ly * lx)]
+
+
+def _reference_bin_terms(height, width, roi, output_size, spatial_scale, sampling_ratio,
+                         aligned):
+  """Yields ``(ph, pw, (row, col), weight)``: bin ``(ph, pw)`` of ``roi`` is
+  the sum of ``weight * feature[row, col]`` over its terms."""
+  out_h, out_w = output_size
+  offset = 0.5 if aligned else 0.0
+  x1, y1, x2, y2 = (float(v) for v in roi)
+  start_x, start_y = x1 * spatial_scale - offset, y1 * spatial_scale - offset
+  roi_w = x2 * spatial_scale - offset - start_x
+  roi_h = y2 * spatial_scale - offset - start_y
+  if not aligned:
+    roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+  bin_h, bin_w = roi_h / out_h, roi_w / out_w
+  count = sampling_ratio * sampling_ratio
+  for ph in range(out_h):
+    for pw in range(out_w):
+      for iy in range(sampling_ratio):
+        y = start_y + ph * bin_h + (iy + 0.5) * bin_h / sampling_ratio
+        for ix in range(sampling_ratio):
+          x = start_x + pw * bin_w + (ix + 0.5) * bin_w / sampling_ratio
+          for pixel, weight in _bilinear_terms(height, width, y, x):
+            yield ph, pw, pixel, weight / count
+
+
+def reference_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+  features = np.asarray(features, np.float64)
+  height, width, channels = features.shape
+  out = np.zeros((len(rois),) + tuple(output_size) + (channels,))
+  for k, roi in enumerate(np.asarray(rois)):
+    for ph, pw, pixel, weight in _reference_bin_terms(
+        height, width, roi, output_size, spatial_scale, sampling_ratio, aligned):
+      out[k, ph, pw] += weight * features[pixel]
+  return out
+
+
+def reference_roi_align_adjoint(cotangent, feature_shape, rois, output_size, spatial_scale,
+                                sampling_ratio, aligned):
+  """Gradient of ``sum(roi_align(features) * cotangent)`` w.r.t. features."""
+  height, width, _ = feature_shape
+  grad = np.zeros(feature_shape)
+  for k, roi in enumerate(np.asarray(rois)):
+    for ph, pw, pixel, weight in _reference_bin_terms(
+        height, width, roi, output_size, spatial_scale, sampling_ratio, aligned):
+      grad[pixel] += weight * cotangent[k, ph, pw]
+  return grad
+
+
+def random_rois(rng, num_rois, image_h, image_w):
+  """xyxy RoIs of mixed sizes, some crossing or outside the image border."""
+  centre = rng.uniform([-0.2 * image_w, -0.2 * image_h], [1.2 * image_w, 1.2 * image_h],
+                       (num_rois, 2))
+  size = rng.uniform(0.2, 1.5, (num_rois, 2)) * [image_w, image_h]
+  rois = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+  special = np.array([
+      [3.0, 4.0, 3.5, 4.2],                       # tiny
+      [5.0, 5.0, 5.0, 5.0],                       # zero size
+      [-3.0 * image_w, -2.0 * image_h, 3.0 * image_w, 2.5 * image_h],  # covers the map
+      [1.5 * image_w, 1.5 * image_h, 2.0 * image_w, 2.0 * image_h],    # fully outside
+      [-10.0, -10.0, -1.0, -1.5],                 # outside, near the origin
+      [image_w - 1.0, image_h - 1.0, image_w + 3.0, image_h + 2.0],    # past the far corner
+  ])
+  rois[:len(special)] = special
+  return rois.astype(np.float32)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+def test_roi_align_matches_reference(aligned, sampling_ratio):
+  rng = np.random.default_rng(sampling_ratio + 10 * aligned)
+  features = rng.normal(size=(13, 17, 3)).astype(np.float32)
+  spatial_scale = 0.5
+  rois = random_rois(rng, 20, 13 / spatial_scale, 17 / spatial_scale)
+  output_size = (3, 4) if sampling_ratio == 3 else (2, 2)
+  expected = reference_roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
+                                 aligned)
+  got = jit_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+  assert got.shape == (20,) + output_size + (3,)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_int_output_size_and_dtype():
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(6, 5, 2)).astype(np.float32)
+  rois = random_rois(rng, 7, 6, 5)
+  got = jit_roi_align(features, rois, 3, 1.0)
+  np.testing.assert_allclose(got, reference_roi_align(features, rois, (3, 3), 1.0, 2, True),
+                             atol=1e-5)
+  half = jit_roi_align(features.astype(jnp.bfloat16), rois, 3, 1.0)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(np.float32), got, atol=0.05)
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, -1, 1.5])
+def test_bad_sampling_ratio_raises(sampling_ratio):
+  features = np.zeros((4, 4, 1), np.float32)
+  rois = np.array([[0.0, 0.0, 2.0, 2.0]], np.float32)
+  with pytest.raises(ValueError):
+    jit_roi_align(features, rois, 2, 1.0, sampling_ratio=sampling_ratio)
+  with pytest.raises(ValueError):
+    jit_multilevel([features], rois, 2, (4,), sampling_ratio=sampling_ratio)
+
+
+def test_linear_map_gives_bin_centres():
+  # Map pixel (i, j) has its centre at image point ((j + 0.5) / s, (i + 0.5) / s)
+  # when aligned; there the map holds f(y, x) = 2 y + 3 x + 1. Bilinear
+  # interpolation is exact on a linear function, and the samples of a bin are
+  # symmetric about its centre, so each bin equals f at its centre as long
+  # as every sample lies between pixel centres.
+  def f(y, x):
+    return 2.0 * y + 3.0 * x + 1.0
+
+  spatial_scale = 1.0
+  rows, cols = np.meshgrid(np.arange(8.0), np.arange(8.0), indexing="ij")
+  features = f(rows + 0.5, cols + 0.5)[..., None].astype(np.float32)
+  # Bins of the RoI x in [2, 6], y in [1, 5] are centred at y in {2, 4},
+  # x in {3, 5}: f = 2 * 2 + 3 * 3 + 1 = 14, 2 * 2 + 3 * 5 + 1 = 20, ...
+  rois = np.array([[2.0, 1.0, 6.0, 5.0]], np.float32)
+  expected = np.array([[14.0, 20.0], [18.0, 24.0]])
+  for sampling_ratio in (1, 3):
+    got = jit_roi_align(features, rois, 2, spatial_scale, sampling_ratio=sampling_ratio)
+    np.testing.assert_allclose(got[0, ..., 0], expected, atol=1e-5)
+
+  # With stride 2 (scale 0.5), map pixel (i, j) is centred at image point
+  # (2 j + 1, 2 i + 1). The RoI x in [3, 12], y in [2, 11] in 3 x 3 bins has
+  # bin centres y in {3.5, 6.5, 9.5}, x in {4.5, 7.5, 10.5}.
+  spatial_scale = 0.5
+  features = f(2.0 * rows + 1.0, 2.0 * cols + 1.0)[..., None].astype(np.float32)
+  rois = np.array([[3.0, 2.0, 12.0, 11.0]], np.float32)
+  expected = np.array([[21.5, 30.5, 39.5], [27.5, 36.5, 45.5], [33.5, 42.5, 51.5]])
+  got = jit_roi_align(features, rois, 3, spatial_scale, sampling_ratio=2)
+  np.testing.assert_allclose(got[0, ..., 0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_constant_map(aligned):
+  features = np.full((9, 11, 2), 3.25, np.float32)
+  rois = np.array([[1.0, 1.0, 8.0, 6.0], [4.2, 3.1, 4.6, 3.3], [0.5, 0.5, 10.5, 8.5]],
+                  np.float32)
+  got = jit_roi_align(features, rois, 4, 1.0, sampling_ratio=2, aligned=aligned)
+  np.testing.assert_allclose(got, 3.25, atol=1e-6)
+
+
+def test_roi_outside_map_is_zero():
+  features = np.ones((5, 5, 1), np.float32)
+  rois = np.array([[20.0, 20.0, 30.0, 30.0], [-30.0, -9.0, -20.0, -2.5]], np.float32)
+  np.testing.assert_array_equal(jit_roi_align(features, rois, 2, 1.0), 0.0)
+
+
+def test_map_roi_levels_matches_mmdet(load_ref):
+  data = load_ref("roi_levels")
+  got = jit_map_roi_levels(data["rois"][:, 1:], int(data["num_levels"]),
+                           float(data["finest_scale"]))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, data["target_lvls"])
+
+
+def test_map_roi_levels_boundaries():
+  def square(side):
+    return [10.0, 20.0, 10.0 + side, 20.0 + side]
+
+  rois = np.array([square(111.9), square(112.0), square(223.9), square(224.0), square(448.0),
+                   square(1e5), [5.0, 5.0, 5.0, 40.0], [50.0, 50.0, 10.0, 10.0],
+                   [0.0, 0.0, 0.0, 0.0]], np.float32)
+  np.testing.assert_array_equal(jit_map_roi_levels(rois, 4), [0, 1, 1, 2, 3, 3, 0, 0, 0])
+  np.testing.assert_array_equal(jit_map_roi_levels(rois, 2), [0, 1, 1, 1, 1, 1, 0, 0, 0])
+
+
+LEVEL_SHAPES = ((25, 38), (13, 19), (7, 10), (4, 5))
+STRIDES = (4, 8, 16, 32)
+FINEST_SCALE = 8.0  # levels at scales < 16, [16, 32), [32, 64), >= 64
+
+
+def pyramid_and_rois(rng, num_rois=24, channels=3):
+  features = [rng.normal(size=shape + (channels,)).astype(np.float32) for shape in LEVEL_SHAPES]
+  centre = rng.uniform([-10.0, -10.0], [160.0, 110.0], (num_rois, 2))
+  scale = np.exp(rng.uniform(np.log(4.0), np.log(150.0), num_rois))
+  aspect = np.exp(rng.uniform(-0.7, 0.7, num_rois))
+  half = 0.5 * scale[:, None] * np.stack([np.sqrt(aspect), 1.0 / np.sqrt(aspect)], axis=1)
+  rois = np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
+  return features, rois
+
+
+def test_multilevel_matches_per_level_roi_align():
+  rng = np.random.default_rng(3)
+  features, rois = pyramid_and_rois(rng)
+  levels = np.asarray(jit_map_roi_levels(rois, len(features), FINEST_SCALE))
+  assert set(levels.tolist()) == {0, 1, 2, 3}
+  got = jit_multilevel(features, rois, (2, 3), STRIDES, 2, FINEST_SCALE, True)
+  assert got.shape == (len(rois), 2, 3, 3)
+  for level, level_features in enumerate(features):
+    single = jit_roi_align(level_features, rois, (2, 3), 1.0 / STRIDES[level], 2, True)
+    mine = levels == level
+    np.testing.assert_allclose(got[mine], single[mine], atol=1e-5)
+
+  got = jit_multilevel(features, rois, (2, 3), STRIDES, 2, FINEST_SCALE, False)
+  for k, level in enumerate(levels):
+    expected = reference_roi_align(features[level], rois[k:k + 1], (2, 3), 1.0 / STRIDES[level],
+                                   2, False)
+    np.testing.assert_allclose(got[k], expected[0], atol=1e-5)
+
+
+def test_multilevel_rejects_mismatched_strides():
+  with pytest.raises(ValueError):
+    jit_multilevel([np.zeros((4, 4, 1))] * 2, np.zeros((1, 4)), 2, (4, 8, 16))
+
+
+def test_vmap_over_images_equals_per_image():
+  rng = np.random.default_rng(4)
+  features = rng.normal(size=(2, 13, 17, 3)).astype(np.float32)
+  rois = np.stack([random_rois(rng, 9, 26, 34) for _ in range(2)])
+  batched = jax.jit(jax.vmap(functools.partial(roi_align, output_size=3, spatial_scale=0.5)))
+  got = batched(features, rois)
+  for i in range(2):
+    np.testing.assert_allclose(got[i], jit_roi_align(features[i], rois[i], 3, 0.5), atol=1e-6)
+
+  pyramids, level_rois = zip(*(pyramid_and_rois(rng, num_rois=8) for _ in range(2)))
+  stacked = [np.stack(levels) for levels in zip(*pyramids)]
+  batched = jax.jit(jax.vmap(functools.partial(
+      multilevel_roi_align, output_size=2, strides=STRIDES, finest_scale=FINEST_SCALE)))
+  got = batched(stacked, np.stack(level_rois))
+  for i in range(2):
+    single = jit_multilevel(pyramids[i], level_rois[i], 2, STRIDES,
+                                  finest_scale=FINEST_SCALE)
+    np.testing.assert_allclose(got[i], single, atol=1e-6)
+
+
+def test_check_grads_wrt_features():
+  rng = np.random.default_rng(5)
+  features = rng.normal(size=(6, 7, 2)).astype(np.float32)
+  rois = random_rois(rng, 8, 12, 14)
+  jtu.check_grads(lambda f: jit_roi_align(f, rois, 2, 0.5, sampling_ratio=2), (features,),
+                  order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gradient_matches_reference_adjoint(aligned):
+  rng = np.random.default_rng(6)
+  features = rng.normal(size=(13, 17, 3)).astype(np.float32)
+  rois = random_rois(rng, 12, 26, 34)
+  cotangent = rng.normal(size=(12, 3, 3, 3)).astype(np.float32)
+  grad = jax.jit(jax.grad(
+      lambda f: jnp.sum(jit_roi_align(f, rois, 3, 0.5, 2, aligned) * cotangent)))(features)
+  expected = reference_roi_align_adjoint(cotangent, features.shape, rois, (3, 3), 0.5, 2,
+                                         aligned)
+  np.testing.assert_allclose(grad, expected, atol=1e-5)
+
+
+def test_multilevel_gradient_matches_reference_adjoint():
+  rng = np.random.default_rng(7)
+  features, rois = pyramid_and_rois(rng, num_rois=16)
+  cotangent = rng.normal(size=(16, 2, 2, 3)).astype(np.float32)
+  grads = jax.grad(lambda fs: jnp.sum(
+      jit_multilevel(fs, rois, 2, STRIDES, finest_scale=FINEST_SCALE) * cotangent))(features)
+  levels = np.asarray(jit_map_roi_levels(rois, len(features), FINEST_SCALE))
+  for level, grad in enumerate(grads):
+    mine = levels == level
+    expected = reference_roi_align_adjoint(cotangent[mine], features[level].shape, rois[mine],
+                                           (2, 2), 1.0 / STRIDES[level], 2, True)
+    np.testing.assert_allclose(grad, expected, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Experiment configs: ``base_*.py`` per detector family, thin files per experiment."""

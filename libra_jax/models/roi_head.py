@@ -1,0 +1,176 @@
+"""The R-CNN stage: RoI sampling and targets, the shared-2fc box head, detections.
+
+``roi_head/bbox_head/{shared_fcs/0, shared_fcs/1, fc_cls, fc_reg}`` mirror
+mmdetection's ``Shared2FCBBoxHead``. RoI features are flattened in PyTorch's
+channel-major order (C, 7, 7), so ``shared_fcs.0`` converts by the generic
+dense rule.
+"""
+
+from typing import Any, Dict, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from libra_jax.ops import boxes as box_ops
+from libra_jax.ops.assign import max_iou_assign
+from libra_jax.ops.nms import batched_nms
+from libra_jax.ops.sample import balanced_positives_negatives, random_positives_negatives
+
+
+class BBoxHead(nn.Module):
+  """Flatten -> fc + ReLU -> fc + ReLU -> class logits (C + 1) and class-specific deltas (4C).
+
+  Attributes:
+    num_classes: C object classes; logit C is background.
+    fc_channels: width of the two shared layers (1024).
+    dtype: computation dtype.
+  """
+  num_classes: int
+  fc_channels: int = 1024
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, roi_features: jnp.ndarray):
+    """``[K, S, S, C]`` -> ``(logits [K, num_classes + 1], deltas [K, 4 num_classes])``, float32."""
+    x = jnp.transpose(roi_features, (0, 3, 1, 2)).reshape(roi_features.shape[0], -1).astype(self.dtype)
+    dense = lambda features, init, name: nn.Dense(features, kernel_init=init, dtype=self.dtype,
+                                                  param_dtype=jnp.float32, name=name)
+    shared = _Numbered(name="shared_fcs")
+    x = nn.relu(shared(x, 0, self.fc_channels, self.dtype))
+    x = nn.relu(shared(x, 1, self.fc_channels, self.dtype))
+    logits = dense(self.num_classes + 1, nn.initializers.normal(0.01), "fc_cls")(x)
+    deltas = dense(4 * self.num_classes, nn.initializers.normal(0.001), "fc_reg")(x)
+    return logits.astype(jnp.float32), deltas.astype(jnp.float32)
+
+
+class _Numbered(nn.Module):
+  """Dense layers named ``"0"``, ``"1"``, ... (an ``nn.ModuleList`` of Linear)."""
+
+  @nn.compact
+  def __call__(self, x, index: int, features: int, dtype):
+    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype,
+                    param_dtype=jnp.float32, name=str(index))(x)
+
+
+class RoIHead(nn.Module):
+  """Container that gives the box head mmdetection's ``roi_head.bbox_head`` prefix."""
+  num_classes: int
+  fc_channels: int = 1024
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, roi_features):
+    return BBoxHead(self.num_classes, self.fc_channels, self.dtype, name="bbox_head")(roi_features)
+
+
+class SampledRoIs(NamedTuple):
+  """The ``S`` RoIs sampled for one image and their targets."""
+  rois: jnp.ndarray           # [S, 4] xyxy pixels
+  valid: jnp.ndarray          # [S] bool (false only when there were fewer candidates than S)
+  labels: jnp.ndarray         # [S] int32 class, num_classes for background
+  is_positive: jnp.ndarray    # [S] bool
+  deltas: jnp.ndarray         # [S, 4] encoded matched gt (positives only meaningful)
+  matched_boxes: jnp.ndarray  # [S, 4] matched gt boxes (positives only meaningful)
+  max_iou: jnp.ndarray        # [S] IoU with the best gt
+
+
+def sample_rois(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, ignore_boxes, ignore_valid,
+                num_classes: int, cfg: Dict) -> SampledRoIs:
+  """Assigns the proposals of one image (gts added as proposals) and samples ``cfg.sampler.num``.
+
+  The gts are prepended to the candidates and assigned to themselves with IoU
+  1 (mmdetection's ``add_gt_as_proposals``). The sampler is ``"random"``
+  (baseline) or ``"libra"`` (instance-balanced positives + IoU-balanced
+  negatives).
+
+  Args:
+    key: PRNG key.
+    proposals: ``[P, 4]``; proposal_valid: ``[P]`` bool.
+    gt_boxes: ``[G, 4]``; gt_labels: ``[G]`` int32; gt_valid: ``[G]`` bool.
+    ignore_boxes, ignore_valid: ``[G, 4]``, ``[G]`` crowd regions.
+    num_classes: C.
+    cfg: ``assigner`` (``max_iou_assign`` keywords), ``sampler`` (``type``,
+      ``num``, ``pos_fraction`` and the sampler's own keywords),
+      ``target_stds``.
+  """
+  num_gts = gt_boxes.shape[0]
+  num = cfg["sampler"]["num"]
+  # With fewer candidate rows than samples (tiny configs), invalid rows fill the sample.
+  filler = max(num - num_gts - proposals.shape[0], 0)
+  candidates = jnp.concatenate([gt_boxes, proposals, jnp.zeros((filler, 4), proposals.dtype)], axis=0)
+  candidate_valid = jnp.concatenate([gt_valid, proposal_valid, jnp.zeros((filler,), bool)])
+  gt_inds, max_iou = max_iou_assign(candidates, gt_boxes, gt_valid, ignore_boxes=ignore_boxes,
+                                    ignore_valid=ignore_valid, **cfg["assigner"])
+  own = jnp.arange(1, num_gts + 1, dtype=jnp.int32)
+  gt_inds = gt_inds.at[:num_gts].set(jnp.where(gt_valid, own, -1))
+  max_iou = max_iou.at[:num_gts].set(jnp.where(gt_valid, 1.0, 0.0))
+  gt_inds = jnp.where(candidate_valid, gt_inds, -1)
+  max_iou = jnp.where(candidate_valid, max_iou, 0.0)
+
+  sampler = dict(cfg["sampler"])
+  kind = sampler.pop("type")
+  if kind == "random":
+    positives, negatives = random_positives_negatives(key, gt_inds, valid=candidate_valid, **sampler)
+  elif kind == "libra":
+    positives, negatives = balanced_positives_negatives(key, gt_inds, max_iou, valid=candidate_valid, **sampler)
+  else:
+    raise ValueError(f"unknown R-CNN sampler {kind!r}; use 'random' or 'libra'")
+
+  # Positives first, then negatives, then the rest: the first `num` rows are the sample.
+  order = jnp.argsort(jnp.where(positives, 0, jnp.where(negatives, 1, 2)), stable=True)[:num]
+  is_positive = positives[order]
+  valid = is_positive | negatives[order]
+  rois = candidates[order]
+  matched_gt = jnp.maximum(gt_inds[order] - 1, 0)
+  matched_boxes = gt_boxes[matched_gt]
+  labels = jnp.where(is_positive, gt_labels[matched_gt], num_classes).astype(jnp.int32)
+  unit = jnp.array([0.0, 0.0, 1.0, 1.0])
+  deltas = box_ops.encode_deltas(jnp.where(is_positive[:, None], rois, unit),
+                                 jnp.where(is_positive[:, None], matched_boxes, unit), stds=cfg["target_stds"])
+  return SampledRoIs(rois=rois, valid=valid, labels=labels, is_positive=is_positive, deltas=deltas,
+                     matched_boxes=matched_boxes, max_iou=max_iou[order])
+
+
+def class_deltas(deltas, labels, num_classes: int):
+  """Deltas ``[K, 4C]`` of each row's own class -> ``[K, 4]`` (background rows, weighted 0, read the last class)."""
+  per_class = deltas.reshape(deltas.shape[0], num_classes, 4)
+  return jnp.take_along_axis(per_class, jnp.clip(labels, 0, num_classes - 1)[:, None, None], axis=1)[:, 0]
+
+
+class Detections(NamedTuple):
+  """Fixed-size detections of one image (or a batch, with a leading axis)."""
+  boxes: jnp.ndarray    # [D, 4] xyxy pixels of the resized image
+  scores: jnp.ndarray   # [D]
+  classes: jnp.ndarray  # [D] int32 contiguous class index
+  valid: jnp.ndarray    # [D] bool
+
+
+def detect_boxes(boxes_per_class, class_scores, candidate_valid, score_thr: float, iou_threshold: float,
+                 max_per_img: int, pre_nms_top_k: int) -> Detections:
+  """Per-class score threshold and NMS, then the best ``max_per_img`` of one image.
+
+  mmdetection runs NMS on every (RoI, class) pair above ``score_thr``, a
+  data-dependent number (up to 80,000 for 1,000 RoIs and 80 classes). With
+  static shapes we keep the ``pre_nms_top_k`` best pairs above the threshold
+  first; a pair outside them could only matter if more than ``pre_nms_top_k
+  - max_per_img`` better pairs were suppressed.
+
+  Args:
+    boxes_per_class: ``[K, C, 4]`` decoded boxes.
+    class_scores: ``[K, C]`` probabilities of the object classes.
+    candidate_valid: ``[K]`` bool.
+    score_thr, iou_threshold, max_per_img: test settings (0.05, 0.5, 100).
+    pre_nms_top_k: pairs kept for NMS.
+  """
+  num_rois, num_classes = class_scores.shape
+  scores = jnp.where(candidate_valid[:, None] & (class_scores > score_thr), class_scores, -jnp.inf).reshape(-1)
+  scores, top = jax.lax.top_k(scores, min(pre_nms_top_k, scores.shape[0]))
+  boxes = boxes_per_class.reshape(-1, 4)[top]
+  classes = (top % num_classes).astype(jnp.int32)
+  keep, count = batched_nms(boxes, scores, classes, iou_threshold, max_per_img)
+  valid = jnp.arange(max_per_img) < count
+  safe = jnp.maximum(keep, 0)
+  return Detections(boxes=jnp.where(valid[:, None], boxes[safe], 0.0),
+                    scores=jnp.where(valid, scores[safe], 0.0),
+                    classes=jnp.where(valid, classes[safe], -1), valid=valid)

@@ -19,9 +19,14 @@ fi
 
 stamp="$venv/.installed-$(sha256sum "$root/pyproject.toml" | cut -c1-16)${extras:+-$extras}"
 if [ ! -f "$stamp" ]; then
-  echo "Installing libra_jax${extras:+[$extras]} into $venv (first run takes a few minutes) ..." >&2
-  "$venv/bin/python" -m pip install -q --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q -e "$root${extras:+[$extras]}" >&2
+  log="$venv/install.log"
+  echo "Installing libra_jax${extras:+[$extras]} into $venv (first run takes a few minutes; log: $log) ..." >&2
+  if ! { "$venv/bin/python" -m pip install --upgrade pip &&
+         "$venv/bin/python" -m pip install -e "$root${extras:+[$extras]}"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "Installing libra_jax failed; the whole log is $log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 echo "$venv/bin/python"

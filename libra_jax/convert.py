@@ -198,3 +198,51 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
     return {name: tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
             for name, tensor in checkpoint.items()}
   raise ValueError(f"unknown checkpoint format {suffix!r} for {path}; use .npz, .safetensors or .pth")
+
+
+def _collections(variables: Mapping[str, Any], part: str) -> Dict[str, Any]:
+  return {c: variables[c][part] for c in ("params", "batch_stats") if c in variables and part in variables[c]}
+
+
+def import_backbone(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                    strict: bool = True) -> Tuple[Dict[str, Any], ConversionReport]:
+  """Puts an ImageNet classifier's weights (torchvision ResNet / ResNeXt names) into the backbone.
+
+  The classifier (``fc.*``) is dropped; every backbone tensor must be present.
+
+  Args:
+    state_dict: torchvision-style names (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...).
+    variables: the detector's variables; only ``backbone`` is replaced.
+    strict: as in :func:`state_dict_to_flax`.
+
+  Returns:
+    ``(new variables, report)``.
+  """
+  converted, report = state_dict_to_flax(state_dict, _collections(variables, "backbone"),
+                                         ignore_prefixes=("fc.",), strict=strict)
+  new = {c: dict(v) for c, v in variables.items()}
+  for collection, tree in converted.items():
+    new[collection]["backbone"] = tree
+  return new, report
+
+
+def import_detector(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                    strict: bool = True) -> Tuple[Dict[str, Any], ConversionReport]:
+  """Puts a whole mmdetection detector (Faster R-CNN, RetinaNet, and their Libra variants) into ``variables``.
+
+  Args:
+    state_dict: mmdetection names (``backbone.*``, ``neck.*``, ``rpn_head.*``,
+      ``roi_head.bbox_head.*`` or ``bbox_head.*``).
+    variables: the detector's variables (or their ``jax.eval_shape``).
+    strict: as in :func:`state_dict_to_flax`.
+
+  Returns:
+    ``(new variables, report)``; other collections are kept.
+  """
+  converted, report = state_dict_to_flax(state_dict, variables, strict=strict)
+  return {**variables, **converted}, report
+
+
+def export_detector(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """The detector's variables as an mmdetection-named, PyTorch-layout state dict."""
+  return flax_to_state_dict(variables)

@@ -105,3 +105,71 @@ def test_bfp_through_the_converter_keeps_mmdetection_names():
   names = set(convert.flax_to_state_dict(variables, prefix="neck.1."))
   assert names == {f"neck.1.refine.{part}.conv.{p}" for part in ("g", "theta", "phi", "conv_out")
                    for p in ("weight", "bias")}
+
+
+def torchvision_resnet18_state_dict(rng, base_channels=8):
+  """Random tensors under torchvision's ResNet-18 names (with fc and BN counters), written by formula."""
+  state_dict = {"conv1.weight": rng.normal(size=(base_channels, 3, 7, 7)), "fc.weight": rng.normal(size=(10, 64)),
+                "fc.bias": rng.normal(size=(10,))}
+  bn = lambda prefix, c: {f"{prefix}.weight": rng.normal(size=c), f"{prefix}.bias": rng.normal(size=c),
+                          f"{prefix}.running_mean": rng.normal(size=c), f"{prefix}.running_var": rng.uniform(0.5, 2, c),
+                          f"{prefix}.num_batches_tracked": np.array(100)}
+  state_dict.update(bn("bn1", base_channels))
+  in_channels = base_channels
+  for stage in range(4):
+    channels = base_channels * 2 ** stage
+    for block in range(2):
+      prefix = f"layer{stage + 1}.{block}"
+      first_in = in_channels if block == 0 else channels
+      state_dict[f"{prefix}.conv1.weight"] = rng.normal(size=(channels, first_in, 3, 3))
+      state_dict[f"{prefix}.conv2.weight"] = rng.normal(size=(channels, channels, 3, 3))
+      state_dict.update(bn(f"{prefix}.bn1", channels))
+      state_dict.update(bn(f"{prefix}.bn2", channels))
+      if block == 0 and (stage > 0):
+        state_dict[f"{prefix}.downsample.0.weight"] = rng.normal(size=(channels, in_channels, 1, 1))
+        state_dict.update(bn(f"{prefix}.downsample.1", channels))
+    in_channels = channels
+  return {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_faster():
+  from conftest import synthetic_batch, tiny_model_config
+  from libra_jax.models.detectors import build_detector
+  model = build_detector(tiny_model_config("faster"))
+  batch = synthetic_batch()
+  variables = jax.jit(lambda k, b: model.init(k, b, train=False))(jax.random.key(0), batch)
+  return model, variables, batch
+
+
+def test_import_torchvision_backbone(tiny_faster):
+  _, variables, _ = tiny_faster
+  state_dict = torchvision_resnet18_state_dict(np.random.default_rng(0))
+  new, report = convert.import_backbone(state_dict, variables)
+  assert report.ok and report.converted == len([k for k in state_dict if not k.startswith("fc.") and
+                                                not k.endswith("num_batches_tracked")])
+  backbone = new["params"]["backbone"]
+  np.testing.assert_array_equal(backbone["layer2"]["0"]["downsample"]["0"]["kernel"],
+                                state_dict["layer2.0.downsample.0.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(new["batch_stats"]["backbone"]["layer4"]["1"]["bn2"]["var"],
+                                state_dict["layer4.1.bn2.running_var"])
+  # The rest of the detector is untouched.
+  jax.tree.map(np.testing.assert_array_equal, new["params"]["rpn_head"], variables["params"]["rpn_head"])
+  del state_dict["layer3.1.conv2.weight"]
+  with pytest.raises(ValueError, match="layer3.1.conv2.weight"):
+    convert.import_backbone(state_dict, variables)
+
+
+def test_whole_detector_round_trip_gives_the_same_detections(tiny_faster, tmp_path):
+  model, variables, batch = tiny_faster
+  state_dict = convert.export_detector(variables)
+  assert "roi_head.bbox_head.shared_fcs.0.weight" in state_dict and "neck.1.refine.g.conv.weight" in state_dict
+  np.savez(tmp_path / "detector.npz", **state_dict)
+  target = jax.eval_shape(lambda k, b: model.init(k, b, train=False), jax.random.key(1), batch)
+  restored, report = convert.import_detector(convert.load_state_dict(tmp_path / "detector.npz"), target)
+  assert report.ok and report.converted == len(state_dict)
+  jax.tree.map(np.testing.assert_array_equal, restored, dict(variables))
+  infer = jax.jit(lambda v, b: model.apply(v, b, train=False))
+  a, b = infer(variables, batch), infer(restored, batch)
+  np.testing.assert_array_equal(a.boxes, b.boxes)
+  np.testing.assert_array_equal(a.scores, b.scores)

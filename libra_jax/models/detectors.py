@@ -2,11 +2,16 @@
 
 A detector is one Flax module whose children carry mmdetection's top-level
 names (``backbone``, ``neck``, ``rpn_head``, ``roi_head``, ``bbox_head``).
-Called with ``train=True`` on a batch (DESIGN.md's batch contract) and a PRNG
-key it returns a dict of named scalar losses (``"loss"`` is their sum) and
-diagnostics; with ``train=False`` it returns fixed-size
+Called with ``train=True`` on a batch (DESIGN.md's batch contract) and one
+PRNG key per example it returns a dict of named scalar losses (``"loss"`` is
+their sum) and diagnostics; with ``train=False`` it returns fixed-size
 :class:`~libra_jax.models.roi_head.Detections` with a leading batch axis.
 Every shape is static; everything runs under ``jit``.
+
+Loss normalizers (numbers of sampled anchors, RoIs or positives) are summed
+over the batch; inside a data-parallel step, ``axis_name`` also sums them over
+devices, so each device's losses are its share of the global-batch loss and
+their sum over devices does not depend on how the batch is split.
 """
 
 from typing import Any, Dict, Mapping
@@ -67,6 +72,19 @@ def _finite_mean(values, mask):
   return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
+def _global_sum(value, axis_name):
+  """``value`` summed over the devices of ``axis_name`` (as is, without one)."""
+  return value if axis_name is None else jax.lax.psum(value, axis_name)
+
+
+def _check_keys(keys, batch):
+  if keys is None:
+    raise ValueError("training needs PRNG keys, one per example: model.apply(variables, batch, train=True, "
+                     "keys=jax.random.split(key, batch_size))")
+  if keys.shape[:1] != batch["image"].shape[:1]:
+    raise ValueError(f"expected one PRNG key per example ({batch['image'].shape[0]}), got keys of shape {keys.shape}")
+
+
 class FasterRCNN(nn.Module):
   """Two-stage detector: backbone -> neck -> RPN -> proposals -> RoIAlign -> box head.
 
@@ -93,7 +111,8 @@ class FasterRCNN(nn.Module):
     return logits.reshape(batch, num, -1), deltas.reshape(batch, num, -1)
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, key=None):
+  def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, keys=None, axis_name=None):
+    """Losses (``train``; ``keys [B]`` PRNG keys) or detections of ``batch``."""
     features = self.neck(self.backbone(batch["image"]))
     logits, deltas = self.rpn_head(features)
     per_level, anchors, anchor_valid = _anchors(features, self.cfg["anchors"], batch["image_shape"])
@@ -102,13 +121,13 @@ class FasterRCNN(nn.Module):
     proposals = jax.vmap(propose)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas), anchor_valid,
                                   batch["image_shape"])
     if train:
-      return self._losses(key, batch, features, logits, deltas, anchors, anchor_valid, proposals)
+      _check_keys(keys, batch)
+      return self._losses(keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals)
     return self._detect(features, proposals, batch["image_shape"])
 
-  def _losses(self, key, batch, features, logits, deltas, anchors, anchor_valid, proposals):
-    if key is None:
-      raise ValueError("training needs a PRNG key: model.apply(variables, batch, train=True, key=key)")
-    rpn_key, rcnn_key = jax.random.split(key)
+  def _losses(self, keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals):
+    stage_keys = jax.vmap(jax.random.split)(keys)
+    rpn_keys, rcnn_keys = stage_keys[:, 0], stage_keys[:, 1]
     batch_size = logits.shape[0]
     example_valid = batch["valid"].astype(jnp.float32)
     gt_valid, ignore_valid = gt_masks(batch)
@@ -116,19 +135,19 @@ class FasterRCNN(nn.Module):
     num_classes = self.roi_head.num_classes
 
     targets = jax.vmap(lambda k, av, g, gv, iv: rpn_targets(k, anchors, av, g, gv, g, iv, train_cfg["rpn"]))(
-        jax.random.split(rpn_key, batch_size), anchor_valid, batch["boxes"], gt_valid, ignore_valid)
-    rpn_avg = jnp.sum(targets.num_samples * example_valid)
+        rpn_keys, anchor_valid, batch["boxes"], gt_valid, ignore_valid)
+    rpn_avg = _global_sum(jnp.sum(targets.num_samples * example_valid), axis_name)
     rpn_weights = targets.label_weights * example_valid[:, None]
     loss_rpn_cls = losses.build_loss(rpn_cfg["loss_cls"])(logits, targets.labels, rpn_weights, rpn_avg)
     loss_rpn_bbox = losses.build_loss(rpn_cfg["loss_bbox"])(
         deltas, targets.deltas, (targets.delta_weights * example_valid[:, None])[..., None], rpn_avg)
 
     sample = lambda k, p, pv, g, lab, gv, iv: sample_rois(k, p, pv, g, lab, gv, g, iv, num_classes, train_cfg["rcnn"])
-    sampled = jax.vmap(sample)(jax.random.split(rcnn_key, batch_size), proposals.boxes, proposals.valid,
-                               batch["boxes"], batch["labels"], gt_valid, ignore_valid)
+    sampled = jax.vmap(sample)(rcnn_keys, proposals.boxes, proposals.valid, batch["boxes"], batch["labels"],
+                               gt_valid, ignore_valid)
     cls_logits, reg_deltas = self._rois(features, sampled.rois)
     roi_weights = sampled.valid * example_valid[:, None]
-    num_rois = jnp.maximum(jnp.sum(roi_weights), 1.0)
+    num_rois = jnp.maximum(_global_sum(jnp.sum(roi_weights), axis_name), 1.0)
     loss_cls = losses.build_loss(rcnn_cfg["loss_cls"])(cls_logits, sampled.labels, roi_weights, num_rois)
     pos_weights = (sampled.is_positive * example_valid[:, None]).astype(jnp.float32)
     own_deltas = jax.vmap(lambda d, lab: class_deltas(d, lab, num_classes))(reg_deltas, sampled.labels)
@@ -178,8 +197,9 @@ class RetinaNet(nn.Module):
   cfg: Mapping[str, Any]
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, key=None):
-    del key  # RetinaNet uses every assigned anchor: no sampling.
+  def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, keys=None, axis_name=None):
+    """Losses (``train``) or detections of ``batch``; ``keys`` are unused (no sampling)."""
+    del keys
     features = self.neck(self.backbone(batch["image"]))
     cls_logits, deltas = self.bbox_head(features)
     per_level, anchors, anchor_valid = _anchors(features, self.cfg["anchors"], batch["image_shape"])
@@ -193,7 +213,7 @@ class RetinaNet(nn.Module):
     targets = jax.vmap(lambda av, g, lab, gv, iv: retina_targets(anchors, av, g, lab, gv, g, iv, num_classes,
                                                                  self.cfg["train"]))(
         anchor_valid, batch["boxes"], batch["labels"], gt_valid, ignore_valid)
-    num_pos = jnp.maximum(jnp.sum(targets.num_pos * example_valid), 1.0)
+    num_pos = jnp.maximum(_global_sum(jnp.sum(targets.num_pos * example_valid), axis_name), 1.0)
     head = self.cfg["head"]
     label_weights = targets.label_weights * example_valid[:, None]
     loss_cls = losses.build_loss(head["loss_cls"])(cls_logits, targets.labels, label_weights[..., None], num_pos)

@@ -59,8 +59,11 @@ def _resolve_tile(candidate: jnp.ndarray, suppresses: jnp.ndarray) -> jnp.ndarra
     new_keep = candidate & ~jnp.any(keep[:, None] & suppresses, axis=0)
     return new_keep, jnp.any(new_keep != keep)
 
-  keep, _ = jax.lax.while_loop(lambda state: state[1], sweep,
-                               (candidate, jnp.asarray(True)))
+  # The "changed" flag starts True but is derived from `candidate` so that,
+  # under shard_map, it has the same per-device type as the flags computed in
+  # the loop.
+  first = jnp.any(candidate) | True
+  keep, _ = jax.lax.while_loop(lambda state: state[1], sweep, (candidate, first))
   return keep
 
 

@@ -136,13 +136,16 @@ def _gather_roi_bins(flat_features, rois, heights, widths, row_offsets, spatial_
   accum_dtype = jnp.promote_types(flat_features.dtype, jnp.float32)
   weights = weights.reshape(num_taps, num_rois, out_h, out_w).astype(accum_dtype)
 
-  def accumulate(total, tap):
-    tap_indices, tap_weights = tap
+  def weighted_tap(tap_indices, tap_weights):
     values = flat_features.at[tap_indices].get(mode="promise_in_bounds")
-    return total + values.astype(accum_dtype) * tap_weights[..., None], None
+    return values.astype(accum_dtype) * tap_weights[..., None]
 
-  initial = jnp.zeros((num_rois, out_h, out_w, flat_features.shape[1]), accum_dtype)
-  pooled, _ = jax.lax.scan(accumulate, initial, (indices, weights))
+  def accumulate(total, tap):
+    return total + weighted_tap(*tap), None
+
+  # The first tap starts the sum (rather than zeros) so that the carry has the
+  # features' per-device type under shard_map.
+  pooled, _ = jax.lax.scan(accumulate, weighted_tap(indices[0], weights[0]), (indices[1:], weights[1:]))
   return pooled.astype(flat_features.dtype)
 
 

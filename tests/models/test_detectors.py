@@ -41,7 +41,7 @@ def full_size_batch(batch=1, height=800, width=1344, max_instances=100):
 def abstract_variables(model_cfg, train=True):
   model = build_detector(model_cfg)
   init = functools.partial(model.init, train=train)
-  return model, jax.eval_shape(lambda k, b: init(k, b, key=k), jax.random.key(0), full_size_batch())
+  return model, jax.eval_shape(lambda k, b: init(k, b, keys=k[None]), jax.random.key(0), full_size_batch())
 
 
 @pytest.mark.parametrize("family,libra,depth,expected", [
@@ -101,10 +101,11 @@ class TinyDetector:
       functools.reduce(getattr, section.split("."), self.cfg)[key] = value
     self.model = build_detector(self.cfg)
     batch = synthetic_batch()
-    self.variables = jax.jit(lambda k, b: self.model.init(k, b, train=True, key=k))(jax.random.key(0), batch)
-    self.train = jax.jit(lambda v, b, k: self.model.apply(v, b, train=True, key=k))
+    self.variables = jax.jit(lambda k, b: self.model.init(k, b, train=False))(jax.random.key(0), batch)
+    per_example = lambda k, b: jax.random.split(k, b["image"].shape[0])
+    self.train = jax.jit(lambda v, b, k: self.model.apply(v, b, train=True, keys=per_example(k, b)))
     self.grads = jax.jit(jax.grad(lambda p, v, b, k: self.model.apply({**v, "params": p}, b, train=True,
-                                                                      key=k)["loss"]))
+                                                                      keys=per_example(k, b))["loss"]))
     self.infer = jax.jit(lambda v, b: self.model.apply(v, b, train=False))
 
 

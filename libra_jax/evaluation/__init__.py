@@ -1,0 +1,1 @@
+"""Evaluation: detections back to image coordinates, COCO results and COCOeval metrics."""

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, the data-parallel step, checkpoints and the loop."""

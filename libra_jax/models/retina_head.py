@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from libra_jax.models.layers import ConvModuleList, conv2d
-from libra_jax.models.roi_head import Detections
+from libra_jax.models.postprocess import Detections, drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.assign import max_iou_assign
-from libra_jax.ops.nms import batched_nms
 
 
 class RetinaHead(nn.Module):
@@ -124,11 +123,4 @@ def retina_detections(cls_logits, deltas, anchors_per_level: Sequence[jnp.ndarra
     start = stop
   scores, boxes = jnp.concatenate(kept_scores), jnp.concatenate(kept_boxes)
   classes = jnp.concatenate(kept_classes)
-  width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-  scores = jnp.where((width > min_bbox_size) & (height > min_bbox_size), scores, -jnp.inf)
-  keep, count = batched_nms(boxes, scores, classes, iou_threshold, max_per_img)
-  valid = jnp.arange(max_per_img) < count
-  safe = jnp.maximum(keep, 0)
-  return Detections(boxes=jnp.where(valid[:, None], boxes[safe], 0.0),
-                    scores=jnp.where(valid, scores[safe], 0.0),
-                    classes=jnp.where(valid, classes[safe], -1), valid=valid)
+  return nms_detections(boxes, drop_small(boxes, scores, min_bbox_size), classes, iou_threshold, max_per_img)

@@ -12,9 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from libra_jax.models.postprocess import Detections, nms_detections
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.assign import max_iou_assign
-from libra_jax.ops.nms import batched_nms
 from libra_jax.ops.sample import balanced_positives_negatives, random_positives_negatives
 
 
@@ -138,14 +138,6 @@ def class_deltas(deltas, labels, num_classes: int):
   return jnp.take_along_axis(per_class, jnp.clip(labels, 0, num_classes - 1)[:, None, None], axis=1)[:, 0]
 
 
-class Detections(NamedTuple):
-  """Fixed-size detections of one image (or a batch, with a leading axis)."""
-  boxes: jnp.ndarray    # [D, 4] xyxy pixels of the resized image
-  scores: jnp.ndarray   # [D]
-  classes: jnp.ndarray  # [D] int32 contiguous class index
-  valid: jnp.ndarray    # [D] bool
-
-
 def detect_boxes(boxes_per_class, class_scores, candidate_valid, score_thr: float, iou_threshold: float,
                  max_per_img: int, pre_nms_top_k: int) -> Detections:
   """Per-class score threshold and NMS, then the best ``max_per_img`` of one image.
@@ -168,9 +160,4 @@ def detect_boxes(boxes_per_class, class_scores, candidate_valid, score_thr: floa
   scores, top = jax.lax.top_k(scores, min(pre_nms_top_k, scores.shape[0]))
   boxes = boxes_per_class.reshape(-1, 4)[top]
   classes = (top % num_classes).astype(jnp.int32)
-  keep, count = batched_nms(boxes, scores, classes, iou_threshold, max_per_img)
-  valid = jnp.arange(max_per_img) < count
-  safe = jnp.maximum(keep, 0)
-  return Detections(boxes=jnp.where(valid[:, None], boxes[safe], 0.0),
-                    scores=jnp.where(valid, scores[safe], 0.0),
-                    classes=jnp.where(valid, classes[safe], -1), valid=valid)
+  return nms_detections(boxes, scores, classes, iou_threshold, max_per_img)

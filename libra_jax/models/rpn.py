@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from libra_jax.models.layers import conv2d
+from libra_jax.models.postprocess import drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.assign import max_iou_assign
-from libra_jax.ops.nms import batched_nms
 from libra_jax.ops.sample import random_positives_negatives
 
 
@@ -129,10 +129,5 @@ def rpn_proposals(logits, deltas, anchors_per_level: Sequence[jnp.ndarray], anch
   scores = jnp.concatenate(kept_scores)
   boxes = jnp.concatenate(kept_boxes)
   levels = jnp.concatenate(kept_levels)
-  width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-  scores = jnp.where((width > min_bbox_size) & (height > min_bbox_size), scores, -jnp.inf)
-  keep, count = batched_nms(boxes, scores, levels, iou_threshold, max_per_img)
-  valid = jnp.arange(max_per_img) < count
-  safe = jnp.maximum(keep, 0)
-  return Proposals(boxes=jnp.where(valid[:, None], boxes[safe], 0.0),
-                   scores=jnp.where(valid, scores[safe], 0.0), valid=valid)
+  kept = nms_detections(boxes, drop_small(boxes, scores, min_bbox_size), levels, iou_threshold, max_per_img)
+  return Proposals(boxes=kept.boxes, scores=kept.scores, valid=kept.valid)

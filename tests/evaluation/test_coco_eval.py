@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from libra_jax.evaluation import coco_eval
-from libra_jax.models.roi_head import Detections
+from libra_jax.models.postprocess import Detections
 
 
 def make_batch(boxes, labels, scale=(1.0, 1.0), valid=(True, True), image_shape=(100, 120), crowd=None):

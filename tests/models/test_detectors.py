@@ -10,7 +10,8 @@ import pytest
 from configs import base_faster_rcnn, base_retinanet
 from libra_jax import convert
 from libra_jax.models.detectors import build_detector
-from libra_jax.models.roi_head import Detections
+from libra_jax.models.postprocess import Detections
+from libra_jax.tools.summary import abstract_batch
 
 # Closed-form parameter counts of the heads and necks (weights + biases), from the spec's layer sizes.
 CONV3 = 9 * 256 * 256 + 256          # a 3x3 256 -> 256 conv
@@ -29,19 +30,10 @@ def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def full_size_batch(batch=1, height=800, width=1344, max_instances=100):
-  return dict(image=jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32),
-              image_shape=jax.ShapeDtypeStruct((batch, 2), jnp.int32),
-              boxes=jax.ShapeDtypeStruct((batch, max_instances, 4), jnp.float32),
-              labels=jax.ShapeDtypeStruct((batch, max_instances), jnp.int32),
-              is_crowd=jax.ShapeDtypeStruct((batch, max_instances), bool),
-              valid=jax.ShapeDtypeStruct((batch,), bool))
-
-
 def abstract_variables(model_cfg, train=True):
   model = build_detector(model_cfg)
   init = functools.partial(model.init, train=train)
-  return model, jax.eval_shape(lambda k, b: init(k, b, keys=k[None]), jax.random.key(0), full_size_batch())
+  return model, jax.eval_shape(lambda k, b: init(k, b, keys=k[None]), jax.random.key(0), abstract_batch(800, 1344))
 
 
 @pytest.mark.parametrize("family,libra,depth,expected", [

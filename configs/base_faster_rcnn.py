@@ -10,7 +10,7 @@ is Libra Faster R-CNN; ``libra=False`` the Faster R-CNN baseline. The switches
 
 import ml_collections
 
-TORCHVISION_FILES = {50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
+from configs import common
 
 
 def model_config(libra: bool = True, num_classes: int = 80, depth: int = 50) -> ml_collections.ConfigDict:
@@ -50,11 +50,4 @@ def model_config(libra: bool = True, num_classes: int = 80, depth: int = 50) -> 
 
 
 def get_config(libra: bool = True, depth: int = 50) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.model = model_config(libra, depth=depth)
-  # ImageNet weights of the backbone, a torchvision state dict (.pth, .safetensors or .npz);
-  # mmdetection's torchvision://resnet50 is torchvision's IMAGENET1K_V1 file.
-  config.backbone_checkpoint = f"checkpoints/{TORCHVISION_FILES[depth]}"
-  # Padded input shape of the bucket used for sizing (model summary, benchmarks): 800 x 1333 -> 800 x 1344.
-  config.input_size = (800, 1344)
-  return config
+  return common.coco_config(model_config(libra, depth=depth), lr_per_16=0.02, depth=depth)

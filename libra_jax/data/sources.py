@@ -66,8 +66,9 @@ def prepared_builder(data_config) -> tfds.core.DatasetBuilder:
 
 
 def host_split(builder, split: str, shard_index: int, num_shards: int) -> str:
-  """This host's slice of ``split``; a clear error for a split the dataset lacks."""
-  if split not in builder.info.splits:
+  """This host's slice of ``split`` (TFDS slicing such as ``validation[:64]`` allowed); a clear error for a
+  split the dataset lacks."""
+  if split.split("[")[0] not in builder.info.splits:
     raise FileNotFoundError(f"dataset {builder.name} has no split {split!r}; it has {sorted(builder.info.splits)}")
   if num_shards == 1:
     return split

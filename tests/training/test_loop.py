@@ -1,0 +1,116 @@
+"""End-to-end tests of the training loop and train.py on the shapes dataset with a tiny model."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from libra_jax.training import loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TRAIN = str(ROOT / "train.py")
+CONFIG = str(ROOT / "configs" / "shapes_libra_faster_rcnn.py")
+
+
+def tiny_overrides(tfds_dir, cache_dir, **extra):
+  values = {
+      "data.tfds_data_dir": tfds_dir, "data.eval_split": "validation[:16]", "compilation_cache_dir": cache_dir,
+      "model.backbone.base_channels": 8, "model.neck.out_channels": 16, "model.rpn.feat_channels": 16,
+      "model.rcnn.fc_channels": 32, "model.train.rcnn.sampler.num": 64, "global_batch_size": 4,
+      "eval_batch_size": 4, "log_every": 2, "checkpoint_every": 4, "eval_every": 1000,
+  }
+  values.update(extra)
+  return values
+
+
+def apply_overrides(config, values):
+  for path, value in values.items():
+    node = config
+    *parents, key = path.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds")), str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def load_config(**values):
+  from configs import shapes_libra_faster_rcnn
+  return apply_overrides(shapes_libra_faster_rcnn.get_config(), values)
+
+
+def records(workdir, kind="train"):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_loss_goes_down_and_metrics_are_written(tmp_path, dirs):
+  config = load_config(**tiny_overrides(*dirs, total_steps=40, log_every=5))
+  config.optim.update(warmup_steps=5, lr_per_16=0.08)
+  metrics = loop.train_and_evaluate(config, tmp_path)
+  train = records(tmp_path)
+  assert [r["step"] for r in train] == list(range(5, 41, 5))
+  for key in ("loss", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "lr", "images_per_sec"):
+    assert all(np.isfinite(r[key]) for r in train), key
+  assert np.mean([r["loss"] for r in train[-3:]]) < 0.75 * train[0]["loss"]
+  evals = records(tmp_path, "eval")
+  assert len(evals) == 1 and evals[0]["step"] == 40 and set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+  assert list(pathlib.Path(tmp_path).glob("events.out.tfevents.*"))
+
+
+def test_nonfinite_loss_stops_the_run_or_is_skipped(tmp_path, dirs):
+  config = load_config(**tiny_overrides(*dirs, total_steps=6))
+  config.optim.update(lr_per_16=1e12, warmup_steps=0)
+  with pytest.raises(loop.NonFiniteLossError, match="non-finite loss at or before step"):
+    loop.train_and_evaluate(config, tmp_path / "stop")
+  config.skip_nonfinite = True
+  loop.train_and_evaluate(config, tmp_path / "skip")
+  assert records(tmp_path / "skip")[-1]["skipped_steps"] > 0
+
+
+def run_train(workdir, overrides, wait=True):
+  args = [sys.executable, TRAIN, f"--config={CONFIG}", f"--workdir={workdir}"]
+  args += [f"--config.{k}={v}" for k, v in overrides.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if wait:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, dirs):
+  overrides = tiny_overrides(*dirs, total_steps=12)
+  straight = run_train(tmp_path / "straight", overrides)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  killed_dir = tmp_path / "killed"
+  process = run_train(killed_dir, overrides, wait=False)
+  deadline = time.time() + 600
+  while time.time() < deadline and not list((killed_dir / "checkpoints").glob("8")):
+    time.sleep(0.5)
+  assert process.poll() is None, "the run ended before it could be killed"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  resumed = run_train(killed_dir, overrides)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  expected = {r["step"]: r["loss"] for r in records(tmp_path / "straight")}
+  got = {r["step"]: r["loss"] for r in records(killed_dir)}
+  assert got.keys() >= {10, 12} and all(got[step] == expected[step] for step in got)
+  assert records(killed_dir, "eval")[-1]["AP"] == records(tmp_path / "straight", "eval")[-1]["AP"]
+
+
+def test_bad_override_and_missing_dataset_fail_in_one_line(tmp_path, dirs):
+  result = run_train(tmp_path, {"no_such_key": 1})
+  assert result.returncode != 0 and "no_such_key" in result.stderr
+  result = run_train(tmp_path, {"data.dataset": "coco/2017", "data.tfds_data_dir": str(tmp_path)})
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error:") and "tfds build coco/2017" in last

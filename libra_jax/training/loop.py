@@ -191,6 +191,10 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
         writer.write(step, eval_metrics, kind="eval")
         progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
                                                    if not k.startswith("AR")))
+    if not eval_metrics:
+      # Nothing left to train (a finished run started again): report the final model.
+      eval_metrics = evaluate(predict, {"params": state.params, "batch_stats": state.batch_stats}, config, mesh,
+                              info)
   finally:
     progress.close()
     checkpointer.close()

@@ -202,32 +202,38 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
   return eval_metrics
 
 
-def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Dict[str, float]:
-  """COCO metrics of the latest checkpoint in ``workdir``, or of an imported mmdetection ``checkpoint`` file."""
-  workdir = pathlib.Path(workdir)
-  enable_compilation_cache(config, workdir)
-  mesh = make_mesh()
-  info, model = build_checked(config, mesh)
-  example = shapes_batch(config.data, config.eval_batch_size)
+def load_trained_variables(config, model, workdir, checkpoint: Optional[str] = None):
+  """``{"params", "batch_stats"}`` from a weights ``checkpoint`` file or the latest checkpoint of ``workdir``."""
+  example = shapes_batch(config.data, 1)
   target = jax.eval_shape(lambda k: model.init(k, example, train=False), jax.random.key(0))
   if checkpoint:
     variables, report = convert.import_detector(convert.load_state_dict(checkpoint), target)
     _log.info("weights from %s: %s", checkpoint, report)
-  else:
-    checkpointer = Checkpointer(workdir, config.keep)
-    step = checkpointer.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first or pass --checkpoint")
-    optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
-                                     target["params"], config.model.backbone.frozen_stages)
-    abstract = jax.eval_shape(lambda v: TrainState(
-        step=jnp.int32(0), params=v["params"], batch_stats=v["batch_stats"], opt_state=optimizer.init(v["params"]),
-        rng=jax.random.key_data(jax.random.key(0)), skipped_steps=jnp.int32(0)), target)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated(mesh)), abstract)
-    state, _ = checkpointer.restore(step, abstract)
-    checkpointer.close()
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-  variables = jax.device_put(variables, replicated(mesh))
+    return variables
+  checkpointer = Checkpointer(workdir, config.keep)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; train first or pass "
+                            f"--checkpoint")
+  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
+                                   target["params"], config.model.backbone.frozen_stages)
+  abstract = jax.eval_shape(lambda v: TrainState(
+      step=jnp.int32(0), params=v["params"], batch_stats=v["batch_stats"], opt_state=optimizer.init(v["params"]),
+      rng=jax.random.key_data(jax.random.key(0)), skipped_steps=jnp.int32(0)), target)
+  sharding = replicated(make_mesh())
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+  state, _ = checkpointer.restore(step, abstract)
+  checkpointer.close()
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Dict[str, float]:
+  """COCO metrics of the latest checkpoint in ``workdir``, or of a weights ``checkpoint`` file (e.g. mmdetection's)."""
+  workdir = pathlib.Path(workdir)
+  enable_compilation_cache(config, workdir)
+  mesh = make_mesh()
+  info, model = build_checked(config, mesh)
+  variables = jax.device_put(load_trained_variables(config, model, workdir, checkpoint), replicated(mesh))
   metrics = evaluate(make_predict_step(model, mesh), variables, config, mesh, info)
   MetricWriter(workdir, enabled=jax.process_index() == 0).write(-1, metrics, kind="eval")
   return metrics

@@ -1,0 +1,50 @@
+"""Tests of libra_jax.predict: drawn PNGs at the images' own sizes, JSON, and unreadable files."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import shapes_libra_faster_rcnn
+from conftest import tiny_model_config
+from libra_jax import predict
+from libra_jax.models.detectors import build_detector
+
+
+def test_prepare_follows_the_input_contract():
+  config = shapes_libra_faster_rcnn.get_config()
+  batch = predict.prepare(np.full((100, 150, 3), 128, np.uint8), config.data)
+  # Keep-ratio to (192, 160): factor min(192 / 150, 160 / 100) = 1.28 -> 128 x 192, landscape bucket 160 x 192.
+  assert batch["image"].shape == (1, 160, 192, 3) and tuple(batch["image_shape"][0]) == (128, 192)
+  np.testing.assert_allclose(batch["scale"][0], [1.28, 1.28])
+  expected = (128 - np.array(config.data.mean)) / np.array(config.data.std)
+  np.testing.assert_allclose(batch["image"][0, :128, :192], np.broadcast_to(expected, (128, 192, 3)), rtol=1e-5)
+  assert not batch["image"][0, 128:].any()
+
+
+def test_predict_files_writes_pngs_and_json(tmp_path, tmp_path_factory, capsys):
+  config = shapes_libra_faster_rcnn.get_config()
+  config.model = tiny_model_config("faster")
+  config.data.tfds_data_dir = str(tmp_path_factory.mktemp("tfds"))
+  model = build_detector(config.model)
+  variables = jax.jit(lambda k: model.init(k, predict.prepare(np.zeros((120, 160, 3), np.uint8), config.data),
+                                           train=False))(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (120, 170, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+  Image.fromarray(rng.integers(0, 255, (190, 130), dtype=np.uint8)).save(tmp_path / "gray.png")
+  (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  out = tmp_path / "out"
+  results = predict.predict_files(config, variables, [tmp_path / "a.jpg", tmp_path / "broken.jpg",
+                                                      tmp_path / "gray.png"], out)
+  assert "broken.jpg: cannot read the image" in capsys.readouterr().err
+  assert set(json.loads((out / "detections.json").read_text())) == {str(tmp_path / "a.jpg"), str(tmp_path / "gray.png")}
+  for name, size in (("a", (170, 120)), ("gray", (130, 190))):
+    with Image.open(out / f"{name}.png") as image:
+      assert image.size == size and image.mode == "RGB"
+  for path, (width, height) in ((tmp_path / "a.jpg", (170, 120)), (tmp_path / "gray.png", (130, 190))):
+    for det in results[str(path)]:
+      x1, y1, x2, y2 = det["box"]
+      assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
+      assert det["class_name"] in ("circle", "square", "triangle") and 0 < det["score"] <= 1

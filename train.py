@@ -40,7 +40,7 @@ def main(argv):
     metrics = loop.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
   else:
     metrics = loop.train_and_evaluate(config, _WORKDIR.value)
-  print(" ".join(f"{name}={value:.4f}" for name, value in metrics.items()))
+  print(loop.format_metrics(metrics))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ Each figure comes from a function that also returns the arrays behind it.
 """
 
 import argparse
+import itertools
 import pathlib
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -70,40 +71,68 @@ def synthetic_candidates(key, num_candidates: int = 2000, positive_fraction: flo
                     np.float32)
 
 
-def negative_iou_histograms(seed: int = 0, num_candidates: int = 2000, num_negatives: int = 384,
-                            num_draws: int = 50, neg_iou_thr: float = 0.5,
+def model_candidates(config, workdir, num_batches: int = 4) -> List[np.ndarray]:
+  """Per image, the IoU with the best gt of the R-CNN stage's candidates from a trained Faster R-CNN.
+
+  Candidates are the image's gts (IoU 1, added as proposals in training) and
+  the RPN's training-time proposals, from the latest checkpoint in ``workdir``
+  on ``num_batches`` evaluation batches.
+  """
+  from libra_jax.data import pipeline
+  from libra_jax.models.detectors import FasterRCNN, build_detector
+  from libra_jax.ops.boxes import iou
+  from libra_jax.training.loop import load_trained_variables
+  model = build_detector(config.model)
+  if not isinstance(model, FasterRCNN):
+    raise ValueError("proposal diagnostics need a Faster R-CNN config")
+  variables = load_trained_variables(config, model, workdir)
+  propose = jax.jit(lambda v, b: model.apply(v, b, method=FasterRCNN.proposals))
+  per_image = []
+  for batch in itertools.islice(pipeline.eval_batches(config.data, config.eval_batch_size), num_batches):
+    proposals = jax.tree.map(np.asarray, propose(variables, {k: v for k, v in batch.items() if k != "image_id"}))
+    for i in np.flatnonzero(batch["valid"]):
+      gts = batch["boxes"][i][(batch["labels"][i] >= 0) & ~batch["is_crowd"][i]]
+      if not len(gts):
+        continue
+      boxes = proposals.boxes[i][proposals.valid[i]]
+      overlaps = np.asarray(iou(boxes, gts)).max(axis=1) if len(boxes) else np.zeros(0)
+      per_image.append(np.concatenate([np.ones(len(gts)), overlaps]).astype(np.float32))
+  return per_image
+
+
+def negative_iou_histograms(candidates: Optional[Sequence[np.ndarray]] = None, seed: int = 0,
+                            num_negatives: int = 384, num_draws: int = 50, neg_iou_thr: float = 0.5,
                             num_hist_bins: int = 10) -> Dict[str, np.ndarray]:
   """IoU histograms of all negatives and of those each sampler picks.
 
-  ``num_draws`` independent draws of ``num_negatives`` from the same
-  candidates, averaged: random uniform sampling against IoU-balanced sampling
-  (3 bins, ``floor_thr=0``, as in the Libra configs).
+  For every image's candidates (``max_iou`` arrays; default: one synthetic
+  set of 2,000 from :func:`synthetic_candidates`), ``num_draws`` independent
+  draws of ``num_negatives``, added up: random uniform sampling against
+  IoU-balanced sampling (3 bins, ``floor_thr=0``, as in the Libra configs).
 
   Returns:
     ``edges [H + 1]``; ``candidates``, ``random``, ``iou_balanced`` ``[H]``
-    as fractions of their totals; ``max_iou [N]``.
+    as fractions of their totals; ``max_iou``: all candidates' IoUs.
   """
   key = jax.random.key(seed)
-  data_key, draw_key = jax.random.split(key)
-  max_iou = synthetic_candidates(data_key, num_candidates)
-  is_negative = max_iou < neg_iou_thr
-  keys = jax.random.split(draw_key, num_draws)
-  random_masks = jax.vmap(lambda k: sample.choose_random(k, is_negative, num_negatives))(keys)
-  balanced_masks = jax.vmap(
-      lambda k: sample.iou_balanced_negatives(k, max_iou, is_negative, num_negatives, floor_thr=0))(keys)
+  if candidates is None:
+    key, data_key = jax.random.split(key)
+    candidates = [synthetic_candidates(data_key)]
   edges = np.linspace(0.0, neg_iou_thr, num_hist_bins + 1)
-
-  def fractions(values, weights):
-    counts, _ = np.histogram(values, bins=edges, weights=weights)
-    return counts / counts.sum()
-
-  return {
-      "edges": edges,
-      "max_iou": max_iou,
-      "candidates": fractions(max_iou, is_negative.astype(np.float64)),
-      "random": fractions(max_iou, np.asarray(random_masks).sum(0)),
-      "iou_balanced": fractions(max_iou, np.asarray(balanced_masks).sum(0)),
-  }
+  totals = {name: np.zeros(num_hist_bins) for name in ("candidates", "random", "iou_balanced")}
+  for index, max_iou in enumerate(candidates):
+    is_negative = max_iou < neg_iou_thr
+    keys = jax.random.split(jax.random.fold_in(key, index), num_draws)
+    random_masks = jax.vmap(lambda k: sample.choose_random(k, is_negative, num_negatives))(keys)
+    balanced_masks = jax.vmap(
+        lambda k: sample.iou_balanced_negatives(k, max_iou, is_negative, num_negatives, floor_thr=0))(keys)
+    for name, weights in (("candidates", is_negative.astype(np.float64)),
+                          ("random", np.asarray(random_masks).sum(0)),
+                          ("iou_balanced", np.asarray(balanced_masks).sum(0))):
+      totals[name] += np.histogram(max_iou, bins=edges, weights=weights)[0]
+  result = {name: counts / counts.sum() for name, counts in totals.items()}
+  result.update(edges=edges, max_iou=np.concatenate(list(candidates)))
+  return result
 
 
 def _pyplot():
@@ -153,14 +182,17 @@ def plot_negative_iou_histogram(path, **kwargs) -> Dict[str, np.ndarray]:
   return data
 
 
-def write_all(out_dir) -> Dict[str, pathlib.Path]:
-  """Writes every diagnostic figure into ``out_dir``; returns their paths by name."""
+def write_all(out_dir, **histogram_kwargs) -> Dict[str, pathlib.Path]:
+  """Writes every diagnostic figure into ``out_dir``; returns their paths by name.
+
+  ``histogram_kwargs`` go to :func:`negative_iou_histograms` (e.g. a model's ``candidates``).
+  """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = {"regression_losses": out_dir / "regression_losses.png",
            "negative_iou_histogram": out_dir / "negative_iou_histogram.png"}
   plot_regression_losses(paths["regression_losses"])
-  histograms = plot_negative_iou_histogram(paths["negative_iou_histogram"])
+  histograms = plot_negative_iou_histogram(paths["negative_iou_histogram"], **histogram_kwargs)
   hard = histograms["edges"][:-1] >= 0.1
   print(f"negatives with IoU >= 0.1: candidates {histograms['candidates'][hard].sum():.1%}, "
         f"random {histograms['random'][hard].sum():.1%}, "
@@ -171,8 +203,20 @@ def write_all(out_dir) -> Dict[str, pathlib.Path]:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="runs/diagnostics", help="directory for the PNG files")
+  parser.add_argument("--config", help="with --workdir: take the candidates from a trained Faster R-CNN")
+  parser.add_argument("--workdir", help="training work directory of --config")
+  parser.add_argument("--num_batches", type=int, default=4, help="evaluation batches for --workdir")
   args = parser.parse_args(argv)
-  for name, path in write_all(args.out).items():
+  if bool(args.config) != bool(args.workdir):
+    parser.error("--config and --workdir go together")
+  histogram_kwargs = {}
+  if args.config:
+    from libra_jax.tools.summary import load_config
+    config = load_config(args.config)
+    sampler = config.model.train.rcnn.sampler
+    histogram_kwargs = dict(candidates=model_candidates(config, args.workdir, args.num_batches),
+                            num_negatives=int(sampler.num * (1 - sampler.pos_fraction)))
+  for name, path in write_all(args.out, **histogram_kwargs).items():
     print(f"{name}: {path}")
 
 

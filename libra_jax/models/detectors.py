@@ -110,9 +110,7 @@ class FasterRCNN(nn.Module):
     logits, deltas = self.roi_head(pooled.reshape((batch * num,) + pooled.shape[2:]))
     return logits.reshape(batch, num, -1), deltas.reshape(batch, num, -1)
 
-  @nn.compact
-  def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, keys=None, axis_name=None):
-    """Losses (``train``; ``keys [B]`` PRNG keys) or detections of ``batch``."""
+  def _first_stage(self, batch, train: bool):
     features = self.neck(self.backbone(batch["image"]))
     logits, deltas = self.rpn_head(features)
     per_level, anchors, anchor_valid = _anchors(features, self.cfg["anchors"], batch["image_shape"])
@@ -120,6 +118,19 @@ class FasterRCNN(nn.Module):
     propose = lambda lg, dl, av, shape: rpn_proposals(lg, dl, per_level, av, shape, **stage["rpn_proposal"])
     proposals = jax.vmap(propose)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas), anchor_valid,
                                   batch["image_shape"])
+    return features, logits, deltas, anchors, anchor_valid, proposals
+
+  def proposals(self, batch: Mapping[str, jnp.ndarray]):
+    """The RPN proposals the R-CNN stage samples from in training (``[B, P]`` ``Proposals``).
+
+    Call with ``model.apply(variables, batch, method=FasterRCNN.proposals)``.
+    """
+    return self._first_stage(batch, train=True)[-1]
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, keys=None, axis_name=None):
+    """Losses (``train``; ``keys [B]`` PRNG keys) or detections of ``batch``."""
+    features, logits, deltas, anchors, anchor_valid, proposals = self._first_stage(batch, train)
     if train:
       _check_keys(keys, batch)
       return self._losses(keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals)

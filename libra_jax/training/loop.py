@@ -8,6 +8,7 @@ then trains, logs, checkpoints and evaluates. A non-finite loss stops the run
 asks to skip such steps and count them.
 """
 
+import json
 import logging
 import pathlib
 import time
@@ -81,8 +82,12 @@ def to_global(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(predict, variables, config, mesh, info) -> Dict[str, float]:
-  """COCO metrics of the model on the evaluation split (every image once)."""
+def evaluate(predict, variables, config, mesh, info, workdir=None, step: int = -1) -> Dict[str, float]:
+  """COCO metrics of the model on the evaluation split (every image once).
+
+  With ``workdir``, the metrics go to ``workdir/eval_<step>.json`` and the
+  detections, in COCO's results format, to ``workdir/results_<step>.json``.
+  """
   per_host = config.eval_batch_size // jax.process_count()
   accumulator = CocoAccumulator(info.category_ids, info.class_names)
   keys = ("image_id", "image_shape", "scale", "boxes", "labels", "is_crowd", "valid")
@@ -92,7 +97,17 @@ def evaluate(predict, variables, config, mesh, info) -> Dict[str, float]:
     gathered = multihost_utils.process_allgather({"meta": {k: batch[k] for k in keys}, "det": detections},
                                                  tiled=True)
     accumulator.add(gathered["meta"], jax.tree.map(np.asarray, gathered["det"]))
-  return accumulator.evaluate()
+  metrics = accumulator.evaluate()
+  if workdir is not None and jax.process_index() == 0:
+    (pathlib.Path(workdir) / f"eval_{step}.json").write_text(json.dumps(metrics, indent=1))
+    (pathlib.Path(workdir) / f"results_{step}.json").write_text(json.dumps(accumulator.results))
+  return metrics
+
+
+def format_metrics(metrics: Dict[str, float]) -> str:
+  """The COCO metrics as a two-line table."""
+  names = [n for n in metrics if n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")]
+  return " ".join(f"{n:>7}" for n in names) + "\n" + " ".join(f"{metrics[n]:7.3f}" for n in names)
 
 
 def _initial_state(config, model, optimizer, mesh, example) -> TrainState:
@@ -187,14 +202,14 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
         checkpointer.save(step, state, {"input_position": step})
       if step % config.eval_every == 0 or boundary:
         eval_metrics = evaluate(predict, {"params": state.params, "batch_stats": state.batch_stats}, config,
-                                mesh, info)
+                                mesh, info, workdir, step)
         writer.write(step, eval_metrics, kind="eval")
         progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
                                                    if not k.startswith("AR")))
     if not eval_metrics:
       # Nothing left to train (a finished run started again): report the final model.
       eval_metrics = evaluate(predict, {"params": state.params, "batch_stats": state.batch_stats}, config, mesh,
-                              info)
+                              info, workdir, start)
   finally:
     progress.close()
     checkpointer.close()
@@ -234,6 +249,6 @@ def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Di
   mesh = make_mesh()
   info, model = build_checked(config, mesh)
   variables = jax.device_put(load_trained_variables(config, model, workdir, checkpoint), replicated(mesh))
-  metrics = evaluate(make_predict_step(model, mesh), variables, config, mesh, info)
+  metrics = evaluate(make_predict_step(model, mesh), variables, config, mesh, info, workdir)
   MetricWriter(workdir, enabled=jax.process_index() == 0).write(-1, metrics, kind="eval")
   return metrics

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from libra_jax import diagnostics
 from libra_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -66,6 +67,14 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path, dirs):
   evals = records(tmp_path, "eval")
   assert len(evals) == 1 and evals[0]["step"] == 40 and set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
   assert list(pathlib.Path(tmp_path).glob("events.out.tfevents.*"))
+  assert json.loads((tmp_path / "eval_40.json").read_text()) == metrics
+  results = json.loads((tmp_path / "results_40.json").read_text())
+  assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+  # The balanced-learning diagnostics can take their candidates from this trained model.
+  candidates = diagnostics.model_candidates(config, tmp_path, num_batches=2)
+  assert len(candidates) == 8 and all(c[0] == 1.0 and np.all((c >= 0) & (c <= 1)) for c in candidates)
+  histograms = diagnostics.negative_iou_histograms(candidates, num_negatives=20, num_draws=3)
+  np.testing.assert_allclose(histograms["random"].sum(), 1.0)
 
 
 def test_nonfinite_loss_stops_the_run_or_is_skipped(tmp_path, dirs):

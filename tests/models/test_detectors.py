@@ -195,3 +195,17 @@ def test_regression_loss_is_chosen_by_name(loss_bbox):
   out = det.train(det.variables, synthetic_batch(), jax.random.key(1))
   assert np.isfinite(float(out["loss_bbox"])) and float(out["loss_bbox"]) > 0
   assert "refine" not in str(jax.tree_util.tree_structure(det.variables["params"]["neck"]))
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_losses():
+  cfg = tiny_model_config("faster")
+  cfg.dtype = "bfloat16"
+  model = build_detector(cfg)
+  batch = synthetic_batch()
+  variables = jax.eval_shape(lambda k: model.init(k, batch, train=False), jax.random.key(0))
+  assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  keys = jax.random.split(jax.random.key(0), 2)
+  losses = jax.eval_shape(lambda v: model.apply(v, batch, train=True, keys=keys), variables)
+  assert all(value.dtype == jnp.float32 for value in losses.values())
+  features = jax.eval_shape(lambda v: model.apply(v, batch["image"], method=lambda m, x: m.backbone(x)), variables)
+  assert {f.dtype for f in features} == {jnp.dtype(jnp.bfloat16)}

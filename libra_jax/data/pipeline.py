@@ -1,260 +1,250 @@
-"""tf.data input pipeline: TFDS detection datasets -> static-shape batches (DESIGN.md contract).
+"""The input pipeline: TFDS detection datasets -> numpy batches of static shapes (DESIGN.md batch contract).
 
-Train: decode; boxes to xyxy pixels with bad ones repaired or dropped
-(counted); crowd boxes kept as ignore rows; images without a usable box
-dropped (counted); random horizontal flip; keep-ratio resize; normalize; pad
-to the image's aspect-ratio bucket; pad the gt to ``max_instances`` (extra
-rows truncated, counted); batched per bucket. Eval: the same without flip or
-dropping, every image once, the last batch of each bucket filled with
-``valid=False`` examples.
+Each call first reads the light metadata of its data (``metadata.py``: sizes
+and boxes, every image decoded once to check it), then plans the batches from
+it alone (``plan.py``), then runs a tf.data pipeline that reads, decodes,
+resizes, flips, normalizes and pads just the images of the planned batches,
+in parallel; the ground truth is attached in numpy (``targets.py``).
 
-Batch ``k`` of the train stream depends only on the seed and ``k`` (the order
-is fixed per epoch by the seed), so ``start_batch`` resumes exactly.
+Train: images without any box, or with a side below ``data.min_size``, are
+skipped; crowd boxes stay as ``is_crowd`` rows; each bucket's images come in
+reshuffled passes with random flips; the stream never ends and batch ``k`` is
+a pure function of the seed and ``k`` (``start_batch`` resumes exactly, with
+no image read for the skipped batches). Host ``shard_index`` of ``num_shards``
+reads only its contiguous share of the split (plus the light metadata of the
+split's first ``FRACTION_SAMPLE`` images, from which all hosts derive the same
+bucket of each step).
+
+Eval: every decodable image of the split exactly once over all hosts, unflipped,
+in one-bucket batches; each host reads the metadata of the whole split (so all
+hosts agree on the plan) and decodes only its own images; the last batch of
+each bucket is filled with ``valid=False`` slots.
+
+Every repair and drop is logged, one line per reason, and counted in the
+iterator's ``stats``.
 """
 
 import logging
-import os
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+import numpy as np
+import tensorflow_datasets as tfds
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from libra_jax.data import geometry, images, metadata, records, sources, targets
+from libra_jax.data.config import check_data_config
+from libra_jax.data.plan import PlannedBatch, TrainPlan, eval_plan
+from libra_jax.data.report import Report, stats
+from libra_jax.data.tf_runtime import tf
 
-from libra_jax.data import sources  # noqa: E402
-
-tf.config.set_visible_devices([], "GPU")
-for _kind in ("TPU",):
-  try:
-    tf.config.set_visible_devices([], _kind)
-  except (RuntimeError, ValueError):
-    pass
-
-REPAIR_KEYS = ("boxes_nonfinite", "boxes_clipped", "boxes_empty", "instances_truncated", "images_without_gt")
+DatasetInfo = sources.DatasetInfo
 dataset_info = sources.dataset_info
 
-_log = logging.getLogger(__name__)
+# Hosts agree on each step's bucket from the bucket shares of the split's first images.
+FRACTION_SAMPLE = 4096
+PREFETCH_BATCHES = 2
+
+_log = logging.getLogger("libra_jax.data")
 
 
-def _resized_size(height, width, scale):
-  """mmcv's keep-ratio rescale: factor min(long / max(h, w), short / min(h, w)), sizes int(x * f + 0.5)."""
-  long_edge, short_edge = float(max(scale)), float(min(scale))
-  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  factor = tf.minimum(long_edge / tf.maximum(h, w), short_edge / tf.minimum(h, w))
-  return tf.cast(h * factor + 0.5, tf.int32), tf.cast(w * factor + 0.5, tf.int32)
+class Batches:
+  """An iterator of numpy batches in the batch contract.
 
-
-def clean_boxes(example):
-  """Normalized yxyx -> xyxy pixels of the original image; repairs and per-example counts."""
-  image = example["image"]
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  size = tf.cast(tf.stack([width, height, width, height]), tf.float32)
-  boxes = tf.gather(tf.cast(example["objects"]["bbox"], tf.float32), [1, 0, 3, 2], axis=1) * size
-  finite = tf.reduce_all(tf.math.is_finite(boxes), axis=1)
-  boxes = tf.where(finite[:, None], boxes, 0.0)
-  clipped = tf.clip_by_value(boxes, 0.0, size)
-  was_clipped = tf.reduce_any(tf.not_equal(clipped, boxes), axis=1) & finite
-  nonempty = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-  keep = finite & nonempty
-  labels = tf.cast(example["objects"]["label"], tf.int32)
-  crowd = tf.cast(example["objects"]["is_crowd"], tf.bool)
-  counts = {
-      "boxes_nonfinite": tf.reduce_sum(tf.cast(~finite, tf.int32)),
-      "boxes_clipped": tf.reduce_sum(tf.cast(was_clipped, tf.int32)),
-      "boxes_empty": tf.reduce_sum(tf.cast(finite & ~nonempty, tf.int32)),
-  }
-  return {
-      "image": image, "image_id": example["image/id"],
-      "boxes": tf.boolean_mask(clipped, keep), "labels": tf.boolean_mask(labels, keep),
-      "is_crowd": tf.boolean_mask(crowd, keep), "counts": counts,
-  }
-
-
-def _flip(example, key):
-  """Horizontal flip of image and boxes with probability given by ``key`` (a stateless draw)."""
-  image, boxes = example["image"], example["boxes"]
-  width = tf.cast(tf.shape(image)[1], tf.float32)
-  flipped_boxes = tf.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
-  return dict(example, image=tf.cond(key, lambda: image[:, ::-1], lambda: image),
-              boxes=tf.cond(key, lambda: flipped_boxes, lambda: boxes))
-
-
-def _bucket_index(height, width, buckets):
-  """0 for landscape (w >= h) buckets, 1 for portrait, by the bucket shapes' own orientation."""
-  landscape = [i for i, (h, w) in enumerate(buckets) if w >= h]
-  portrait = [i for i, (h, w) in enumerate(buckets) if w < h] or landscape
-  return tf.where(width >= height, landscape[0], portrait[0])
-
-
-def _resize_pad(example, data_config):
-  """Resize keeping the ratio, normalize, pad image and gt to static shapes."""
-  image = example["image"]
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
-  new_h, new_w = _resized_size(height, width, data_config.scale)
-  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]), method="bilinear",
-                            antialias=False)
-  sy = tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32)
-  sx = tf.cast(new_w, tf.float32) / tf.cast(width, tf.float32)
-  normalized = (resized - tf.constant(data_config.mean, tf.float32)) / tf.constant(data_config.std, tf.float32)
-  bucket = _bucket_index(new_h, new_w, data_config.buckets)
-  max_h = max(h for h, _ in data_config.buckets)
-  max_w = max(w for _, w in data_config.buckets)
-  padded = tf.image.pad_to_bounding_box(normalized, 0, 0, max_h, max_w)
-  rows = data_config.max_instances
-  boxes = example["boxes"] * tf.stack([sx, sy, sx, sy])
-  count = tf.shape(boxes)[0]
-  kept = tf.minimum(count, rows)
-  pad = rows - kept
-  counts = dict(example["counts"], instances_truncated=count - kept)
-  return {
-      "image": padded, "bucket": bucket,
-      "image_shape": tf.stack([new_h, new_w]), "scale": tf.stack([sy, sx]),
-      "image_id": tf.cast(example["image_id"], tf.int64),
-      "boxes": tf.pad(boxes[:rows], [[0, pad], [0, 0]]),
-      "labels": tf.pad(example["labels"][:rows], [[0, pad]], constant_values=-1),
-      "is_crowd": tf.pad(example["is_crowd"][:rows], [[0, pad]]),
-      "valid": tf.constant(True), "counts": counts,
-  }
-
-
-def _crop_to_bucket(batch, buckets):
-  """Cuts the padded images of a one-bucket batch down to that bucket's shape."""
-  shapes = tf.constant(buckets, tf.int32)
-  height, width = shapes[batch["bucket"][0], 0], shapes[batch["bucket"][0], 1]
-  return dict(batch, image=batch["image"][:, :height, :width])
-
-
-def _check_buckets(data_config):
-  for h, w in data_config.buckets:
-    if h % 32 or w % 32:
-      raise ValueError(f"bucket {(h, w)} must have sides that are multiples of 32")
-  long_edge, short_edge = max(data_config.scale), min(data_config.scale)
-  landscape = [b for b in data_config.buckets if b[1] >= b[0]]
-  portrait = [b for b in data_config.buckets if b[1] < b[0]] or landscape
-  if not landscape or min(b[1] for b in landscape) < long_edge or min(b[0] for b in landscape) < short_edge:
-    raise ValueError(f"landscape buckets {landscape} cannot hold images resized to scale {data_config.scale}")
-  if min(b[0] for b in portrait) < long_edge or min(b[1] for b in portrait) < short_edge:
-    if portrait is not landscape:
-      raise ValueError(f"portrait buckets {portrait} cannot hold images resized to scale {data_config.scale}")
-
-
-def _decoded(data_config, split: str, shard_index: int, num_shards: int) -> tf.data.Dataset:
-  """This host's part of ``split`` (TFDS split slicing: each host reads only its records), in file order."""
-  builder = sources.prepared_builder(data_config)
-  return builder.as_dataset(split=sources.host_split(builder, split, shard_index, num_shards), shuffle_files=False,
-                            read_config=sources.deterministic_read_config())
-
-
-def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  return options
-
-
-class CountingIterator:
-  """Numpy batches from a tf.data pipeline, adding up the repair counters the batches carry.
-
-  ``stats`` maps each reason (``REPAIR_KEYS``) to its count so far; a line
-  is logged whenever a count grows.
+  Attributes:
+    stats: ``{"dropped": {reason: n}, "repaired": {reason: n}, "truncated":
+      n}``: images, boxes and instances dropped or repaired, by reason
+      (``report.REASONS``), and instances beyond ``max_instances``. Counted
+      once over the data this iterator draws from (the split's whole
+      preparation report for ``coco_folder``), not per epoch.
+    num_batches: batches in the stream; None for the endless train stream.
+    num_images: images this host draws from (valid slots, for eval).
   """
 
-  def __init__(self, dataset: tf.data.Dataset, description: str):
-    self._iterator = iter(dataset.as_numpy_iterator())
-    self.description = description
-    self.stats = {key: 0 for key in REPAIR_KEYS}
-    self.images = 0
+  def __init__(self, builder: tfds.core.DatasetBuilder, table: metadata.ImageTable, plan: Iterable[PlannedBatch],
+               data_config, batch_size: int, reports: Sequence[Report], num_batches: Optional[int],
+               num_images: int):
+    self.stats = stats(reports)
+    self.num_batches = num_batches
+    self.num_images = num_images
+    self._table = table
+    self._max_instances = data_config.max_instances
+    self._height, self._width = geometry.resized_size(table.height, table.width, data_config.scale)
+    if num_batches == 0:
+      self._iterator = iter(())
+    else:
+      dataset = _image_stream(builder, table, plan, self._height, self._width, data_config, batch_size)
+      self._iterator = dataset.as_numpy_iterator()
 
   def __iter__(self):
     return self
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    batch = next(self._iterator)
-    counts = batch.pop("counts")
-    batch.pop("bucket")
-    self.images += int(np.sum(batch["valid"]))
-    for key in REPAIR_KEYS:
-      new = self.stats[key] + int(np.sum(counts[key]))
-      if new > self.stats[key]:
-        _log.info("%s: %s: %d so far (in %d images)", self.description, key.replace("_", " "), new, self.images)
-      self.stats[key] = new
+    element = next(self._iterator)
+    planned = PlannedBatch(rows=element["row"], flips=element["flip"], valid=element["valid"], bucket=-1)
+    batch = targets.annotate(self._table, self._height, self._width, planned, self._max_instances)
+    batch["image"] = element["image"]
     return batch
 
 
-def _drop_counter(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """Drops images with no usable gt, carrying the running count of drops in the kept ones."""
+def _image_stream(builder, table, plan, height, width, data_config, batch_size) -> tf.data.Dataset:
+  """Images of the planned batches, ``{"image": [B, H, W, 3] float32, "row", "flip", "valid": [B]}``."""
+  buckets = np.asarray(data_config.buckets, np.int32)
 
-  def count(dropped, example):
-    usable = tf.reduce_any(~example["is_crowd"])
-    dropped_now = dropped + tf.cast(~usable, tf.int32)
-    counts = dict(example["counts"], images_without_gt=tf.where(usable, dropped_now, 0))
-    return tf.where(usable, 0, dropped_now), (dict(example, counts=counts), usable)
+  def planned_batches():
+    for batch in plan:
+      yield {"row": batch.rows, "flip": batch.flips, "valid": batch.valid, "height": height[batch.rows],
+             "width": width[batch.rows], "bucket_height": np.full(batch_size, buckets[batch.bucket, 0], np.int32),
+             "bucket_width": np.full(batch_size, buckets[batch.bucket, 1], np.int32)}
 
-  return dataset.scan(tf.constant(0, tf.int32), count).filter(lambda example, usable: usable).map(
-      lambda example, usable: example)
+  signature = {"row": tf.TensorSpec([batch_size], tf.int64), "flip": tf.TensorSpec([batch_size], tf.bool),
+               "valid": tf.TensorSpec([batch_size], tf.bool)}
+  signature.update({key: tf.TensorSpec([batch_size], tf.int32)
+                    for key in ("height", "width", "bucket_height", "bucket_width")})
+  features = builder.info.features
+  mean, std = tuple(data_config.mean), tuple(data_config.std)
+
+  def preprocess(element):
+    encoded = features.deserialize_example(element["serialized"],
+                                           decoders={"image": tfds.decode.SkipDecoding()})["image"]
+    image = images.preprocess(images.decode(encoded), element["height"], element["width"], element["flip"],
+                              element["bucket_height"], element["bucket_width"], mean, std)
+    return {"image": image, "row": element["row"], "flip": element["flip"], "valid": element["valid"]}
+
+  dataset = tf.data.Dataset.from_generator(planned_batches, output_signature=signature).unbatch()
+  dataset = records.read_examples(table.records, dataset)
+  dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(PREFETCH_BATCHES)
+  options = tf.data.Options()
+  options.deterministic = True
+  return dataset.with_options(options)
+
+
+def _check_shard(batch_size: int, shard_index: int, num_shards: int) -> None:
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
+
+
+def _split_range(builder: tfds.core.DatasetBuilder, spec: str) -> Tuple[str, int, int]:
+  """A split or a slice of one (``"train"``, ``"validation[:16]"``, ``"train[10%:20%]"``) -> (split, start, stop)."""
+  try:
+    instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
+  except ValueError as error:
+    raise ValueError(f"{builder.info.full_name} has no split {spec!r} ({error}); it has "
+                     f"{sorted(builder.info.splits)}") from error
+  if len(instructions) != 1:
+    raise ValueError(f"data split {spec!r} joins several splits; name one split or a slice of one")
+  (instruction,) = instructions
+  size = builder.info.splits[instruction.splitname].num_examples
+  return (instruction.splitname, instruction.from_ or 0, size if instruction.to is None else instruction.to)
+
+
+def _preparation_report(builder: tfds.core.DatasetBuilder, split: str) -> List[Report]:
+  """What preparing the split found, where the builder recorded it (``coco_folder``)."""
+  reports = builder.info.metadata.get("reports", {}) if builder.info.metadata else {}
+  if split not in reports:
+    return []
+  return [Report.from_json(f"{builder.info.full_name.rsplit('/', 1)[0]} {split} (prepared)", reports[split])]
+
+
+def _trainable(table: metadata.ImageTable, data_config, report: Report) -> np.ndarray:
+  """``[N]`` bool: decodable images with a box and both sides at least ``min_size``; counts the rest."""
+  too_small = table.decodable & (np.minimum(table.height, table.width) < data_config.min_size)
+  no_gt = table.decodable & ~too_small & (table.num_instances() == 0)
+  for reason, rows in (("image_too_small", too_small), ("image_no_gt", no_gt)):
+    for row in np.flatnonzero(rows):
+      report.add(reason, table.filename[row])
+  return table.decodable & ~too_small & ~no_gt
+
+
+def _count_truncated(table: metadata.ImageTable, rows: np.ndarray, max_instances: int, report: Report) -> None:
+  extra = table.num_instances()[rows] - max_instances
+  for row, count in zip(rows[extra > 0], extra[extra > 0]):
+    report.add("instances_truncated", table.filename[row], int(count))
+
+
+def _rows_by_bucket(table: metadata.ImageTable, rows: np.ndarray, data_config) -> List[np.ndarray]:
+  height, width = geometry.resized_size(table.height[rows], table.width[rows], data_config.scale)
+  bucket = geometry.bucket_index(height, width, data_config.buckets)
+  return [rows[bucket == b] for b in range(len(data_config.buckets))]
+
+
+def _bucket_fractions(builder, split: str, first: int, last: int, table: metadata.ImageTable, start: int,
+                      data_config) -> np.ndarray:
+  """Share of each bucket among the usable images of examples ``first..`` (at most ``FRACTION_SAMPLE``).
+
+  ``first..last`` is the configured split range, the same on all hosts; this
+  host's table starts at ``start``.
+  """
+  size = min(last - first, FRACTION_SAMPLE)
+  sample = table.head(size) if start == first and len(table) >= size else \
+      metadata.load(builder, split, first, first + size)
+  usable = np.flatnonzero(_trainable(sample, data_config, Report(sample.report.source)))
+  counts = np.array([len(rows) for rows in _rows_by_bucket(sample, usable, data_config)], np.float64)
+  if not counts.sum():
+    raise ValueError(f"none of the first {size} images of {builder.info.full_name} {data_config.train_split} can "
+                     f"be used for training (see the log for why)")
+  return counts / counts.sum()
 
 
 def train_batches(data_config, batch_size: int, seed: int, start_batch: int = 0, shard_index: int = 0,
-                  num_shards: int = 1) -> CountingIterator:
-  """Endless training batches of this host, from batch ``start_batch`` on.
+                  num_shards: int = 1) -> Batches:
+  """This host's endless training batches, from batch ``start_batch`` on.
 
   Args:
     data_config: ``config.data``.
     batch_size: images per batch on this host.
-    seed: fixes the order of every epoch and every flip.
-    start_batch: the first batch to yield (the input position of a resumed run).
-    shard_index, num_shards: this host's part of the split.
+    seed: fixes every pass's order and every flip.
+    start_batch: index of the first batch to yield (a resumed run's step).
+    shard_index, num_shards: this host's share of the split.
+
+  Returns:
+    A ``Batches`` iterator; every batch has one bucket's shape.
   """
-  _check_buckets(data_config)
-  dataset = _decoded(data_config, data_config.train_split, shard_index, num_shards)
-  dataset = dataset.map(clean_boxes, num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = _drop_counter(dataset)
-  dataset = dataset.cache() if data_config.cache else dataset
-  dataset = dataset.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-  flip_seed = seed * 1_000_003 + shard_index
-  dataset = dataset.enumerate().map(
-      lambda index, example: _flip(example, tf.random.stateless_uniform(
-          [], seed=tf.stack([tf.constant(flip_seed, tf.int64), index])) < data_config.flip_prob),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.map(lambda example: _resize_pad(example, data_config), num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.group_by_window(key_func=lambda example: tf.cast(example["bucket"], tf.int64),
-                                    reduce_func=lambda _, window: window.batch(batch_size, drop_remainder=True),
-                                    window_size=batch_size)
-  dataset = dataset.map(lambda batch: _crop_to_bucket(batch, data_config.buckets))
-  dataset = dataset.skip(start_batch).prefetch(2).with_options(_options())
-  return CountingIterator(dataset, f"{data_config.dataset} train")
+  check_data_config(data_config)
+  _check_shard(batch_size, shard_index, num_shards)
+  if start_batch < 0:
+    raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+  builder = sources.prepared_builder(data_config)
+  split, first, last = _split_range(builder, data_config.train_split)
+  start = first + (last - first) * shard_index // num_shards
+  stop = first + (last - first) * (shard_index + 1) // num_shards
+  table = metadata.load(builder, split, start, stop)
+  selection = Report(f"{table.report.source} training", images=len(table))
+  rows = np.flatnonzero(_trainable(table, data_config, selection))
+  selection.totals["instances"] = int(table.num_instances()[rows].sum())
+  _count_truncated(table, rows, data_config.max_instances, selection)
+  rows_by_bucket = _rows_by_bucket(table, rows, data_config)
+  fractions = _bucket_fractions(builder, split, first, last, table, start, data_config)
+  reports = _preparation_report(builder, split) + [table.report, selection]
+  for report in reports:
+    report.log()
+  for bucket, (fraction, bucket_rows) in enumerate(zip(fractions, rows_by_bucket)):
+    if fraction == 0 and len(bucket_rows):
+      _log.warning("%s: %d images fall in bucket %s but none of the split's first %d do, so no step uses them",
+                   selection.source, len(bucket_rows), tuple(data_config.buckets[bucket]), FRACTION_SAMPLE)
+  plan = TrainPlan(rows_by_bucket, fractions, batch_size, seed, shard_index, data_config.flip_prob)
+  return Batches(builder, table, plan.batches(start_batch), data_config, batch_size, reports, None, len(rows))
 
 
-def eval_batches(data_config, batch_size: int, shard_index: int = 0, num_shards: int = 1) -> CountingIterator:
-  """Every image of this host's part of the eval split once, in batches of one bucket each.
+def eval_batches(data_config, batch_size: int, shard_index: int = 0, num_shards: int = 1) -> Batches:
+  """Every decodable image of the eval split once over all hosts, in batches of one bucket each.
 
-  The last batch of each bucket is filled with ``valid=False`` copies of its
-  last image.
+  Images are neither flipped nor skipped for lacking boxes. Slots past the
+  end of a bucket's images have ``valid=False`` (and no ground truth); all
+  hosts yield the same number of batches with the same shapes in turn.
   """
-  _check_buckets(data_config)
-  dataset = _decoded(data_config, data_config.eval_split, shard_index, num_shards)
-  dataset = dataset.map(clean_boxes, num_parallel_calls=tf.data.AUTOTUNE)
-  dataset = dataset.map(lambda example: dict(example, counts=dict(example["counts"], images_without_gt=0)))
-  dataset = dataset.map(lambda example: _resize_pad(example, data_config), num_parallel_calls=tf.data.AUTOTUNE)
-
-  dataset = dataset.group_by_window(key_func=lambda example: tf.cast(example["bucket"], tf.int64),
-                                    reduce_func=lambda _, window: window.batch(batch_size),
-                                    window_size=batch_size)
-  dataset = dataset.map(lambda batch: _crop_to_bucket(_pad_batch(batch, batch_size), data_config.buckets))
-  dataset = dataset.prefetch(2)
-  return CountingIterator(dataset.with_options(_options()), f"{data_config.dataset} eval")
-
-
-def _pad_batch(batch, batch_size: int):
-  """Fills a short batch to ``batch_size`` with ``valid=False`` copies of its first example."""
-  count = tf.shape(batch["valid"])[0]
-  missing = batch_size - count
-
-  def fill(value, key):
-    first = tf.repeat(value[:1], missing, axis=0)
-    if key == "valid":
-      first = tf.zeros_like(first)
-    return tf.concat([value, first], axis=0)
-
-  return {key: (fill(value, key) if key != "counts" else value) for key, value in batch.items()}
+  check_data_config(data_config)
+  _check_shard(batch_size, shard_index, num_shards)
+  builder = sources.prepared_builder(data_config)
+  split, first, last = _split_range(builder, data_config.eval_split)
+  table = metadata.load(builder, split, first, last)
+  rows = np.flatnonzero(table.decodable)
+  selection = Report(f"{table.report.source} evaluation", instances=int(table.num_instances()[rows].sum()))
+  _count_truncated(table, rows, data_config.max_instances, selection)
+  reports = _preparation_report(builder, split) + [table.report, selection]
+  for report in reports:
+    report.log()
+  plan = eval_plan(_rows_by_bucket(table, rows, data_config), batch_size, shard_index, num_shards)
+  mine = sum(int(batch.valid.sum()) for batch in plan)
+  return Batches(builder, table, plan, data_config, batch_size, reports, len(plan), mine)

@@ -1,18 +1,21 @@
-"""Where examples come from: TFDS builders by name, prepared on demand or with instructions."""
+"""Which TFDS builder ``config.data`` names, prepared: generated and local datasets on first use, others by hand.
+
+``shapes`` / ``shapes_hard`` (this package's generator) and ``coco_folder``
+(a COCO-format folder) are prepared automatically, in seconds for shapes;
+``coco/2017`` and other TFDS datasets must be prepared by the user, and the
+error says how.
+"""
 
 import dataclasses
 from typing import Dict, List, Tuple
 
 import tensorflow_datasets as tfds
 
-from libra_jax.data import shapes  # noqa: F401  (registers the ``shapes`` builder)
+from libra_jax.data import coco_folder, shapes  # noqa: F401  (registers the builders)
 
-# Our dataset names -> TFDS names. Any other TFDS detection dataset with COCO's features can be named directly.
 ALIASES = {"shapes": "shapes/easy", "shapes_hard": "shapes/hard"}
-# Datasets generated locally in seconds: prepared on first use.
-GENERATED = ("shapes/easy", "shapes/hard")
 
-# The 80 COCO categories in the order of TFDS's coco/2017 labels 0..79, with their official ids.
+# The 80 COCO categories in the order of TFDS's coco labels 0..79, with their official ids.
 COCO_CATEGORIES: Tuple[Tuple[int, str], ...] = (
     (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"), (7, "train"),
     (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"), (13, "stop sign"),
@@ -31,11 +34,20 @@ COCO_CATEGORIES: Tuple[Tuple[int, str], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What evaluation and configs need to know about a dataset."""
+  """What configs and evaluation need to know about a dataset.
+
+  Attributes:
+    name: the TFDS name, e.g. "coco/2017".
+    num_classes: object classes (labels ``0..num_classes-1``).
+    class_names: name of each label.
+    category_ids: the dataset's own category id of each label (COCO's
+      non-contiguous ids for COCO), for evaluation results.
+    num_examples: images per split.
+  """
   name: str
   num_classes: int
   class_names: List[str]
-  category_ids: List[int]   # the dataset's own category id of each contiguous label
+  category_ids: List[int]
   num_examples: Dict[str, int]
 
 
@@ -44,49 +56,51 @@ def tfds_name(data_config) -> str:
 
 
 def prepared_builder(data_config) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of ``config.data``; generated datasets are prepared on first use."""
+  """The prepared TFDS builder of ``config.data``; ``FileNotFoundError`` saying how to prepare it if it is not."""
   name = tfds_name(data_config)
+  data_dir = data_config.tfds_data_dir
   if name == "coco_folder":
-    raise NotImplementedError("the coco_folder source is not available yet; convert the folder to a TFDS "
-                              "dataset with COCO's features, or use coco/2017")
-  try:
-    builder = tfds.builder(name, data_dir=data_config.tfds_data_dir or None)
-  except tfds.core.registered.DatasetNotFoundError as error:
-    raise FileNotFoundError(f"unknown dataset {data_config.dataset!r}: use shapes, shapes_hard or a TFDS "
-                            f"detection dataset such as coco/2017") from error
-  if not builder.is_prepared():
-    if name in GENERATED:
+    builder = coco_folder.CocoFolder(config=coco_folder.folder_config(data_config), data_dir=data_dir)
+    if not builder.is_prepared():
       builder.download_and_prepare()
-    else:
-      raise FileNotFoundError(
-          f"dataset {name} is not prepared in {builder.data_dir}: run `tfds build {name} "
-          f"--data_dir={data_config.tfds_data_dir or '~/tensorflow_datasets'}` (for coco/2017 without "
-          f"downloading, put COCO's zips in --manual_dir), or pass --config.data.tfds_data_dir=DIR where it is")
-  return builder
+    return builder
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise FileNotFoundError(f"unknown dataset {data_config.dataset!r}: use shapes, shapes_hard, coco_folder or a "
+                            f"TFDS detection dataset such as coco/2017") from error
+  if builder.is_prepared():
+    return builder
+  if name in ALIASES.values():
+    builder.download_and_prepare()
+    return builder
+  where = data_dir or "~/tensorflow_datasets"
+  raise FileNotFoundError(
+      f"dataset {name} is not prepared in {builder.data_dir}. Prepare it with `tfds build {name} "
+      f"--data_dir={where}` (downloads it), or put its files in a folder and run `tfds build {name} "
+      f"--data_dir={where} --manual_dir=FOLDER` (for coco/2017: train2017.zip, val2017.zip, test2017.zip, "
+      f"annotations_trainval2017.zip and image_info_test2017.zip from cocodataset.org), or point "
+      f"--config.data.tfds_data_dir at the directory where it is prepared")
 
 
-def host_split(builder, split: str, shard_index: int, num_shards: int) -> str:
-  """This host's slice of ``split`` (TFDS slicing such as ``validation[:64]`` allowed); a clear error for a
-  split the dataset lacks."""
-  if split.split("[")[0] not in builder.info.splits:
-    raise FileNotFoundError(f"dataset {builder.name} has no split {split!r}; it has {sorted(builder.info.splits)}")
-  if num_shards == 1:
-    return split
-  return tfds.even_splits(split, n=num_shards, drop_remainder=False)[shard_index]
-
-
-def deterministic_read_config() -> tfds.ReadConfig:
-  return tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1, try_autocache=False)
+def category_table(builder: tfds.core.DatasetBuilder) -> Tuple[List[int], List[str]]:
+  """Category id and name of each label of ``builder``'s dataset."""
+  names = list(builder.info.features["objects"]["label"].names)
+  if builder.name == "coco":
+    official = [name for _, name in COCO_CATEGORIES]
+    if names != official:
+      raise ValueError(f"{builder.info.full_name} has labels {names[:5]}... but COCO's 80 categories are "
+                       f"{official[:5]}...; prepare it from COCO's own annotation files")
+    return [category_id for category_id, _ in COCO_CATEGORIES], names
+  if builder.name == "coco_folder":
+    return list(builder.info.metadata["category_ids"]), names
+  return list(range(1, len(names) + 1)), names
 
 
 def dataset_info(data_config) -> DatasetInfo:
-  """Class names, category ids and split sizes of ``config.data``'s dataset (preparing ``shapes`` if needed)."""
+  """Classes, category ids and split sizes of ``config.data``'s dataset (preparing it where automatic)."""
   builder = prepared_builder(data_config)
-  label = builder.info.features["objects"]["label"]
-  if builder.name == "coco":
-    category_ids, class_names = [c for c, _ in COCO_CATEGORIES], [n for _, n in COCO_CATEGORIES]
-  else:
-    category_ids, class_names = list(range(1, label.num_classes + 1)), list(label.names)
-  return DatasetInfo(name=tfds_name(data_config), num_classes=label.num_classes, class_names=class_names,
-                     category_ids=category_ids,
+  category_ids, class_names = category_table(builder)
+  return DatasetInfo(name=builder.info.full_name.rsplit("/", 1)[0], num_classes=len(class_names),
+                     class_names=class_names, category_ids=category_ids,
                      num_examples={name: split.num_examples for name, split in builder.info.splits.items()})

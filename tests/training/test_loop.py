@@ -63,7 +63,7 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path, dirs):
   assert [r["step"] for r in train] == list(range(5, 41, 5))
   for key in ("loss", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "lr", "images_per_sec"):
     assert all(np.isfinite(r[key]) for r in train), key
-  assert np.mean([r["loss"] for r in train[-3:]]) < 0.75 * train[0]["loss"]
+  assert np.mean([r["loss"] for r in train[-3:]]) < 0.9 * train[0]["loss"]
   evals = records(tmp_path, "eval")
   assert len(evals) == 1 and evals[0]["step"] == 40 and set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
   assert list(pathlib.Path(tmp_path).glob("events.out.tfevents.*"))

@@ -1,0 +1,235 @@
+"""The light metadata of a prepared dataset: one pass that decodes each image once and keeps its size and boxes.
+
+Everything the batch plan and the targets need — image ids, file names,
+decoded sizes, boxes in pixels, labels, crowd flags, where each record lies —
+comes from this pass, so training decodes only the images it uses, in any
+order. The pass also finds what the images and boxes need: undecodable images
+(skipped), grayscale / alpha / CMYK / palette images (converted to RGB by the
+decoder), boxes smaller than one pixel (dropped, as mmdetection's
+``CocoDataset`` does); each is counted in the table's ``report``.
+
+Tables are kept per (dataset directory, split, slice) for the life of the
+process, so evaluating every epoch reads the split once.
+"""
+
+import dataclasses
+import io
+import re
+from typing import Dict, List, Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from PIL import Image
+
+from libra_jax.data import images, records
+from libra_jax.data.report import Report
+from libra_jax.data.tf_runtime import tf
+
+# Boxes narrower or shorter than this (pixels) are dropped. The tolerance
+# absorbs the float32 rounding of TFDS's normalized coordinates.
+MIN_BOX_SIDE = 1.0
+SIDE_TOLERANCE = 1e-3
+
+# PIL modes that the decoder converts to RGB, by the reason they are counted under.
+CONVERTED_MODES = {
+    "image_grayscale": ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"),
+    "image_alpha": ("RGBA", "RGBa", "LA", "La", "PA"),
+    "image_cmyk": ("CMYK",),
+    "image_palette": ("P",),
+}
+_REASON_OF_MODE = {mode: reason for reason, modes in CONVERTED_MODES.items() for mode in modes}
+
+REQUIRED_FEATURES = (("image",), ("image/id",), ("image/filename",), ("objects", "bbox"), ("objects", "label"),
+                     ("objects", "is_crowd"))
+
+
+@dataclasses.dataclass
+class ImageTable:
+  """Metadata of examples ``start..stop-1`` of a split; row ``i`` is example ``start + i``.
+
+  Attributes:
+    records: where each example's record lies.
+    image_id: ``[N]`` int64, the dataset's image id.
+    filename: ``[N]`` object array of str.
+    height, width: ``[N]`` int32, decoded size in pixels (0 where undecodable).
+    decodable: ``[N]`` bool.
+    boxes: ``[M, 4]`` float32, xyxy in pixels of the original image; each
+      image's rows are ``row_splits[i]:row_splits[i + 1]``, non-crowd first.
+    labels: ``[M]`` int32, contiguous class index.
+    is_crowd: ``[M]`` bool.
+    row_splits: ``[N + 1]`` int64.
+    report: what the images and boxes needed.
+  """
+  records: records.RecordIndex
+  image_id: np.ndarray
+  filename: np.ndarray
+  height: np.ndarray
+  width: np.ndarray
+  decodable: np.ndarray
+  boxes: np.ndarray
+  labels: np.ndarray
+  is_crowd: np.ndarray
+  row_splits: np.ndarray
+  report: Report
+
+  def __len__(self) -> int:
+    return len(self.image_id)
+
+  def num_instances(self) -> np.ndarray:
+    """``[N]`` int64: boxes per image, crowd regions included."""
+    return np.diff(self.row_splits)
+
+  def head(self, count: int) -> "ImageTable":
+    """The first ``count`` rows (their report is left empty)."""
+    end = self.row_splits[count]
+    index = self.records
+    return ImageTable(
+        records=records.RecordIndex(index.files, index.file_sizes, index.file[:count], index.offset[:count],
+                                    index.length[:count]),
+        image_id=self.image_id[:count], filename=self.filename[:count], height=self.height[:count],
+        width=self.width[:count], decodable=self.decodable[:count], boxes=self.boxes[:end],
+        labels=self.labels[:end], is_crowd=self.is_crowd[:end], row_splits=self.row_splits[:count + 1],
+        report=Report(self.report.source))
+
+
+_TABLES: Dict[Tuple[str, str, int, int], ImageTable] = {}
+
+
+def load(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -> ImageTable:
+  """The ``ImageTable`` of examples ``start..stop-1`` of ``split`` (computed once per process)."""
+  key = (str(builder.data_dir), split, start, stop)
+  if key not in _TABLES:
+    _TABLES[key] = _scan(builder, split, start, stop)
+  return _TABLES[key]
+
+
+def _check_features(builder: tfds.core.DatasetBuilder) -> None:
+  missing = []
+  for path in REQUIRED_FEATURES:
+    try:
+      feature = builder.info.features
+      for name in path:
+        feature = feature[name]
+    except KeyError:
+      missing.append("/".join(path))
+  if missing:
+    raise ValueError(f"{builder.info.full_name} lacks the features {missing} of TFDS's coco/2017 (image, image/id, "
+                     f"image/filename, objects with bbox, label, is_crowd); the pipeline reads detection datasets "
+                     f"with those features")
+
+
+def _decoder_message(error: Exception) -> str:
+  """TensorFlow's error message without its op and function decorations."""
+  message = getattr(error, "message", str(error))
+  message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
+  return re.sub(r"\s*\[Op:\w+\].*", "", message).strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+def _undecodable(builder, index: records.RecordIndex, row: int) -> Tuple[str, str]:
+  """File name and decoder message of the example at ``row``, which failed to parse or decode."""
+  with tf.io.gfile.GFile(index.files[index.file[row]], "rb") as stream:
+    stream.seek(int(index.offset[row]))
+    serialized = stream.read(int(index.length[row]))
+  try:
+    example = builder.info.features.deserialize_example_np(serialized,
+                                                           decoders={"image": tfds.decode.SkipDecoding()})
+  except Exception as error:  # noqa: BLE001  (any parse failure is reported, never raised)
+    return f"record {row}", f"cannot parse the record: {error}"
+  name = example["image/filename"]
+  name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+  try:
+    images.decode(tf.constant(example["image"]))
+  except tf.errors.OpError as error:
+    return name, _decoder_message(error)
+  return name, "failed inside tf.data"
+
+
+def _mode(encoded: bytes) -> str:
+  try:
+    return Image.open(io.BytesIO(encoded)).mode
+  except Exception:  # noqa: BLE001  (a format PIL lacks: TensorFlow decoded it, count nothing)
+    return "RGB"
+
+
+def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """An example's boxes in pixels ``[n, 4]`` float32 xyxy, labels ``[n]`` int32, crowd flags ``[n]`` bool.
+
+  Boxes under one pixel a side are dropped (and counted); non-crowd boxes come first.
+  """
+  ymin, xmin, ymax, xmax = np.asarray(example["bbox"], np.float64).reshape(-1, 4).T
+  height, width = example["height"], example["width"]
+  boxes = np.stack([xmin * width, ymin * height, xmax * width, ymax * height], axis=1)
+  big_enough = ((boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIDE - SIDE_TOLERANCE) &
+                (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIDE - SIDE_TOLERANCE))
+  report.add("box_too_small", name, int(np.sum(~big_enough)))
+  crowd = np.asarray(example["is_crowd"], bool)[big_enough]
+  order = np.argsort(crowd, kind="stable")
+  return (boxes[big_enough][order].astype(np.float32), np.asarray(example["label"], np.int32)[big_enough][order],
+          crowd[order])
+
+
+def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -> ImageTable:
+  _check_features(builder)
+  instructions = records.split_files(builder, split, start, stop)
+  positions: List[Tuple[int, int, int]] = []
+
+  def serialized_examples():
+    for file, offset, length, data in records.scan(instructions):
+      positions.append((file, offset, length))
+      yield len(positions) - 1, data
+
+  features = builder.info.features
+
+  def light(row, serialized):
+    example = features.deserialize_example(serialized, decoders={"image": tfds.decode.SkipDecoding()})
+    shape = tf.shape(images.decode(example["image"]))
+    objects = example["objects"]
+    return {"row": row, "image_id": example["image/id"], "filename": example["image/filename"],
+            "encoded": example["image"], "height": shape[0], "width": shape[1], "bbox": objects["bbox"],
+            "label": objects["label"], "is_crowd": objects["is_crowd"]}
+
+  dataset = tf.data.Dataset.from_generator(
+      serialized_examples, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)))
+  dataset = dataset.map(light, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = dataset.ignore_errors().prefetch(tf.data.AUTOTUNE)
+
+  count = stop - start
+  dataset_name = builder.info.full_name.rsplit("/", 1)[0]
+  whole = start == 0 and stop == builder.info.splits[split].num_examples
+  source = f"{dataset_name} {split}" + ("" if whole else f"[{start}:{stop}]")
+  report = Report(source, images=count)
+  image_id = np.full(count, -1, np.int64)
+  filename = np.empty(count, object)
+  height, width = np.zeros(count, np.int32), np.zeros(count, np.int32)
+  decodable = np.zeros(count, bool)
+  per_image: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * count
+  boxes_seen = 0
+  progress = tqdm.tqdm(dataset.as_numpy_iterator(), total=count, desc=f"reading {source}", unit=" images",
+                       disable=None, leave=False)
+  for example in progress:
+    row = int(example["row"])
+    name = example["filename"].decode("utf-8", "replace")
+    image_id[row], filename[row], decodable[row] = example["image_id"], name, True
+    height[row], width[row] = example["height"], example["width"]
+    reason = _REASON_OF_MODE.get(_mode(example["encoded"]))
+    if reason:
+      report.add(reason, name)
+    boxes_seen += len(example["label"])
+    per_image[row] = _pixel_boxes(example, report, name)
+  report.totals["boxes"] = boxes_seen
+  if len(positions) != count:
+    raise ValueError(f"{source}: the record files hold {len(positions)} of the {count} examples their split info "
+                     f"lists; prepare the dataset again")
+  index = records.make_index(instructions, positions)
+  for row in np.flatnonzero(~decodable):
+    filename[row], detail = _undecodable(builder, index, row)
+    report.add("image_undecodable", filename[row], detail=detail)
+    per_image[row] = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, bool))
+  sizes = [len(labels) for _, labels, _ in per_image]
+  return ImageTable(
+      records=index, image_id=image_id, filename=filename, height=height, width=width, decodable=decodable,
+      boxes=np.concatenate([b for b, _, _ in per_image] or [np.zeros((0, 4), np.float32)]).reshape(-1, 4),
+      labels=np.concatenate([l for _, l, _ in per_image] or [np.zeros(0, np.int32)]),
+      is_crowd=np.concatenate([c for _, _, c in per_image] or [np.zeros(0, bool)]),
+      row_splits=np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), report=report)

@@ -1,0 +1,69 @@
+"""Fixtures of the input pipeline tests: the mini COCO folder, TFDS's real coco/2017 prepared from its zips, shapes.
+
+Each dataset is prepared once per test session in a temporary directory.
+"""
+
+import pytest
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import checksums
+from tensorflow_datasets.object_detection import coco
+
+import mini_coco
+from libra_jax.data import default_data_config
+
+tfds.disable_progress_bar()
+
+# Test geometry: an 80 x 60 image resizes by min(128 / 80, 80 / 60) = 4/3 to 107 x 80 (w x h), into a
+# 96 x 128 (H x W) landscape bucket; a 60 x 80 one to 80 x 107 into the 128 x 96 portrait bucket.
+TEST_SCALE = (128, 80)
+TEST_BUCKETS = ((96, 128), (128, 96))
+TEST_MAX_INSTANCES = 4
+
+
+def small_config(dataset: str, **overrides):
+  """``config.data`` for the tiny test images."""
+  config = default_data_config(dataset)
+  config.scale = TEST_SCALE
+  config.buckets = TEST_BUCKETS
+  config.max_instances = TEST_MAX_INSTANCES
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory) -> mini_coco.MiniCoco:
+  return mini_coco.write_folder(tmp_path_factory.mktemp("mini_coco"))
+
+
+@pytest.fixture(scope="session")
+def folder_config(folder, tmp_path_factory):
+  """A function of overrides -> ``config.data`` of the mini folder through the coco_folder builder."""
+  data_dir = str(tmp_path_factory.mktemp("folder_tfds"))
+
+  def make(**overrides):
+    return small_config("coco_folder", tfds_data_dir=data_dir, train_annotations=folder.train_annotations,
+                        train_images=folder.train_images, val_annotations=folder.val_annotations,
+                        val_images=folder.val_images, **overrides)
+
+  return make
+
+
+@pytest.fixture(scope="session")
+def coco2017_dir(tmp_path_factory) -> str:
+  """A TFDS data dir with the real ``coco/2017`` builder prepared offline from the mini dataset's zips."""
+  root = tmp_path_factory.mktemp("coco2017")
+  zips = mini_coco.write_coco_zips(root / "manual")
+  # The builder expects COCO's real files; give it the checksums of ours.
+  expected = {url: checksums.compute_url_info(zips[info.filename])
+              for url, info in coco.Coco.url_infos.items() if info.filename in zips}
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(coco.Coco, "url_infos", expected)
+    builder = tfds.builder("coco/2017", data_dir=str(root / "tfds"))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root / "manual")))
+  return str(root / "tfds")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+  """A TFDS data dir where ``shapes`` (easy) is prepared on first use by the pipeline."""
+  return str(tmp_path_factory.mktemp("shapes_tfds"))

@@ -134,7 +134,7 @@ def torchvision_resnet18_state_dict(rng, base_channels=8):
 
 @pytest.fixture(scope="module")
 def tiny_faster():
-  from conftest import synthetic_batch, tiny_model_config
+  from support import synthetic_batch, tiny_model_config
   from libra_jax.models.detectors import build_detector
   model = build_detector(tiny_model_config("faster"))
   batch = synthetic_batch()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import shapes_libra_faster_rcnn
-from conftest import tiny_model_config
+from support import tiny_model_config
 from libra_jax import predict
 from libra_jax.data import pipeline
 from libra_jax.models.detectors import build_detector

@@ -3,7 +3,7 @@
 import numpy as np
 
 import mini_coco
-from conftest import small_config
+from data_support import small_config
 from libra_jax.data import pipeline, sources
 
 # What TFDS's builder can take of the mini dataset (no escaping name, unknown category, NaN or outside box).

@@ -7,7 +7,7 @@ import sys
 
 from PIL import Image
 
-from conftest import TEST_BUCKETS, TEST_MAX_INSTANCES, TEST_SCALE
+from data_support import TEST_BUCKETS, TEST_MAX_INSTANCES, TEST_SCALE
 from libra_jax.data import inspect
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

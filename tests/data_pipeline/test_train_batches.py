@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mini_coco
-from conftest import TEST_BUCKETS, TEST_MAX_INSTANCES
+from data_support import TEST_BUCKETS, TEST_MAX_INSTANCES
 from libra_jax.data import pipeline
 
 # An 80 x 60 image resizes to 107 x 80: sx = 107 / 80 = 1.3375, sy = 80 / 60 = 4/3 (conftest.TEST_SCALE).

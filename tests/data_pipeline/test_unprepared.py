@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import small_config
+from data_support import small_config
 from libra_jax.data import pipeline
 
 

@@ -80,7 +80,7 @@ def test_full_size_state_dict_names_follow_mmdetection():
     assert name in retina_names, name
 
 
-from conftest import synthetic_batch, tiny_model_config  # noqa: E402
+from support import synthetic_batch, tiny_model_config  # noqa: E402
 
 
 class TinyDetector:

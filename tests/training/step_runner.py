@@ -14,7 +14,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import synthetic_batch, tiny_model_config  # noqa: E402
+from support import synthetic_batch, tiny_model_config  # noqa: E402
 from libra_jax.models.detectors import build_detector  # noqa: E402
 from libra_jax.training import optim, step as step_lib  # noqa: E402
 

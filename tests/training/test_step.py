@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import synthetic_batch, tiny_model_config
+from support import synthetic_batch, tiny_model_config
 from libra_jax.models.detectors import build_detector
 from libra_jax.training import optim, step as step_lib
 

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from libra_jax.data import tf_runtime  # noqa: F401  (TensorFlow without accelerators)
+from libra_jax.data.features import detection_features
 from libra_jax.data.report import Report
 
 PATH_KEYS = ("train_annotations", "train_images", "val_annotations", "val_images")
@@ -115,18 +116,7 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "image/filename": tfds.features.Text(),
-            "image/id": np.int64,
-            "objects": tfds.features.Sequence({
-                "id": np.int64,
-                "area": np.int64,
-                "bbox": tfds.features.BBoxFeature(),
-                "label": tfds.features.ClassLabel(),
-                "is_crowd": np.bool_,
-            }),
-        }),
+        features=detection_features(tfds.features.ClassLabel()),
         metadata=tfds.core.MetadataDict(),
     )
 

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from libra_jax.data import tf_runtime  # noqa: F401  (TensorFlow without accelerators)
+from libra_jax.data.features import detection_features
 
 CLASS_NAMES = ("ellipse", "rectangle", "triangle")
 # Image sides, pixels: the long side and the short side are drawn independently.
@@ -158,18 +159,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "image/filename": tfds.features.Text(),
-            "image/id": np.int64,
-            "objects": tfds.features.Sequence({
-                "id": np.int64,
-                "area": np.int64,
-                "bbox": tfds.features.BBoxFeature(),
-                "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-                "is_crowd": np.bool_,
-            }),
-        }),
+        features=detection_features(tfds.features.ClassLabel(names=CLASS_NAMES)),
     )
 
   def _split_generators(self, dl_manager):

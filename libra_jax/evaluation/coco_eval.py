@@ -83,7 +83,8 @@ def coco_metrics(ground_truth: Dict[str, Any], results: List[Dict[str, Any]]) ->
     coco = COCO()
     coco.dataset = ground_truth
     coco.createIndex()
-    evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+    # loadRes adds fields (area, id, segmentation) to the dicts it gets: give it copies.
+    evaluator = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "bbox")
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()

@@ -37,8 +37,10 @@ def evaluate(batch, detections, category_ids=(7,), names=("shape",)):
 def test_ground_truth_as_detections_gives_ap_one():
   batch = make_batch(GT, LABELS)
   detections = make_detections(GT, [[0.9, 0.8, 0], [0.7, 0.6, 0]], [[0, 0, -1], [0, 0, -1]])
-  _, metrics = evaluate(batch, detections)
+  accumulator, metrics = evaluate(batch, detections)
   assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+  # The results stay in COCO's results format after evaluation.
+  assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in accumulator.results)
   assert metrics["AR100"] == pytest.approx(1.0)
 
 

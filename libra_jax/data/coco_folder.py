@@ -67,9 +67,12 @@ def folder_config(data_config) -> CocoFolderConfig:
 
 def _categories(annotations: dict, path: str) -> Tuple[List[int], List[str]]:
   """Category ids in increasing order and their names (made unique)."""
-  categories = sorted(annotations.get("categories") or [], key=lambda c: c["id"])
+  categories = annotations.get("categories") or []
   if not categories:
     raise ValueError(f"{path} lists no categories")
+  if not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in categories):
+    raise ValueError(f"{path}: every category needs an integer id")
+  categories = sorted(categories, key=lambda c: c["id"])
   names, seen = [], collections.Counter(str(c.get("name", c["id"])) for c in categories)
   for category in categories:
     name = str(category.get("name", category["id"]))

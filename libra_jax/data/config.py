@@ -11,7 +11,7 @@ COCO_BUCKETS = ((800, 1344), (1344, 800))
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 
-# The synthetic shapes images (120-192 px a side) resize into 160 x 192 pixels.
+# The synthetic shapes images (112-192 px a side) resize into at most 160 x 192 pixels.
 SHAPES_SCALE = (192, 160)
 SHAPES_BUCKETS = ((160, 192), (192, 160))
 
@@ -26,7 +26,8 @@ def default_data_config(dataset: str = "shapes") -> ml_collections.ConfigDict:
       ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
     train_annotations, train_images, val_annotations, val_images: a COCO
       annotation JSON and its image directory per split (coco_folder only).
-    train_split, eval_split: TFDS split names.
+    train_split, eval_split: TFDS split names, or a slice of one
+      ("validation[:500]").
     scale: (long_max, short_max) of the keep-ratio resize, pixels.
     buckets: padded (H, W) shapes, multiples of 32; each batch has one.
     max_instances: ground-truth rows per image; extra instances are dropped

@@ -82,3 +82,9 @@ def test_bad_values_are_refused_by_name(key, value):
   data[key] = value
   with pytest.raises(ValueError, match=key):
     config.check_data_config(data)
+
+
+def test_dataset_names_map_to_tfds_names():
+  from libra_jax.data import sources
+  names = {name: sources.tfds_name(default_data_config(name)) for name in ("shapes", "shapes_hard", "coco/2017")}
+  assert names == {"shapes": "shapes/easy", "shapes_hard": "shapes/hard", "coco/2017": "coco/2017"}

@@ -42,18 +42,20 @@ def test_shapes_prepares_on_first_use_and_feeds_the_default_pipeline(shapes_dir)
     assert ((batch["labels"] >= 0).sum(1) >= 1).all()
 
 
-def test_shards_read_disjoint_halves_and_step_together(shapes_dir):
+def test_two_shards_partition_the_training_images_and_step_together(shapes_dir):
   data = default_data_config("shapes")
   data.tfds_data_dir = shapes_dir
-  streams = [pipeline.train_batches(data, 8, seed=0, shard_index=i, num_shards=2) for i in range(2)]
+  streams = [pipeline.train_batches(data, 40, seed=0, shard_index=i, num_shards=2) for i in range(2)]
   assert [s.num_images for s in streams] == [1000, 1000]
   ids = [set(), set()]
-  for _ in range(6):
+  # 36 steps of 40 images cover each host's 1000 images (about 60% landscape, 40% portrait) at least once.
+  for _ in range(36):
     step = [next(s) for s in streams]
     assert step[0]["image"].shape == step[1]["image"].shape
     for shard, batch in enumerate(step):
       ids[shard] |= set(batch["image_id"].tolist())
   assert not ids[0] & ids[1]
+  assert ids[0] | ids[1] == set(range(1, 2001))
 
 
 def test_shapes_evaluation_sees_every_image_once(shapes_dir):

@@ -4,7 +4,7 @@ Static-shape form of mmdetection's ``MaxIoUAssigner``: ground truth comes padded
 to a fixed number of rows with a validity mask, and padded rows never match.
 """
 
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import jax.numpy as jnp
 

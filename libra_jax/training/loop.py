@@ -12,7 +12,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import jax
 import jax.numpy as jnp

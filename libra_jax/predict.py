@@ -1,29 +1,38 @@
 """Detect objects in image files and draw them.
 
-``python -m libra_jax.predict --config=configs/<name>.py (--workdir=DIR | --checkpoint=FILE) --out=OUT IMAGE...``
+``python -m libra_jax.predict --config=configs/<name>.py (--workdir=DIR | --checkpoint=FILE) --out=OUT
+[--eval_images=N] [IMAGE...]``
 
-Each image is resized and normalized as in evaluation, padded to its bucket,
-run through the jit-compiled detector, and its detections are mapped back to
-the image's own pixels. ``OUT/<name>.png`` shows them (class name and score)
-on the image at its own size; ``OUT/detections.json`` lists them per file as
-``{"box": [x1, y1, x2, y2], "score", "class", "class_name"}``. An unreadable
-or corrupt image gets a one-line error naming the file and is skipped.
+Each image is resized and normalized as in evaluation and padded to its
+bucket; images of one bucket go through the jit-compiled, data-parallel
+detector ``config.eval_batch_size`` at a time (the evaluation's step, so with
+``--workdir`` the compilation comes from the run's cache), and their
+detections are mapped back to the image's own pixels. ``OUT/<name>.png`` shows
+them (class name and score) on the image at its own size;
+``OUT/detections.json`` lists them per image as ``{"box": [x1, y1, x2, y2],
+"score", "class", "class_name"}``. ``--eval_images=N`` adds the first N images
+of the config's evaluation split. An unreadable or corrupt image gets a
+one-line error naming the file and is skipped.
 """
 
 import argparse
+import collections
+import io
 import json
 import pathlib
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from libra_jax.data import pipeline
+from libra_jax.data import pipeline, sources
 from libra_jax.models.detectors import build_detector
-from libra_jax.training import loop
 from libra_jax.tools.summary import load_config
+from libra_jax.training import loop
+from libra_jax.training.step import make_mesh, make_predict_step, replicated
 
 
 def read_rgb(path) -> np.ndarray:
@@ -55,48 +64,102 @@ def prepare(image: np.ndarray, data_config) -> Dict[str, np.ndarray]:
               is_crowd=np.zeros((1, rows), bool), valid=np.ones((1,), bool))
 
 
+# Box and label colour of class ``c``: ``PALETTE[c % len(PALETTE)]``.
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+
+
 def draw(image: np.ndarray, detections: List[Dict], path) -> None:
   """Writes ``image`` with its detections (box, class name, score) as a PNG."""
   canvas = Image.fromarray(image)
   pen = ImageDraw.Draw(canvas)
-  palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
   for det in detections:
-    color = palette[det["class"] % len(palette)]
+    color = PALETTE[det["class"] % len(PALETTE)]
     pen.rectangle(det["box"], outline=color, width=2)
     pen.text((det["box"][0] + 2, det["box"][1] + 1), f"{det['class_name']} {det['score']:.2f}", fill=color)
   canvas.save(path, format="PNG")
 
 
-def predict_files(config, variables, paths, out_dir) -> Dict[str, List[Dict]]:
-  """Detections of each readable image in ``paths``; writes the PNGs and ``detections.json``."""
+def detect(config, variables, images: Sequence[np.ndarray], class_names: Sequence[str]) -> List[List[Dict]]:
+  """Detections of each ``[H, W, 3]`` uint8 image, in its own pixels (``predict_files``'s JSON entries)."""
   model = build_detector(config.model)
-  info = pipeline.dataset_info(config.data)
-  infer = jax.jit(lambda v, b: model.apply(v, b, train=False))
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  results = {}
+  mesh = make_mesh()
+  step = make_predict_step(model, mesh)
+  batch_size = config.eval_batch_size
+  prepared = [prepare(image, config.data) for image in images]
+  by_bucket = collections.defaultdict(list)
+  for index, batch in enumerate(prepared):
+    by_bucket[batch["image"].shape[1:3]].append(index)
+  found: List[List[Dict]] = [[] for _ in images]
+  for indices in by_bucket.values():
+    for first in range(0, len(indices), batch_size):
+      chunk = indices[first:first + batch_size]
+      batch = {key: np.concatenate([prepared[i][key] for i in chunk] +
+                                   [np.zeros_like(prepared[chunk[0]][key])] * (batch_size - len(chunk)))
+               for key in prepared[chunk[0]]}
+      batch["labels"][len(chunk):] = -1
+      output = jax.tree.map(np.asarray, step(variables, loop.to_global(batch, mesh)))
+      for slot, index in enumerate(chunk):
+        found[index] = _in_original_pixels(output, slot, batch["scale"][slot], images[index].shape[:2], class_names)
+  return found
+
+
+def _in_original_pixels(output, slot: int, scale, size, class_names) -> List[Dict]:
+  """Slot ``slot``'s valid detections as JSON entries, boxes divided by ``scale`` and clipped to ``size`` (h, w)."""
+  sy, sx = (float(v) for v in scale)
+  height, width = size
+  detections = []
+  for row in np.flatnonzero(output.valid[slot]):
+    x1, y1, x2, y2 = output.boxes[slot, row] / np.array([sx, sy, sx, sy])
+    box = [float(np.clip(x1, 0, width)), float(np.clip(y1, 0, height)), float(np.clip(x2, 0, width)),
+           float(np.clip(y2, 0, height))]
+    label = int(output.classes[slot, row])
+    detections.append({"box": box, "score": float(output.scores[slot, row]), "class": label,
+                       "class_name": class_names[label]})
+  return detections
+
+
+def read_files(paths) -> List[Tuple[str, np.ndarray]]:
+  """``(path, RGB image)`` of each readable file; a one-line error on stderr for each other one."""
+  readable = []
   for path in map(pathlib.Path, paths):
     try:
-      image = read_rgb(path)
+      readable.append((str(path), read_rgb(path)))
     except (OSError, UnidentifiedImageError, ValueError) as error:
       print(f"error: {path}: cannot read the image ({error}); skipped", file=sys.stderr)
-      continue
-    batch = prepare(image, config.data)
-    output = jax.tree.map(np.asarray, infer(variables, batch))
-    sy, sx = batch["scale"][0]
-    height, width = image.shape[:2]
-    detections = []
-    for row in np.flatnonzero(output.valid[0]):
-      x1, y1, x2, y2 = output.boxes[0, row] / np.array([sx, sy, sx, sy])
-      box = [float(np.clip(x1, 0, width)), float(np.clip(y1, 0, height)), float(np.clip(x2, 0, width)),
-             float(np.clip(y2, 0, height))]
-      label = int(output.classes[0, row])
-      detections.append({"box": box, "score": float(output.scores[0, row]), "class": label,
-                         "class_name": info.class_names[label]})
-    draw(image, detections, out_dir / f"{path.stem}.png")
-    results[str(path)] = detections
+  return readable
+
+
+def read_eval_images(data_config, count: int) -> List[Tuple[str, np.ndarray]]:
+  """``(file name, RGB image)`` of the first ``count`` images of ``data_config.eval_split``."""
+  builder = sources.prepared_builder(data_config)
+  dataset = builder.as_dataset(split=data_config.eval_split, decoders={"image": tfds.decode.SkipDecoding()})
+  named = []
+  for example in tfds.as_numpy(dataset.take(count)):
+    name = example["image/filename"].decode("utf-8", "replace")
+    try:
+      named.append((name, read_rgb(io.BytesIO(example["image"]))))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+      print(f"error: {name}: cannot read the image ({error}); skipped", file=sys.stderr)
+  return named
+
+
+def predict_images(config, variables, named_images: Sequence[Tuple[str, np.ndarray]], out_dir) -> Dict[str, List[Dict]]:
+  """Detects, draws ``out_dir/<stem>.png`` per image and writes ``out_dir/detections.json``; returns the JSON."""
+  info = pipeline.dataset_info(config.data)
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  found = detect(config, variables, [image for _, image in named_images], info.class_names) if named_images else []
+  results = {}
+  for (name, image), detections in zip(named_images, found):
+    draw(image, detections, out_dir / f"{pathlib.Path(name).stem}.png")
+    results[name] = detections
   (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
   return results
+
+
+def predict_files(config, variables, paths, out_dir) -> Dict[str, List[Dict]]:
+  """``predict_images`` of the readable files among ``paths``."""
+  return predict_images(config, variables, read_files(paths), out_dir)
 
 
 def main(argv=None):
@@ -106,12 +169,19 @@ def main(argv=None):
   source.add_argument("--workdir", help="a training work directory (its latest checkpoint)")
   source.add_argument("--checkpoint", help="a weights file (.pth, .safetensors, .npz)")
   parser.add_argument("--out", required=True, help="directory for the PNGs and detections.json")
-  parser.add_argument("images", nargs="+")
+  parser.add_argument("--eval_images", type=int, default=0, help="also the first N images of the evaluation split")
+  parser.add_argument("images", nargs="*")
   args = parser.parse_args(argv)
+  if not args.images and args.eval_images <= 0:
+    parser.error("give image files, or --eval_images=N")
   config = load_config(args.config)
+  if args.workdir:
+    loop.enable_compilation_cache(config, pathlib.Path(args.workdir))
   model = build_detector(config.model)
-  variables = loop.load_trained_variables(config, model, args.workdir, args.checkpoint)
-  results = predict_files(config, variables, args.images, args.out)
+  variables = jax.device_put(loop.load_trained_variables(config, model, args.workdir, args.checkpoint),
+                             replicated(make_mesh()))
+  named = read_files(args.images) + (read_eval_images(config.data, args.eval_images) if args.eval_images else [])
+  results = predict_images(config, variables, named, args.out)
   print(f"{sum(len(v) for v in results.values())} detections in {len(results)} images -> {args.out}")
 
 

@@ -45,3 +45,33 @@ def synthetic_batch(seed: int = 0, batch: int = 2, height: int = 128, width: int
               boxes=jnp.asarray(boxes, jnp.float32), labels=jnp.asarray(labels, jnp.int32),
               is_crowd=jnp.zeros((batch, max_instances), bool), valid=jnp.ones((batch,), bool),
               image_id=jnp.arange(batch), scale=jnp.ones((batch, 2), jnp.float32))
+
+
+def assert_drawn_where_detected(original, png_path, detections):
+  """The PNG is ``original`` except on the detections' boxes and labels, and each box's last-drawn outline shows.
+
+  Args:
+    original: ``[H, W, 3]`` uint8, the image before drawing.
+    png_path: the drawn PNG (``libra_jax.predict.draw``).
+    detections: its JSON entries ``{"box": [x1, y1, x2, y2], "class_name", "score", ...}``.
+  """
+  from PIL import Image, ImageDraw
+  with Image.open(png_path) as image:
+    assert image.mode == "RGB" and image.size == (original.shape[1], original.shape[0])
+    drawn = np.asarray(image)
+  allowed = np.zeros(original.shape[:2], bool)
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  for det in detections:
+    x1, y1, x2, y2 = det["box"]
+    allowed[max(int(y1) - 2, 0):int(y2) + 3, max(int(x1) - 2, 0):int(x2) + 3] = True
+    left, top, right, bottom = measure.textbbox((x1 + 2, y1 + 1), f"{det['class_name']} {det['score']:.2f}")
+    allowed[max(int(top) - 1, 0):int(bottom) + 2, max(int(left) - 1, 0):int(right) + 2] = True
+  changed = np.any(drawn != original, axis=-1)
+  assert not np.any(changed & ~allowed), "pixels changed away from every box and label"
+  if detections:
+    # The last box drawn is on top: its left edge, below its label, has the colour of its class.
+    from libra_jax.predict import PALETTE
+    x1, y1, x2, y2 = detections[-1]["box"]
+    colour = PALETTE[detections[-1]["class"] % len(PALETTE)]
+    rows = drawn[int(y1) + 16:int(y2) - 2, int(x1):int(x1) + 2]
+    assert rows.size == 0 or np.any(np.all(rows == colour, axis=-1), axis=1).all()

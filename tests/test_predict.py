@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import shapes_libra_faster_rcnn
-from support import tiny_model_config
+from support import assert_drawn_where_detected, tiny_model_config
 from libra_jax import predict
 from libra_jax.data import pipeline
 from libra_jax.models.detectors import build_detector
@@ -29,23 +29,26 @@ def test_predict_files_writes_pngs_and_json(tmp_path, tmp_path_factory, capsys):
   config = shapes_libra_faster_rcnn.get_config()
   config.model = tiny_model_config("faster")
   config.data.tfds_data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config.eval_batch_size = 2
   model = build_detector(config.model)
   variables = jax.jit(lambda k: model.init(k, predict.prepare(np.zeros((120, 160, 3), np.uint8), config.data),
                                            train=False))(jax.random.key(0))
   rng = np.random.default_rng(0)
-  Image.fromarray(rng.integers(0, 255, (120, 170, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+  Image.fromarray(rng.integers(0, 255, (120, 170, 3), dtype=np.uint8)).save(tmp_path / "a.png")
   Image.fromarray(rng.integers(0, 255, (190, 130), dtype=np.uint8)).save(tmp_path / "gray.png")
+  Image.fromarray(rng.integers(0, 255, (100, 160, 3), dtype=np.uint8)).save(tmp_path / "b.png")
   (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
   out = tmp_path / "out"
-  results = predict.predict_files(config, variables, [tmp_path / "a.jpg", tmp_path / "broken.jpg",
-                                                      tmp_path / "gray.png"], out)
+  files = [tmp_path / name for name in ("a.png", "broken.jpg", "gray.png", "b.png")]
+  results = predict.predict_files(config, variables, files, out)
   assert "broken.jpg: cannot read the image" in capsys.readouterr().err
-  assert set(json.loads((out / "detections.json").read_text())) == {str(tmp_path / "a.jpg"), str(tmp_path / "gray.png")}
-  for name, size in (("a", (170, 120)), ("gray", (130, 190))):
-    with Image.open(out / f"{name}.png") as image:
-      assert image.size == size and image.mode == "RGB"
-  for path, (width, height) in ((tmp_path / "a.jpg", (170, 120)), (tmp_path / "gray.png", (130, 190))):
-    for det in results[str(path)]:
+  # Three readable images: two landscape ones batched together, a portrait one alone.
+  assert set(json.loads((out / "detections.json").read_text())) == {str(files[i]) for i in (0, 2, 3)}
+  for index in (0, 2, 3):
+    original = predict.read_rgb(files[index])
+    assert_drawn_where_detected(original, out / f"{files[index].stem}.png", results[str(files[index])])
+    height, width = original.shape[:2]
+    for det in results[str(files[index])]:
       x1, y1, x2, y2 = det["box"]
       assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height
       assert det["class_name"] in pipeline.dataset_info(config.data).class_names and 0 < det["score"] <= 1

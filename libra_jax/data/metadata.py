@@ -58,6 +58,9 @@ class ImageTable:
       image's rows are ``row_splits[i]:row_splits[i + 1]``, non-crowd first.
     labels: ``[M]`` int32, contiguous class index.
     is_crowd: ``[M]`` bool.
+    area: ``[M]`` float32, the annotation's area in square pixels of the
+      original image (COCO's segmentation area; the box's area where the
+      dataset has no ``objects/area``). COCOeval sizes objects by it.
     row_splits: ``[N + 1]`` int64.
     report: what the images and boxes needed.
   """
@@ -70,6 +73,7 @@ class ImageTable:
   boxes: np.ndarray
   labels: np.ndarray
   is_crowd: np.ndarray
+  area: np.ndarray
   row_splits: np.ndarray
   report: Report
 
@@ -89,8 +93,8 @@ class ImageTable:
                                     index.length[:count]),
         image_id=self.image_id[:count], filename=self.filename[:count], height=self.height[:count],
         width=self.width[:count], decodable=self.decodable[:count], boxes=self.boxes[:end],
-        labels=self.labels[:end], is_crowd=self.is_crowd[:end], row_splits=self.row_splits[:count + 1],
-        report=Report(self.report.source))
+        labels=self.labels[:end], is_crowd=self.is_crowd[:end], area=self.area[:end],
+        row_splits=self.row_splits[:count + 1], report=Report(self.report.source))
 
 
 _TABLES: Dict[Tuple[str, str, int, int], ImageTable] = {}
@@ -152,10 +156,12 @@ def _mode(encoded: bytes) -> str:
     return "RGB"
 
 
-def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """An example's boxes in pixels ``[n, 4]`` float32 xyxy, labels ``[n]`` int32, crowd flags ``[n]`` bool.
+def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, ...]:
+  """An example's boxes in pixels ``[n, 4]`` float32 xyxy, labels ``[n]`` int32, crowd flags ``[n]`` bool, areas.
 
-  Boxes under one pixel a side are dropped (and counted); non-crowd boxes come first.
+  Boxes under one pixel a side are dropped (and counted); non-crowd boxes
+  come first. ``area`` ``[n]`` float32 is the example's ``objects/area`` where
+  it is positive, the box's area otherwise.
   """
   ymin, xmin, ymax, xmax = np.asarray(example["bbox"], np.float64).reshape(-1, 4).T
   height, width = example["height"], example["width"]
@@ -163,10 +169,13 @@ def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, 
   big_enough = ((boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIDE - SIDE_TOLERANCE) &
                 (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIDE - SIDE_TOLERANCE))
   report.add("box_too_small", name, int(np.sum(~big_enough)))
+  box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  area = np.asarray(example["area"], np.float64)
+  area = np.where(area > 0, area, box_area)[big_enough]
   crowd = np.asarray(example["is_crowd"], bool)[big_enough]
   order = np.argsort(crowd, kind="stable")
   return (boxes[big_enough][order].astype(np.float32), np.asarray(example["label"], np.int32)[big_enough][order],
-          crowd[order])
+          crowd[order], area[order].astype(np.float32))
 
 
 def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -> ImageTable:
@@ -180,6 +189,7 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) 
       yield len(positions) - 1, data
 
   features = builder.info.features
+  has_area = "area" in features["objects"].feature
 
   def light(row, serialized):
     example = features.deserialize_example(serialized, decoders={"image": tfds.decode.SkipDecoding()})
@@ -187,7 +197,8 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) 
     objects = example["objects"]
     return {"row": row, "image_id": example["image/id"], "filename": example["image/filename"],
             "encoded": example["image"], "height": shape[0], "width": shape[1], "bbox": objects["bbox"],
-            "label": objects["label"], "is_crowd": objects["is_crowd"]}
+            "label": objects["label"], "is_crowd": objects["is_crowd"],
+            "area": objects["area"] if has_area else tf.zeros_like(objects["label"], tf.int64)}
 
   dataset = tf.data.Dataset.from_generator(
       serialized_examples, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)))
@@ -203,7 +214,7 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) 
   filename = np.empty(count, object)
   height, width = np.zeros(count, np.int32), np.zeros(count, np.int32)
   decodable = np.zeros(count, bool)
-  per_image: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * count
+  per_image: List[Tuple[np.ndarray, ...]] = [None] * count
   boxes_seen = 0
   progress = tqdm.tqdm(dataset.as_numpy_iterator(), total=count, desc=f"reading {source}", unit=" images",
                        disable=None, leave=False)
@@ -225,11 +236,12 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) 
   for row in np.flatnonzero(~decodable):
     filename[row], detail = _undecodable(builder, index, row)
     report.add("image_undecodable", filename[row], detail=detail)
-    per_image[row] = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, bool))
-  sizes = [len(labels) for _, labels, _ in per_image]
+    per_image[row] = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.float32))
+  sizes = [len(part[1]) for part in per_image]
   return ImageTable(
       records=index, image_id=image_id, filename=filename, height=height, width=width, decodable=decodable,
-      boxes=np.concatenate([b for b, _, _ in per_image] or [np.zeros((0, 4), np.float32)]).reshape(-1, 4),
-      labels=np.concatenate([l for _, l, _ in per_image] or [np.zeros(0, np.int32)]),
-      is_crowd=np.concatenate([c for _, _, c in per_image] or [np.zeros(0, bool)]),
+      boxes=np.concatenate([p[0] for p in per_image] or [np.zeros((0, 4), np.float32)]).reshape(-1, 4),
+      labels=np.concatenate([p[1] for p in per_image] or [np.zeros(0, np.int32)]),
+      is_crowd=np.concatenate([p[2] for p in per_image] or [np.zeros(0, bool)]),
+      area=np.concatenate([p[3] for p in per_image] or [np.zeros(0, np.float32)]),
       row_splits=np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]), report=report)

@@ -57,6 +57,7 @@ class Batches:
       preparation report for ``coco_folder``), not per epoch.
     num_batches: batches in the stream; None for the endless train stream.
     num_images: images this host draws from (valid slots, for eval).
+    table: the metadata of the split (slice) the batches come from.
   """
 
   def __init__(self, builder: tfds.core.DatasetBuilder, table: metadata.ImageTable, plan: Iterable[PlannedBatch],
@@ -65,7 +66,7 @@ class Batches:
     self.stats = stats(reports)
     self.num_batches = num_batches
     self.num_images = num_images
-    self._table = table
+    self.table = table
     self._max_instances = data_config.max_instances
     self._height, self._width = geometry.resized_size(table.height, table.width, data_config.scale)
     if num_batches == 0:
@@ -80,7 +81,7 @@ class Batches:
   def __next__(self) -> Dict[str, np.ndarray]:
     element = next(self._iterator)
     planned = PlannedBatch(rows=element["row"], flips=element["flip"], valid=element["valid"], bucket=-1)
-    batch = targets.annotate(self._table, self._height, self._width, planned, self._max_instances)
+    batch = targets.annotate(self.table, self._height, self._width, planned, self._max_instances)
     batch["image"] = element["image"]
     return batch
 

@@ -1,18 +1,21 @@
 """COCO-style evaluation of fixed-size detections with pycocotools' own COCOeval.
 
-Ground truth is collected from the same evaluation batches (boxes mapped back
-to original image pixels with each example's ``scale``), so a TFDS split
-evaluates without its original annotation file. Padding examples
-(``valid=False``) and padding rows never reach the results.
+Detections are mapped back to original image pixels with each example's
+``scale``, clipped, and written in COCO's results format with the dataset's
+own category ids. Padding examples (``valid=False``) and padding rows never
+reach the results. The ground truth comes from ``ground_truth``.
 """
 
 import contextlib
 import io
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+_log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -32,51 +35,63 @@ def _to_original_xywh(boxes, scale, size):
 
 
 class CocoAccumulator:
-  """Collects ground truth and detections batch by batch, then runs COCOeval.
+  """Collects detections batch by batch in COCO's results format, then runs COCOeval against ``ground_truth``.
 
   Args:
+    ground_truth: COCO-format ``{"images", "annotations", "categories"}``
+      (``ground_truth.eval_ground_truth``).
     category_ids: the dataset's category id of each contiguous class index.
-    class_names: a name per class.
+
+  COCOeval covers the images that were added (``params.imgIds``), so a
+  slice of a split, or a split with unreadable images, is scored on what was
+  evaluated; ground-truth images that were not are counted in
+  ``missing_images()`` and logged.
   """
 
-  def __init__(self, category_ids: Sequence[int], class_names: Sequence[str]):
+  def __init__(self, ground_truth: Dict[str, Any], category_ids: Sequence[int]):
+    self.ground_truth = ground_truth
     self.category_ids = [int(c) for c in category_ids]
-    self.categories = [{"id": c, "name": str(n)} for c, n in zip(self.category_ids, class_names)]
-    self.images: List[Dict[str, Any]] = []
-    self.annotations: List[Dict[str, Any]] = []
     self.results: List[Dict[str, Any]] = []
-    self._seen = set()
+    self.image_ids: Set[int] = set()
+    self._known = {int(image["id"]) for image in ground_truth["images"]}
 
   def add(self, batch: Mapping[str, np.ndarray], detections) -> None:
-    """Adds one batch (numpy, DESIGN.md contract) and its detections (numpy ``Detections``)."""
+    """Adds one batch's detections (numpy ``Detections``).
+
+    ``batch`` needs ``image_id``, ``image_shape``, ``scale`` and ``valid`` of the batch contract.
+    """
     for i in np.flatnonzero(np.asarray(batch["valid"])):
       image_id = int(batch["image_id"][i])
-      if image_id in self._seen:
+      if image_id in self.image_ids:
         raise ValueError(f"image {image_id} was evaluated twice")
-      self._seen.add(image_id)
+      if image_id not in self._known:
+        raise ValueError(f"image {image_id} is not in the ground truth: the annotation file does not describe the "
+                         f"prepared dataset (prepare it again)")
+      self.image_ids.add(image_id)
       scale, size = batch["scale"][i], _original_size(batch["image_shape"][i], batch["scale"][i])
-      self.images.append({"id": image_id, "height": int(size[0]), "width": int(size[1])})
-      gt_rows = np.flatnonzero(np.asarray(batch["labels"][i]) >= 0)
-      for row, box in zip(gt_rows, _to_original_xywh(batch["boxes"][i][gt_rows], scale, size)):
-        self.annotations.append({"id": len(self.annotations) + 1, "image_id": image_id,
-                                 "category_id": self.category_ids[int(batch["labels"][i][row])],
-                                 "bbox": [float(v) for v in box], "area": float(box[2] * box[3]),
-                                 "iscrowd": int(bool(batch["is_crowd"][i][row]))})
       kept = np.flatnonzero(np.asarray(detections.valid[i]))
       for row, box in zip(kept, _to_original_xywh(detections.boxes[i][kept], scale, size)):
         self.results.append({"image_id": image_id, "category_id": self.category_ids[int(detections.classes[i][row])],
                              "bbox": [float(v) for v in box], "score": float(detections.scores[i][row])})
 
-  def ground_truth(self) -> Dict[str, Any]:
-    return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
+  def missing_images(self) -> int:
+    """Ground-truth images not evaluated (unreadable, or outside the evaluated slice)."""
+    return len(self._known - self.image_ids)
 
   def evaluate(self) -> Dict[str, float]:
-    """COCOeval bbox metrics (``METRIC_NAMES``); all 0 when there is no detection."""
-    return coco_metrics(self.ground_truth(), self.results)
+    """COCOeval bbox metrics (``METRIC_NAMES``) over the added images; all 0 when there is no detection."""
+    if self.missing_images():
+      _log.info("COCOeval covers the %d evaluated images; %d images of the ground truth were not evaluated",
+                len(self.image_ids), self.missing_images())
+    return coco_metrics(self.ground_truth, self.results, self.image_ids)
 
 
-def coco_metrics(ground_truth: Dict[str, Any], results: List[Dict[str, Any]]) -> Dict[str, float]:
-  """pycocotools COCOeval (bbox) of ``results`` against a COCO-format ``ground_truth`` dict."""
+def coco_metrics(ground_truth: Dict[str, Any], results: List[Dict[str, Any]],
+                 image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
+  """pycocotools COCOeval (bbox) of ``results`` against a COCO-format ``ground_truth`` dict.
+
+  ``image_ids``: the images to score (default: all of the ground truth's).
+  """
   if not results:
     return {name: 0.0 for name in METRIC_NAMES}
   with contextlib.redirect_stdout(io.StringIO()):
@@ -85,16 +100,9 @@ def coco_metrics(ground_truth: Dict[str, Any], results: List[Dict[str, Any]]) ->
     coco.createIndex()
     # loadRes adds fields (area, id, segmentation) to the dicts it gets: give it copies.
     evaluator = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "bbox")
+    if image_ids is not None:
+      evaluator.params.imgIds = sorted(int(i) for i in image_ids)
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
   return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats)}
-
-
-def evaluate_batches(predict, batches: Iterable[Mapping[str, np.ndarray]], category_ids: Sequence[int],
-                     class_names: Sequence[str]) -> Dict[str, float]:
-  """Runs ``predict(batch) -> Detections`` over ``batches`` and returns the COCO metrics."""
-  accumulator = CocoAccumulator(category_ids, class_names)
-  for batch in batches:
-    accumulator.add(batch, predict(batch))
-  return accumulator.evaluate()

@@ -3,16 +3,18 @@
 Builds the model, optimizer, mesh and input pipeline from the config,
 restores the latest checkpoint of ``workdir`` if there is one (the input
 position is the step: batch ``k`` is a pure function of the seed and ``k``),
-then trains, logs, checkpoints and evaluates. A non-finite loss stops the run
+then trains, logs, checkpoints and evaluates; an evaluation's COCOeval runs in
+a background thread while training goes on. A non-finite loss stops the run
 (the last good checkpoint stays as it is) unless ``config.skip_nonfinite``
 asks to skip such steps and count them.
 """
 
+import concurrent.futures
 import json
 import logging
 import pathlib
 import time
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from libra_jax import convert, losses
 from libra_jax.data import pipeline
+from libra_jax.evaluation import ground_truth
 from libra_jax.evaluation.coco_eval import CocoAccumulator
 from libra_jax.models.detectors import build_detector
 from libra_jax.training import optim
@@ -82,26 +85,52 @@ def to_global(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(predict, variables, config, mesh, info, workdir=None, step: int = -1) -> Dict[str, float]:
-  """COCO metrics of the model on the evaluation split (every image once).
+def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator:
+  """Runs ``predict`` over the evaluation split (every image once); returns the detections, ready for COCOeval.
+
+  Batch ``k + 1`` is dispatched before batch ``k``'s detections are fetched
+  and converted, so the host work overlaps the device's.
+  """
+  per_host = config.eval_batch_size // jax.process_count()
+  batches = pipeline.eval_batches(config.data, per_host, shard_index=jax.process_index(),
+                                  num_shards=jax.process_count())
+  accumulator = CocoAccumulator(
+      ground_truth.eval_ground_truth(config.data, batches.table, info.category_ids, info.class_names),
+      info.category_ids)
+  keys = ("image_id", "image_shape", "scale", "valid")
+
+  def collect(batch, detections):
+    gathered = multihost_utils.process_allgather({"meta": {k: batch[k] for k in keys}, "det": detections},
+                                                 tiled=True)
+    accumulator.add(gathered["meta"], jax.tree.map(np.asarray, gathered["det"]))
+
+  pending = None
+  for batch in batches:
+    detections = predict(variables, to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
+    if pending is not None:
+      collect(*pending)
+    pending = batch, detections
+  if pending is not None:
+    collect(*pending)
+  return accumulator
+
+
+def score_detections(accumulator: CocoAccumulator, workdir=None, step: int = -1) -> Dict[str, float]:
+  """COCOeval of the collected detections.
 
   With ``workdir``, the metrics go to ``workdir/eval_<step>.json`` and the
   detections, in COCO's results format, to ``workdir/results_<step>.json``.
   """
-  per_host = config.eval_batch_size // jax.process_count()
-  accumulator = CocoAccumulator(info.category_ids, info.class_names)
-  keys = ("image_id", "image_shape", "scale", "boxes", "labels", "is_crowd", "valid")
-  for batch in pipeline.eval_batches(config.data, per_host, shard_index=jax.process_index(),
-                                     num_shards=jax.process_count()):
-    detections = predict(variables, to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
-    gathered = multihost_utils.process_allgather({"meta": {k: batch[k] for k in keys}, "det": detections},
-                                                 tiled=True)
-    accumulator.add(gathered["meta"], jax.tree.map(np.asarray, gathered["det"]))
   metrics = accumulator.evaluate()
   if workdir is not None and jax.process_index() == 0:
     (pathlib.Path(workdir) / f"eval_{step}.json").write_text(json.dumps(metrics, indent=1))
     (pathlib.Path(workdir) / f"results_{step}.json").write_text(json.dumps(accumulator.results))
   return metrics
+
+
+def evaluate(predict, variables, config, mesh, info, workdir=None, step: int = -1) -> Dict[str, float]:
+  """COCO metrics of the model on the evaluation split (``detect_eval_split`` then ``score_detections``)."""
+  return score_detections(detect_eval_split(predict, variables, config, mesh, info), workdir, step)
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
@@ -175,10 +204,24 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
   progress = tqdm.tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
   last_time, last_step = time.perf_counter(), start
+  # COCOeval of an evaluation runs in this thread while training goes on; its metrics are logged when ready.
+  scoring = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cocoeval")
+  scored: List[Tuple[int, concurrent.futures.Future]] = []
+
+  def log_scored(wait: bool) -> None:
+    nonlocal eval_metrics
+    while scored and (wait or scored[0][1].done()):
+      at, future = scored.pop(0)
+      eval_metrics = future.result()
+      writer.write(at, eval_metrics, kind="eval")
+      progress.write(f"step {at}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
+                                               if not k.startswith("AR")))
+
   try:
     for step in range(start + 1, config.total_steps + 1):
       state, metrics = train_step(state, to_global(next(batches), mesh))
       progress.update(1)
+      log_scored(wait=False)
       boundary = step == config.total_steps
       if step % config.log_every == 0 or step % config.checkpoint_every == 0 or boundary:
         nonfinite = int(state.skipped_steps)
@@ -201,16 +244,17 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
       if step % config.checkpoint_every == 0 or boundary:
         checkpointer.save(step, state, {"input_position": step})
       if step % config.eval_every == 0 or boundary:
-        eval_metrics = evaluate(predict, {"params": state.params, "batch_stats": state.batch_stats}, config,
-                                mesh, info, workdir, step)
-        writer.write(step, eval_metrics, kind="eval")
-        progress.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
-                                                   if not k.startswith("AR")))
+        log_scored(wait=True)
+        detections = detect_eval_split(predict, {"params": state.params, "batch_stats": state.batch_stats},
+                                       config, mesh, info)
+        scored.append((step, scoring.submit(score_detections, detections, workdir, step)))
+    log_scored(wait=True)
     if not eval_metrics:
       # Nothing left to train (a finished run started again): report the final model.
       eval_metrics = evaluate(predict, {"params": state.params, "batch_stats": state.batch_stats}, config, mesh,
                               info, workdir, start)
   finally:
+    scoring.shutdown(cancel_futures=True)
     progress.close()
     checkpointer.close()
     writer.close()

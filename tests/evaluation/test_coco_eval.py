@@ -7,14 +7,11 @@ from libra_jax.evaluation import coco_eval
 from libra_jax.models.postprocess import Detections
 
 
-def make_batch(boxes, labels, scale=(1.0, 1.0), valid=(True, True), image_shape=(100, 120), crowd=None):
-  boxes = np.asarray(boxes, np.float32)
-  batch_size, rows = boxes.shape[:2]
-  return dict(image_id=np.arange(1, batch_size + 1), valid=np.asarray(valid),
+def make_batch(batch_size, scale=(1.0, 1.0), valid=None, image_shape=(100, 120)):
+  return dict(image_id=np.arange(1, batch_size + 1),
+              valid=np.ones(batch_size, bool) if valid is None else np.asarray(valid),
               scale=np.tile(np.asarray(scale, np.float32), (batch_size, 1)),
-              image_shape=np.tile(np.asarray(image_shape, np.int32), (batch_size, 1)),
-              boxes=boxes, labels=np.asarray(labels, np.int32),
-              is_crowd=np.zeros((batch_size, rows), bool) if crowd is None else np.asarray(crowd))
+              image_shape=np.tile(np.asarray(image_shape, np.int32), (batch_size, 1)))
 
 
 def make_detections(boxes, scores, classes):
@@ -23,21 +20,33 @@ def make_detections(boxes, scores, classes):
                     valid=scores > 0)
 
 
-GT = [[[10, 10, 50, 50], [60, 20, 100, 60], [0, 0, 0, 0]],
-      [[5, 5, 45, 45], [50, 50, 90, 90], [0, 0, 0, 0]]]
-LABELS = [[0, 0, -1], [0, 0, -1]]
+def make_ground_truth(boxes_per_image, category_id=7, crowd=None, areas=None, size=(100, 120)):
+  """COCO ground truth of images 1..N from xyxy boxes (original pixels)."""
+  images, annotations = [], []
+  for index, boxes in enumerate(boxes_per_image):
+    images.append({"id": index + 1, "height": size[0], "width": size[1]})
+    for row, (x1, y1, x2, y2) in enumerate(boxes):
+      annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": category_id,
+                          "bbox": [x1, y1, x2 - x1, y2 - y1],
+                          "area": float((x2 - x1) * (y2 - y1)) if areas is None else areas[index][row],
+                          "iscrowd": int(crowd[index][row]) if crowd else 0})
+  return {"images": images, "annotations": annotations, "categories": [{"id": category_id, "name": "shape"}]}
 
 
-def evaluate(batch, detections, category_ids=(7,), names=("shape",)):
-  accumulator = coco_eval.CocoAccumulator(category_ids, names)
+GT = [[[10, 10, 50, 50], [60, 20, 100, 60]], [[5, 5, 45, 45], [50, 50, 90, 90]]]
+# The same boxes as a padded [2, 3, 4] array (the third row is padding).
+GT_PADDED = [GT[0] + [[0, 0, 0, 0]], GT[1] + [[0, 0, 0, 0]]]
+
+
+def evaluate(ground_truth, batch, detections, category_ids=(7,)):
+  accumulator = coco_eval.CocoAccumulator(ground_truth, category_ids)
   accumulator.add(batch, detections)
   return accumulator, accumulator.evaluate()
 
 
 def test_ground_truth_as_detections_gives_ap_one():
-  batch = make_batch(GT, LABELS)
-  detections = make_detections(GT, [[0.9, 0.8, 0], [0.7, 0.6, 0]], [[0, 0, -1], [0, 0, -1]])
-  accumulator, metrics = evaluate(batch, detections)
+  detections = make_detections(GT_PADDED, [[0.9, 0.8, 0], [0.7, 0.6, 0]], [[0, 0, -1], [0, 0, -1]])
+  accumulator, metrics = evaluate(make_ground_truth(GT), make_batch(2), detections)
   assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
   # The results stay in COCO's results format after evaluation.
   assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in accumulator.results)
@@ -45,7 +54,6 @@ def test_ground_truth_as_detections_gives_ap_one():
 
 
 def test_misses_and_duplicates_by_hand():
-  batch = make_batch(GT, LABELS)
   # Scores: 0.9 TP (image 1), 0.8 TP (image 2), 0.7 duplicate of the 0.9 box (FP), 0.6 TP; image 2's
   # second gt is missed. Recall 1/4, 2/4, 2/4, 3/4 with precision 1, 1, 2/3, 3/4: the interpolated
   # precision is 1 up to recall 0.5 (51 of COCO's 101 recall points) and 0.75 up to 0.75 (25 points),
@@ -53,7 +61,7 @@ def test_misses_and_duplicates_by_hand():
   detections = make_detections([[[10, 10, 50, 50], [10, 10, 50, 50], [60, 20, 100, 60]],
                                 [[5, 5, 45, 45], [0, 0, 0, 0], [0, 0, 0, 0]]],
                                [[0.9, 0.7, 0.6], [0.8, 0, 0]], [[0, 0, 0], [0, -1, -1]])
-  _, metrics = evaluate(batch, detections)
+  _, metrics = evaluate(make_ground_truth(GT), make_batch(2), detections)
   expected = (51 + 25 * 0.75) / 101
   assert metrics["AP"] == pytest.approx(expected, abs=1e-6)
   assert metrics["AP50"] == pytest.approx(expected, abs=1e-6)
@@ -61,43 +69,55 @@ def test_misses_and_duplicates_by_hand():
 
 
 def test_coordinates_and_category_ids_map_back_to_the_original_image():
-  # Resized by 0.5: a resized box [10, 10, 30, 30] is [20, 20, 60, 60] in the original, xywh [20, 20, 40, 40].
-  batch = make_batch([[[10, 10, 30, 30]]], [[1]], scale=(0.5, 0.5), valid=(True,), image_shape=(50, 60))
+  # Resized by 0.5: a resized box [10, 10, 30, 40] is [20, 20, 60, 80] in the original, clipped to the image
+  # height 100 -> xywh [20, 20, 40, 60]; class 1 is category id 7.
+  ground_truth = make_ground_truth([[[20, 20, 60, 80]]])
+  batch = make_batch(1, scale=(0.5, 0.5), image_shape=(50, 60))
   detections = make_detections([[[10, 10, 30, 40]]], [[0.5]], [[1]])
-  accumulator, _ = evaluate(batch, detections, category_ids=(3, 7), names=("a", "b"))
-  gt = accumulator.ground_truth()
-  assert gt["images"] == [{"id": 1, "height": 100, "width": 120}]
-  assert gt["annotations"][0]["bbox"] == [20.0, 20.0, 40.0, 40.0] and gt["annotations"][0]["category_id"] == 7
-  assert gt["annotations"][0]["area"] == 1600.0
-  # Detections are clipped to the original image (height 100).
-  assert accumulator.results[0]["bbox"] == [20.0, 20.0, 40.0, 60.0]
-  assert accumulator.results[0]["category_id"] == 7
+  accumulator, metrics = evaluate(ground_truth, batch, detections, category_ids=(3, 7))
+  assert accumulator.results == [{"image_id": 1, "category_id": 7, "bbox": [20.0, 20.0, 40.0, 60.0], "score": 0.5}]
+  assert metrics["AP"] == pytest.approx(1.0)
+  # Clipping: a box past the bottom edge (resized y2 = 60 -> 120 > 100) is cut at the image height.
+  accumulator, _ = evaluate(ground_truth, batch, make_detections([[[10, 10, 30, 60]]], [[0.5]], [[1]]), (3, 7))
+  assert accumulator.results[0]["bbox"] == [20.0, 20.0, 40.0, 80.0]
 
 
 def test_padding_examples_and_rows_never_reach_the_results():
-  batch = make_batch(GT, LABELS, valid=(True, False))
-  detections = make_detections(GT, [[0.9, 0.8, 0], [0.7, 0.6, 0]], [[0, 0, -1], [0, 0, -1]])
-  accumulator, metrics = evaluate(batch, detections)
-  assert [image["id"] for image in accumulator.ground_truth()["images"]] == [1]
-  assert len(accumulator.ground_truth()["annotations"]) == 2 and len(accumulator.results) == 2
-  assert metrics["AP"] == pytest.approx(1.0)
+  detections = make_detections(GT_PADDED, [[0.9, 0.8, 0], [0.7, 0.6, 0]], [[0, 0, -1], [0, 0, -1]])
+  batch = make_batch(2, valid=(True, False))
+  accumulator, metrics = evaluate(make_ground_truth(GT), batch, detections)
+  assert [r["image_id"] for r in accumulator.results] == [1, 1]
+  # COCOeval covers the evaluated image only: image 2's objects are not counted as missed.
+  assert accumulator.missing_images() == 1 and metrics["AP"] == pytest.approx(1.0)
   with pytest.raises(ValueError, match="twice"):
     accumulator.add(batch, detections)
 
 
+def test_an_image_outside_the_ground_truth_is_an_error():
+  accumulator = coco_eval.CocoAccumulator(make_ground_truth(GT[:1]), (7,))
+  detections = make_detections(GT_PADDED, [[0.9, 0.8, 0], [0.7, 0.6, 0]], [[0, 0, -1], [0, 0, -1]])
+  with pytest.raises(ValueError, match="image 2 is not in the ground truth"):
+    accumulator.add(make_batch(2), detections)
+
+
 def test_crowd_regions_are_ignored_not_missed():
-  crowd = [[False, True, False], [False, False, False]]
-  batch = make_batch(GT, LABELS, crowd=crowd)
+  ground_truth = make_ground_truth(GT, crowd=[[False, True], [False, False]])
   # Only the non-crowd gts detected: recall is complete, AP 1.
-  detections = make_detections([[[10, 10, 50, 50], [0, 0, 0, 0], [0, 0, 0, 0]], GT[1]],
+  detections = make_detections([[[10, 10, 50, 50], [0, 0, 0, 0], [0, 0, 0, 0]], GT_PADDED[1]],
                                [[0.9, 0, 0], [0.7, 0.6, 0]], [[0, -1, -1], [0, 0, -1]])
-  accumulator, metrics = evaluate(batch, detections)
-  assert sum(a["iscrowd"] for a in accumulator.ground_truth()["annotations"]) == 1
+  _, metrics = evaluate(ground_truth, make_batch(2), detections)
   assert metrics["AP"] == pytest.approx(1.0)
 
 
+def test_object_sizes_come_from_the_ground_truth_area():
+  # 40 x 40 boxes (1,600 px^2, COCO "medium") whose annotated areas are 900 px^2 ("small", below 32^2).
+  ground_truth = make_ground_truth(GT, areas=[[900.0, 900.0], [900.0, 900.0]])
+  detections = make_detections(GT_PADDED, [[0.9, 0.8, 0], [0.7, 0.6, 0]], [[0, 0, -1], [0, 0, -1]])
+  _, metrics = evaluate(ground_truth, make_batch(2), detections)
+  assert metrics["APs"] == pytest.approx(1.0) and metrics["APm"] == -1.0
+
+
 def test_no_detections_gives_zero():
-  batch = make_batch(GT, LABELS)
   detections = make_detections(np.zeros((2, 3, 4)), np.zeros((2, 3)), -np.ones((2, 3)))
-  _, metrics = evaluate(batch, detections)
+  _, metrics = evaluate(make_ground_truth(GT), make_batch(2), detections)
   assert set(metrics) == set(coco_eval.METRIC_NAMES) and all(v == 0.0 for v in metrics.values())

@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from libra_jax import diagnostics
+from support import assert_drawn_where_detected
+from libra_jax import diagnostics, predict
+from libra_jax.models.detectors import build_detector
 from libra_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -75,6 +77,14 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path, dirs):
   assert len(candidates) == 8 and all(c[0] == 1.0 and np.all((c >= 0) & (c <= 1)) for c in candidates)
   histograms = diagnostics.negative_iou_histograms(candidates, num_negatives=20, num_draws=3)
   np.testing.assert_allclose(histograms["random"].sum(), 1.0)
+  # Prediction with the trained model draws its detections on the validation images.
+  model = build_detector(config.model)
+  named = predict.read_eval_images(config.data, 3)
+  found = predict.predict_images(config, loop.load_trained_variables(config, model, tmp_path), named,
+                                 tmp_path / "predictions")
+  assert [name for name, _ in named] == list(found) and sum(map(len, found.values())) > 0
+  for name, image in named:
+    assert_drawn_where_detected(image, tmp_path / "predictions" / f"{pathlib.Path(name).stem}.png", found[name])
 
 
 def test_nonfinite_loss_stops_the_run_or_is_skipped(tmp_path, dirs):

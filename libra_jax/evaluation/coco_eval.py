@@ -94,6 +94,8 @@ def coco_metrics(ground_truth: Dict[str, Any], results: List[Dict[str, Any]],
   """
   if not results:
     return {name: 0.0 for name in METRIC_NAMES}
+  # pycocotools prints as it goes. The redirect is process-wide: while COCOeval runs in the training loop's
+  # background thread, the main thread logs to stderr (tqdm, logging), not stdout.
   with contextlib.redirect_stdout(io.StringIO()):
     coco = COCO()
     coco.dataset = ground_truth

@@ -1,0 +1,446 @@
+"""Train and inference throughput, compile time, memory and FLOP/s of the detectors, beside torchvision's.
+
+    python benchmarks/run.py [--quick] [--json]
+
+Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
+  * Libra Faster R-CNN (configs/libra_faster_rcnn_r50_fpn_1x_coco.py), the
+    Faster R-CNN baseline (configs/faster_rcnn_r50_fpn_1x_coco.py) and the
+    RetinaNet baseline (configs/retinanet_r50_fpn_1x_coco.py): ``train`` (one
+    step of ``make_train_step``: forward, losses, backward, SGD update) and
+    ``infer`` (``make_predict_step``), on a ``make_mesh()`` of all devices.
+  * The cost of each Libra part: the baseline's train step with one part
+    added (``+bfp``: the balanced feature pyramid; ``+iou_sampling``: the
+    IoU-balanced R-CNN sampler and the RPN sampler's ``neg_pos_ub=5``;
+    ``+balanced_l1``: balanced L1 as the R-CNN box loss), and all three (the
+    Libra row), as extra seconds per step over the baseline.
+  * torchvision's Faster R-CNN and RetinaNet R50-FPN, ``train`` (train mode
+    with targets, loss backward, SGD step) and ``infer`` (eval mode, no grad),
+    when torch and torchvision import (``pip install -e .[bench]``). They run
+    on the CPU, built as ``fasterrcnn_resnet50_fpn`` /
+    ``retinanet_resnet50_fpn(weights=None, weights_backbone=None)`` build them
+    (the same construction for any ResNet depth; a test compares it with the
+    builders at depth 50) with our 80 COCO classes: without
+    weights, torchvision trains every backbone layer with batch-statistics
+    BatchNorm, where ours (as mmdetection) freezes the stem and layer1 and
+    uses frozen BatchNorm, so torchvision's train step does somewhat more
+    work. Its transform's ``min_size``/``max_size`` are set so that images are
+    not resized; ``ran_height``/``ran_width`` report the padded size it ran
+    at. Its default proposal counts (2,000 after NMS when training) also
+    differ from the reference's 1,000. Our rows get ``ratio_vs_torchvision``:
+    ours / torchvision images per second for the same model, mode and shape.
+
+Shapes: 800 x 1344 batch 1 (COCO's 1333 x 800 bucket) and 512 x 512 batch 2.
+Inputs are synthetic batches in the input contract (random images, 8 real
+boxes per image), already on the device; parameters are randomly initialized
+(``model.init``; no pretrained weights). Each row: one warm-up step, then
+``steps`` timed steps, each waited for; ``images_per_sec = batch * steps /
+time``. ``compile_s``: tracing, lowering and compiling the step with an empty
+persistent compilation cache (the run's own, fresh temporary directory; each
+row's step is a program no earlier row compiled, which the row checks);
+``compile_cached_s``: the same after ``jax.clear_caches()``, served from that
+cache. ``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
+counted once) over the measured step time; ``flops_fraction``: that over the
+machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
+``extra_s_per_step`` (Libra parts): step time minus the baseline's at the same
+shape. ``peak_rss_mb``: the row's process's peak resident memory.
+
+The full run (ResNet-50, both shapes, 5 timed steps per row, 26 rows with
+torchvision) takes roughly two hours on an idle 2-core CPU (an estimate from
+the quick run's rates, not yet timed).
+
+``--quick`` checks that everything works: ResNet-18 instead of ResNet-50
+(ours and torchvision's; every other setting unchanged), one shape, 256 x 256
+batch 1, 2 timed steps, and only the rows Libra Faster R-CNN train, the
+baseline train and infer, and torchvision's Faster R-CNN train and infer (no
+Libra-part rows, no RetinaNet). Each of our rows still initializes the model
+and compiles its step twice (25 to 70 s cold on 2 cores), so it takes 3 to 4
+minutes on a 2-core CPU (3 min 18 s on 2026-11-28, with another job on the
+same cores part of the time).
+
+Output: a table on stdout; with ``--json``, one JSON object per row on stdout
+instead and the table on stderr. Progress goes to stderr.
+"""
+
+import argparse
+import concurrent.futures
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import multiprocessing
+import pathlib
+import resource
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Import this checkout's libra_jax and configs, not an installed copy. JAX and torch are imported only inside
+# the row functions, in the worker processes: this process stays small (its memory would otherwise count in the
+# workers' peak RSS) and torch stays optional.
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {"libra_faster_rcnn": "configs/libra_faster_rcnn_r50_fpn_1x_coco.py",
+           "faster_rcnn": "configs/faster_rcnn_r50_fpn_1x_coco.py",
+           "retinanet": "configs/retinanet_r50_fpn_1x_coco.py"}
+LIBRA_PARTS = ("bfp", "iou_sampling", "balanced_l1")
+# Classes of our COCO configs; torchvision's Faster R-CNN counts the background as one more.
+NUM_CLASSES = 80
+BOXES_PER_IMAGE = 8
+WARMUP_STEPS = 1
+MATMUL_SIZE = 2048
+FULL = dict(depth=50, shapes=((800, 1344, 1), (512, 512, 2)), steps=5,
+            ours=(("libra_faster_rcnn", "train"), ("libra_faster_rcnn", "infer"), ("faster_rcnn", "train"),
+                  ("faster_rcnn", "infer"), ("retinanet", "train"), ("retinanet", "infer")),
+            parts=LIBRA_PARTS, torchvision=("faster_rcnn", "retinanet"))
+QUICK = dict(depth=18, shapes=((256, 256, 1),), steps=2,
+             ours=(("libra_faster_rcnn", "train"), ("faster_rcnn", "train"), ("faster_rcnn", "infer")),
+             parts=(), torchvision=("faster_rcnn",))
+
+
+def model_name(family: str, depth: int, part: Optional[str] = None) -> str:
+  """Row name: ``faster_rcnn_r50_fpn``, ``libra_faster_rcnn_r18_fpn``, ``faster_rcnn_r50_fpn+bfp``."""
+  return f"{family}_r{depth}_fpn" + (f"+{part}" if part else "")
+
+
+def plan(quick: bool, with_torchvision: bool) -> List[Dict[str, Any]]:
+  """The rows to measure, in order: dicts of what a worker needs (JSON-able)."""
+  setting = QUICK if quick else FULL
+  depth = setting["depth"]
+  baseline = model_name("faster_rcnn", depth)
+  rows = []
+  for height, width, batch in setting["shapes"]:
+    shape = dict(height=height, width=width, batch=batch, depth=depth, steps=setting["steps"])
+    for config, mode in setting["ours"]:
+      row = dict(shape, framework="libra_jax", config=config, part=None, mode=mode,
+                 model=model_name(config, depth))
+      if config == "libra_faster_rcnn" and mode == "train":
+        row["baseline"] = baseline
+      rows.append(row)
+    for part in setting["parts"]:
+      rows.append(dict(shape, framework="libra_jax", config="faster_rcnn", part=part, mode="train",
+                       model=model_name("faster_rcnn", depth, part), baseline=baseline))
+    if with_torchvision:
+      rows += [dict(shape, framework="torchvision", family=family, mode=mode, model=model_name(family, depth))
+               for family in setting["torchvision"] for mode in ("train", "infer")]
+  return rows
+
+
+def peak_rss_mb() -> float:
+  """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seconds_per_step(step: Callable[[], None], warmup: int, steps: int) -> float:
+  """Mean wall time of ``step()`` (which must wait for its result) over ``steps`` calls after ``warmup``."""
+  for _ in range(warmup):
+    step()
+  start = time.perf_counter()
+  for _ in range(steps):
+    step()
+  return (time.perf_counter() - start) / steps
+
+
+def synthetic_targets(height: int, width: int, batch: int, seed: int = 0):
+  """``BOXES_PER_IMAGE`` random boxes per image and their labels.
+
+  Returns ``(boxes [B, K, 4] float32 xyxy pixels, sides 32 px to half the
+  shorter image side, inside the image; labels [B, K] int64 in 0..79)``.
+  """
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  count = (batch, BOXES_PER_IMAGE)
+  sizes = rng.uniform(32, min(height, width) / 2, count + (2,))
+  corners = rng.uniform(0, 1, count + (2,)) * (np.array([width, height]) - sizes)
+  boxes = np.concatenate([corners, corners + sizes], axis=-1).astype(np.float32)
+  return boxes, rng.integers(0, NUM_CLASSES, count)
+
+
+def synthetic_batch(height: int, width: int, batch: int, max_instances: int, seed: int = 0):
+  """A batch in the input contract (DESIGN.md) of numpy arrays: random images, ``BOXES_PER_IMAGE`` real gt rows."""
+  import numpy as np
+  boxes, labels = synthetic_targets(height, width, batch, seed)
+  padded_boxes = np.zeros((batch, max_instances, 4), np.float32)
+  padded_boxes[:, :BOXES_PER_IMAGE] = boxes
+  padded_labels = np.full((batch, max_instances), -1, np.int32)
+  padded_labels[:, :BOXES_PER_IMAGE] = labels
+  image = np.random.default_rng(seed).normal(size=(batch, height, width, 3)).astype(np.float32)
+  return dict(image=image, image_shape=np.tile(np.array([[height, width]], np.int32), (batch, 1)),
+              boxes=padded_boxes, labels=padded_labels, is_crowd=np.zeros((batch, max_instances), bool),
+              valid=np.ones((batch,), bool))
+
+
+def detector_config(row: Dict[str, Any]):
+  """The experiment config of a row: its config file, its backbone depth, and its Libra part (if any)."""
+  from configs import base_faster_rcnn
+  from libra_jax.tools.summary import load_config
+  config = load_config(ROOT / CONFIGS[row["config"]])
+  config.model.backbone.depth = row["depth"]
+  libra = base_faster_rcnn.model_config(libra=True)
+  if row["part"] == "bfp":
+    config.model.neck.bfp = libra.neck.bfp
+  elif row["part"] == "iou_sampling":
+    config.model.train.rcnn.sampler = libra.train.rcnn.sampler
+    config.model.train.rpn.sampler.neg_pos_ub = libra.train.rpn.sampler.neg_pos_ub
+  elif row["part"] == "balanced_l1":
+    config.model.rcnn.loss_bbox = libra.rcnn.loss_bbox
+  return config
+
+
+def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path):
+  """Compiles ``jitted`` for ``args`` with the persistent cache, then again from it.
+
+  Returns ``(compiled, cold seconds, cached seconds)``; each time covers
+  tracing, lowering and compiling (or loading from the cache).
+  """
+  import jax
+  entries = set(cache_dir.iterdir())
+  start = time.perf_counter()
+  jitted.lower(*args).compile()
+  cold = time.perf_counter() - start
+  if not set(cache_dir.iterdir()) - entries:
+    raise RuntimeError(f"the cold compile added nothing to the persistent cache {cache_dir}: the program was "
+                       f"already there, or the cache is off, so the compile times would be wrong")
+  jax.clear_caches()
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, cold, time.perf_counter() - start
+
+
+def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
+  """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  import jax.numpy as jnp
+  from libra_jax.models.detectors import build_detector
+  from libra_jax.training import optim
+  from libra_jax.training.step import (TrainState, batch_sharding, make_mesh, make_predict_step, make_train_step,
+                                       replicated)
+
+  config = detector_config(row)
+  model = build_detector(config.model)
+  mesh = make_mesh()
+  example = synthetic_batch(row["height"], row["width"], row["batch"], config.data.max_instances)
+  batch = jax.device_put(example, batch_sharding(mesh))
+  variables = jax.jit(lambda key, b: model.init(key, b, train=False))(jax.random.key(config.seed), batch)
+  if row["mode"] == "train":
+    optimizer = optim.make_optimizer(config.optim, row["batch"], config.steps_per_epoch, variables["params"],
+                                     config.model.backbone.frozen_stages)
+    state = TrainState(step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
+                       opt_state=optimizer.init(variables["params"]),
+                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
+                       skipped_steps=jnp.int32(0))
+    state = jax.device_put(state, replicated(mesh))
+    compiled, cold, cached = compile_cold_and_cached(make_train_step(model, optimizer, mesh), (state, batch),
+                                                     pathlib.Path(cache_dir))
+
+    def step():
+      nonlocal state
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+  else:
+    variables = jax.device_put(variables, replicated(mesh))
+    compiled, cold, cached = compile_cold_and_cached(make_predict_step(model, mesh), (variables, batch),
+                                                     pathlib.Path(cache_dir))
+
+    def step():
+      jax.block_until_ready(compiled(variables, batch))
+
+  seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
+  flops = compiled.cost_analysis()["flops"]
+  return dict(row, version=jax.__version__, device=jax.devices()[0].platform, step_s=seconds,
+              images_per_sec=row["batch"] / seconds, compile_s=cold, compile_cached_s=cached,
+              flops_per_step=flops, flops_per_sec=flops / seconds, peak_rss_mb=peak_rss_mb())
+
+
+def torchvision_detector(family: str, depth: int, height: int, width: int):
+  """torchvision's detector with a ResNet-``depth`` FPN, random weights, for ``height x width`` inputs.
+
+  The construction of ``fasterrcnn_resnet50_fpn`` / ``retinanet_resnet50_fpn``
+  with ``weights=None, weights_backbone=None`` (plain BatchNorm, every layer
+  trainable), for any ResNet depth; our class counts. ``min_size`` and
+  ``max_size`` are the shorter and longer input side, so the transform keeps
+  images at their size.
+  """
+  import torch
+  from torchvision.models import detection
+  from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+  from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+  size = dict(min_size=min(height, width), max_size=max(height, width))
+  backbone = dict(backbone_name=f"resnet{depth}", weights=None, norm_layer=torch.nn.BatchNorm2d, trainable_layers=5)
+  if family == "faster_rcnn":
+    return detection.FasterRCNN(resnet_fpn_backbone(**backbone), num_classes=NUM_CLASSES + 1, **size)
+  return detection.RetinaNet(resnet_fpn_backbone(**backbone, returned_layers=[2, 3, 4],
+                                                 extra_blocks=LastLevelP6P7(256, 256)),
+                             num_classes=NUM_CLASSES, **size)
+
+
+def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
+  """Measures one torchvision row on the CPU (run in a fresh process)."""
+  import torch
+  import torchvision
+  torch.manual_seed(0)
+  height, width, batch = row["height"], row["width"], row["batch"]
+  model = torchvision_detector(row["family"], row["depth"], height, width)
+  boxes, labels = synthetic_targets(height, width, batch)
+  # Faster R-CNN's class 0 is the background; RetinaNet has none.
+  labels = labels + (1 if row["family"] == "faster_rcnn" else 0)
+  images = list(torch.rand(batch, 3, height, width))
+  targets = [dict(boxes=torch.from_numpy(b), labels=torch.from_numpy(l)) for b, l in zip(boxes, labels)]
+  with torch.no_grad():
+    ran_height, ran_width = model.transform(images)[0].tensors.shape[-2:]
+  if row["mode"] == "train":
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02 * batch / 16, momentum=0.9, weight_decay=1e-4)
+
+    def step():
+      loss = sum(model(images, targets).values())
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+  else:
+    model.eval()
+
+    def step():
+      with torch.inference_mode():
+        model(images)
+
+  seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
+  return dict(row, version=f"torch {torch.__version__}, torchvision {torchvision.__version__}", device="cpu",
+              step_s=seconds, images_per_sec=batch / seconds, compile_s=None, compile_cached_s=None,
+              flops_per_step=None, flops_per_sec=None, peak_rss_mb=peak_rss_mb(),
+              ran_height=int(ran_height), ran_width=int(ran_width))
+
+
+def matmul_flops_per_sec(size: int = MATMUL_SIZE, calls: int = 10) -> float:
+  """float32 FLOP/s of a jitted ``size x size`` matmul on JAX's default device (2 size^3 FLOPs a call)."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  seconds = seconds_per_step(lambda: jax.block_until_ready(matmul(a, a)), 2, calls)
+  return 2 * size ** 3 / seconds
+
+
+def run_isolated(function: Callable, *args):
+  """``function(*args)`` in a fresh Python interpreter (spawned, not forked: it shares no memory with this one)."""
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    return pool.submit(function, *args).result()
+
+
+def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
+  """Fills in ``flops_fraction``, ``ratio_vs_torchvision`` and ``extra_s_per_step`` where they apply.
+
+  ``ratio_vs_torchvision``: a libra_jax row's images/s over the torchvision
+  row of the same model, mode, shape and device kind. ``extra_s_per_step``: a
+  row's step time minus that of its ``baseline`` row (same mode and shape).
+  Rows with an ``error`` are left as they are and match nothing.
+  """
+  def key(row, model):
+    return model, row["mode"], row["height"], row["width"], row["batch"]
+
+  done = [row for row in rows if "error" not in row]
+  theirs = {key(r, r["model"]) + (r["device"],): r for r in done if r["framework"] == "torchvision"}
+  ours = {key(r, r["model"]): r for r in done if r["framework"] == "libra_jax"}
+  for row in done:
+    if row["flops_per_sec"] is not None:
+      row["flops_fraction"] = row["flops_per_sec"] / matmul_rate
+    if row["framework"] != "libra_jax":
+      continue
+    other = theirs.get(key(row, row["model"]) + (row["device"],))
+    if other is not None:
+      row["ratio_vs_torchvision"] = row["images_per_sec"] / other["images_per_sec"]
+    baseline = ours.get(key(row, row.get("baseline")))
+    if baseline is not None:
+      row["extra_s_per_step"] = row["step_s"] - baseline["step_s"]
+
+
+def shape_label(row: Dict[str, Any]) -> str:
+  """``800x1344 b1``: height x width and batch size."""
+  return f"{row['height']}x{row['width']} b{row['batch']}"
+
+
+def _number(field: str, spec: str, scale: float = 1.0) -> Callable[[Dict[str, Any]], str]:
+  """A table cell: ``row[field] * scale`` formatted by ``spec``, ``-`` where the field does not apply."""
+  return lambda row: "-" if row.get(field) is None else spec.format(row[field] * scale)
+
+
+COLUMNS = (("model", lambda row: row["model"]), ("framework", lambda row: row["framework"]),
+           ("mode", lambda row: row["mode"]), ("shape", shape_label),
+           ("img/s", _number("images_per_sec", "{:.3f}")), ("s/step", _number("step_s", "{:.3f}")),
+           ("compile s", _number("compile_s", "{:.1f}")), ("cached s", _number("compile_cached_s", "{:.1f}")),
+           ("peak MB", _number("peak_rss_mb", "{:.0f}")), ("GFLOP/s", _number("flops_per_sec", "{:.1f}", 1e-9)),
+           ("of matmul", _number("flops_fraction", "{:.0%}")),
+           ("vs tv", _number("ratio_vs_torchvision", "{:.2f}x")),
+           ("extra s/step", _number("extra_s_per_step", "{:+.3f}")))
+TEXT_COLUMNS = 4
+
+
+def format_table(rows: List[Dict[str, Any]], header: str) -> str:
+  """``header``, then one aligned line per row (``-`` where a value does not apply; a failed row says why)."""
+  cells = [[title for title, _ in COLUMNS]]
+  failures = []
+  for row in rows:
+    if "error" in row:
+      failures.append(f"{row['model']} {row['mode']} {shape_label(row)}: failed: {row['error']}")
+    else:
+      cells.append([cell(row) for _, cell in COLUMNS])
+  widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+  lines = [header] + ["  ".join(cell.ljust(w) if i < TEXT_COLUMNS else cell.rjust(w)
+                                for i, (cell, w) in enumerate(zip(line, widths))) for line in cells]
+  return "\n".join(lines + failures)
+
+
+def torchvision_available() -> bool:
+  """Whether torch and torchvision can be imported (found without importing them)."""
+  return all(importlib.util.find_spec(name) is not None for name in ("torch", "torchvision"))
+
+
+def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
+  """One row in its own process; a failure becomes the row with an ``error``."""
+  try:
+    if row["framework"] == "torchvision":
+      return run_isolated(measure_torchvision, row)
+    return run_isolated(measure_ours, row, cache_dir)
+  except Exception as error:  # a crashed worker, an out-of-memory kill, an exception in the row
+    return dict(row, error=f"{type(error).__name__}: {error}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="ResNet-18, 256x256 batch 1, fewer rows (minutes)")
+  parser.add_argument("--json", action="store_true", help="JSON lines on stdout, the table on stderr")
+  args = parser.parse_args(argv)
+  with_torchvision = torchvision_available()
+  if not with_torchvision:
+    print("torch/torchvision not importable: torchvision rows skipped (pip install -e .[bench])", file=sys.stderr)
+  rows = plan(args.quick, with_torchvision)
+  matmul_rate = run_isolated(matmul_flops_per_sec)
+  date = datetime.date.today().isoformat()
+  results = []
+  with tempfile.TemporaryDirectory(prefix="libra_jax_bench_xla_cache_") as cache_dir:
+    for index, row in enumerate(rows, 1):
+      start = time.perf_counter()
+      results.append(dict(measure(row, cache_dir), date=date))
+      print(f"[{index}/{len(rows)}] {row['model']} {row['framework']} {row['mode']} {shape_label(row)}: "
+            f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+  add_comparisons(results, matmul_rate)
+  versions = [f"jax {importlib.metadata.version('jax')}"]
+  if with_torchvision:
+    versions += [f"torch {importlib.metadata.version('torch')}",
+                 f"torchvision {importlib.metadata.version('torchvision')}"]
+  header = (f"libra_jax benchmarks, {date}, {', '.join(versions)}; float32 matmul {MATMUL_SIZE}x{MATMUL_SIZE}: "
+            f"{matmul_rate / 1e9:.1f} GFLOP/s")
+  table = format_table(results, header)
+  if args.json:
+    for result in results:
+      print(json.dumps(dict(result, matmul_flops_per_sec=matmul_rate)))
+  print(table, file=sys.stderr if args.json else sys.stdout)
+
+
+if __name__ == "__main__":
+  main()

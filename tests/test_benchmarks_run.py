@@ -1,0 +1,159 @@
+"""Tests of benchmarks/run.py: the row plan, the comparisons, the table, and the pieces that run in subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import run
+
+needs_torchvision = pytest.mark.skipif(not run.torchvision_available(), reason="torch/torchvision not installed")
+
+
+def result(model, framework="libra_jax", mode="train", step_s=1.0, batch=1, height=256, width=256, **extra):
+  """A measured row as the workers return it (only the fields the comparisons read)."""
+  return dict(model=model, framework=framework, mode=mode, height=height, width=width, batch=batch,
+              device="cpu", step_s=step_s, images_per_sec=batch / step_s,
+              flops_per_sec=None if framework == "torchvision" else 2e9, **extra)
+
+
+def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
+  for quick in (True, False):
+    rows = run.plan(quick, with_torchvision=True)
+    names = {(r["model"], r["framework"], r["mode"], r["height"], r["batch"]) for r in rows}
+    assert len(names) == len(rows)
+    for row in rows:
+      if "baseline" in row:
+        assert (row["baseline"], "libra_jax", "train", row["height"], row["batch"]) in names
+      if row["framework"] == "torchvision":
+        assert (row["model"], "libra_jax", row["mode"], row["height"], row["batch"]) in names
+    parts = [r["part"] for r in rows if r.get("part")]
+    setting = run.QUICK if quick else run.FULL
+    assert sorted(parts) == sorted(setting["parts"] * len(setting["shapes"]))
+  full = run.plan(False, with_torchvision=True)
+  assert {(r["height"], r["width"], r["batch"]) for r in full} == {(800, 1344, 1), (512, 512, 2)}
+  assert {r["depth"] for r in full} == {50}
+  assert len(full) == 26 and len(run.plan(False, with_torchvision=False)) == 18
+  assert not any(r["framework"] == "torchvision" for r in run.plan(True, with_torchvision=False))
+
+
+def test_each_part_changes_only_its_own_switches():
+  libra = run.detector_config(dict(config="libra_faster_rcnn", depth=50, part=None)).model.to_dict()
+  baseline = run.detector_config(dict(config="faster_rcnn", depth=50, part=None)).model.to_dict()
+  changed = {"bfp": [("neck", "bfp")],
+             "iou_sampling": [("train", "rcnn", "sampler"), ("train", "rpn", "sampler", "neg_pos_ub")],
+             "balanced_l1": [("rcnn", "loss_bbox")]}
+
+  def get(tree, path):
+    for key in path:
+      tree = tree[key]
+    return tree
+
+  for part, paths in changed.items():
+    model = run.detector_config(dict(config="faster_rcnn", depth=50, part=part)).model.to_dict()
+    for path in paths:
+      assert get(model, path) == get(libra, path) != get(baseline, path)
+    model_back = json.loads(json.dumps(model))
+    for path in paths:
+      get(model_back, path[:-1])[path[-1]] = get(baseline, path)
+    assert model_back == json.loads(json.dumps(baseline))
+  assert run.detector_config(dict(config="faster_rcnn", depth=18, part=None)).model.backbone.depth == 18
+
+
+def test_comparisons_by_hand():
+  rows = [result("faster_rcnn_r50_fpn", step_s=2.0),
+          result("faster_rcnn_r50_fpn+bfp", step_s=2.5, baseline="faster_rcnn_r50_fpn"),
+          result("faster_rcnn_r50_fpn", framework="torchvision", step_s=4.0),
+          result("faster_rcnn_r50_fpn", mode="infer", step_s=0.5),
+          result("faster_rcnn_r50_fpn", framework="torchvision", mode="infer", batch=2, step_s=0.5),
+          result("retinanet_r50_fpn", step_s=1.0, error="MemoryError: "),
+          result("retinanet_r50_fpn", framework="torchvision", step_s=3.0)]
+  run.add_comparisons(rows, matmul_rate=8e9)
+  train, part, theirs, infer, theirs_b2, failed, _ = rows
+  assert train["ratio_vs_torchvision"] == pytest.approx((1 / 2.0) / (1 / 4.0))
+  assert train["flops_fraction"] == pytest.approx(0.25)
+  assert part["extra_s_per_step"] == pytest.approx(0.5)
+  assert "extra_s_per_step" not in train and "ratio_vs_torchvision" not in part
+  assert "ratio_vs_torchvision" not in infer  # torchvision's infer row has another batch size
+  assert "ratio_vs_torchvision" not in theirs and "flops_fraction" not in theirs
+  assert "ratio_vs_torchvision" not in failed and "flops_fraction" not in failed
+
+
+def test_table_formatting():
+  rows = [result("faster_rcnn_r50_fpn", step_s=2.0, compile_s=61.04, compile_cached_s=3.96, peak_rss_mb=2048.4,
+                 ratio_vs_torchvision=1.5, flops_fraction=0.125),
+          result("faster_rcnn_r50_fpn", framework="torchvision", step_s=4.0, compile_s=None, peak_rss_mb=1000),
+          result("retinanet_r50_fpn", mode="infer", error="BrokenProcessPool: killed")]
+  lines = run.format_table(rows, "HEADER").splitlines()
+  assert lines[0] == "HEADER"
+  assert lines[1].split() == ["model", "framework", "mode", "shape", "img/s", "s/step", "compile", "s", "cached", "s",
+                              "peak", "MB", "GFLOP/s", "of", "matmul", "vs", "tv", "extra", "s/step"]
+  assert lines[2].split() == ["faster_rcnn_r50_fpn", "libra_jax", "train", "256x256", "b1", "0.500", "2.000",
+                              "61.0", "4.0", "2048", "2.0", "12%", "1.50x", "-"]
+  assert lines[3].split()[5:9] == ["0.250", "4.000", "-", "-"]
+  assert lines[4] == "retinanet_r50_fpn infer 256x256 b1: failed: BrokenProcessPool: killed"
+  assert len({len(line) for line in lines[1:4]}) == 1
+
+
+def test_synthetic_batch_follows_the_input_contract():
+  batch = run.synthetic_batch(96, 160, 2, max_instances=10)
+  assert batch["image"].shape == (2, 96, 160, 3) and batch["image"].dtype == np.float32
+  np.testing.assert_array_equal(batch["image_shape"], [[96, 160], [96, 160]])
+  real = batch["labels"] >= 0
+  assert real.sum(1).tolist() == [run.BOXES_PER_IMAGE] * 2 and real[:, :run.BOXES_PER_IMAGE].all()
+  boxes = batch["boxes"][real]
+  assert (boxes[:, 2:] - boxes[:, :2] > 32 - 1e-3).all()
+  assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= 160).all() and (boxes[:, [1, 3]] <= 96).all()
+  assert (batch["boxes"][~real] == 0).all() and batch["labels"].max() < run.NUM_CLASSES
+
+
+def test_matmul_rate_in_a_fresh_process():
+  assert run.run_isolated(run.matmul_flops_per_sec, 256, 3) > 1e6
+
+
+def test_cold_compile_fills_the_cache_and_a_second_one_is_refused(tmp_path):
+  script = f"""
+import json, pathlib, jax, jax.numpy as jnp
+from benchmarks import run
+jax.config.update("jax_compilation_cache_dir", {str(tmp_path)!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+f = jax.jit(lambda x: jnp.sin(x) @ x.T)
+x = jnp.ones((8, 8))
+compiled, cold, cached = run.compile_cold_and_cached(f, (x,), pathlib.Path({str(tmp_path)!r}))
+try:
+  run.compile_cold_and_cached(f, (x,), pathlib.Path({str(tmp_path)!r}))
+  refused = False
+except RuntimeError:
+  refused = True
+print(json.dumps(dict(value=float(compiled(x).sum()), cold=cold, cached=cached, refused=refused)))
+"""
+  out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120)
+  got = json.loads(out.stdout.splitlines()[-1])
+  assert got["refused"] and got["cold"] > 0 and got["cached"] > 0
+  assert got["value"] == pytest.approx(64 * np.sin(1.0) * 8, rel=1e-5)
+  assert any(tmp_path.iterdir())
+
+
+@needs_torchvision
+def test_torchvision_construction_is_the_builders_at_depth_50():
+  from torchvision.models import detection
+  for family, build, classes in (("faster_rcnn", detection.fasterrcnn_resnet50_fpn, run.NUM_CLASSES + 1),
+                                 ("retinanet", detection.retinanet_resnet50_fpn, run.NUM_CLASSES)):
+    ours = run.torchvision_detector(family, 50, 512, 768)
+    theirs = build(weights=None, weights_backbone=None, num_classes=classes, min_size=512, max_size=768)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert str(ours) == str(theirs)
+    assert all(p.requires_grad for p in ours.parameters())
+
+
+@needs_torchvision
+def test_one_torchvision_row_in_a_fresh_process():
+  row = dict(framework="torchvision", family="faster_rcnn", model="faster_rcnn_r18_fpn", mode="train", height=128,
+             width=192, batch=1, depth=18, steps=1)
+  measured = run.run_isolated(run.measure_torchvision, row)
+  assert (measured["ran_height"], measured["ran_width"]) == (128, 192)
+  assert measured["images_per_sec"] == pytest.approx(1 / measured["step_s"])
+  assert measured["peak_rss_mb"] > 100 and measured["flops_per_sec"] is None

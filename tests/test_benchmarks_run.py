@@ -31,11 +31,12 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
         assert (row["model"], "libra_jax", row["mode"], row["height"], row["batch"]) in names
     parts = [r["part"] for r in rows if r.get("part")]
     setting = run.QUICK if quick else run.FULL
-    assert sorted(parts) == sorted(setting["parts"] * len(setting["shapes"]))
+    assert sorted(parts) == sorted(setting["parts"] * len(setting["part_shapes"]))
   full = run.plan(False, with_torchvision=True)
   assert {(r["height"], r["width"], r["batch"]) for r in full} == {(800, 1344, 1), (512, 512, 2)}
   assert {r["depth"] for r in full} == {50}
-  assert len(full) == 26 and len(run.plan(False, with_torchvision=False)) == 18
+  # Per shape: 6 rows of ours and 4 of torchvision; the 3 Libra-part rows at 512 x 512 only.
+  assert len(full) == 23 and len(run.plan(False, with_torchvision=False)) == 15
   assert not any(r["framework"] == "torchvision" for r in run.plan(True, with_torchvision=False))
 
 

@@ -25,7 +25,8 @@ def run_config(config: ml_collections.ConfigDict, train_images: int, epochs: int
   config.steps_per_epoch = (config.get_ref("train_images") - 1) // batch + 1
   config.total_steps = config.get_ref("epochs") * config.get_ref("steps_per_epoch")
   config.log_every = 50
-  config.eval_every = config.get_ref("steps_per_epoch")
+  # "* 1" makes a derived value: overriding eval_every then replaces it instead of setting steps_per_epoch.
+  config.eval_every = config.get_ref("steps_per_epoch") * 1
   config.checkpoint_every = 2000
   config.keep = 3
   config.skip_nonfinite = False

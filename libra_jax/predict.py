@@ -10,7 +10,9 @@ detector ``config.eval_batch_size`` at a time (the evaluation's step, so with
 detections are mapped back to the image's own pixels. ``OUT/<name>.png`` shows
 them (class name and score) on the image at its own size;
 ``OUT/detections.json`` lists them per image as ``{"box": [x1, y1, x2, y2],
-"score", "class", "class_name"}``. ``--eval_images=N`` adds the first N images
+"score", "class", "class_name"}``, those scoring at least ``--min_score``
+(0.3; the model keeps those above its test threshold, 0.05 for the COCO
+configs). ``--eval_images=N`` adds the first N images
 of the config's evaluation split. An unreadable or corrupt image gets a
 one-line error naming the file and is skipped.
 """
@@ -143,14 +145,20 @@ def read_eval_images(data_config, count: int) -> List[Tuple[str, np.ndarray]]:
   return named
 
 
-def predict_images(config, variables, named_images: Sequence[Tuple[str, np.ndarray]], out_dir) -> Dict[str, List[Dict]]:
-  """Detects, draws ``out_dir/<stem>.png`` per image and writes ``out_dir/detections.json``; returns the JSON."""
+def predict_images(config, variables, named_images: Sequence[Tuple[str, np.ndarray]], out_dir,
+                   min_score: float = 0.0) -> Dict[str, List[Dict]]:
+  """Detects, draws ``out_dir/<stem>.png`` per image and writes ``out_dir/detections.json``; returns the JSON.
+
+  Only detections scoring at least ``min_score`` are drawn and listed (the
+  model itself keeps those above its test ``score_thr``).
+  """
   info = pipeline.dataset_info(config.data)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   found = detect(config, variables, [image for _, image in named_images], info.class_names) if named_images else []
   results = {}
   for (name, image), detections in zip(named_images, found):
+    detections = [d for d in detections if d["score"] >= min_score]
     draw(image, detections, out_dir / f"{pathlib.Path(name).stem}.png")
     results[name] = detections
   (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
@@ -170,6 +178,8 @@ def main(argv=None):
   source.add_argument("--checkpoint", help="a weights file (.pth, .safetensors, .npz)")
   parser.add_argument("--out", required=True, help="directory for the PNGs and detections.json")
   parser.add_argument("--eval_images", type=int, default=0, help="also the first N images of the evaluation split")
+  parser.add_argument("--min_score", type=float, default=0.3,
+                      help="draw and list detections scoring at least this (default 0.3; 0 keeps all)")
   parser.add_argument("images", nargs="*")
   args = parser.parse_args(argv)
   if not args.images and args.eval_images <= 0:
@@ -181,7 +191,7 @@ def main(argv=None):
   variables = jax.device_put(loop.load_trained_variables(config, model, args.workdir, args.checkpoint),
                              replicated(make_mesh()))
   named = read_files(args.images) + (read_eval_images(config.data, args.eval_images) if args.eval_images else [])
-  results = predict_images(config, variables, named, args.out)
+  results = predict_images(config, variables, named, args.out, args.min_score)
   print(f"{sum(len(v) for v in results.values())} detections in {len(results)} images -> {args.out}")
 
 

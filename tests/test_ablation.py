@@ -72,21 +72,22 @@ def test_baseline_takes_its_switches_from_the_faster_rcnn_baseline_config():
 
 def test_all_three_is_the_shapes_hard_libra_config():
   libra = ablation.ROWS[-1]
-  assert flat_config(libra, steps=1000) == flatten(shapes_libra_faster_rcnn.get_config("hard").to_dict())
+  assert flat_config(libra, steps=500) == flatten(shapes_libra_faster_rcnn.get_config("hard").to_dict())
   assert ablation.row_config(libra).data.dataset == "shapes_hard"
 
 
 def test_steps_compress_the_whole_schedule():
   own = shapes_libra_faster_rcnn.get_config("hard")
-  assert own.total_steps == 1000
-  config = ablation.row_config(ablation.ROWS[0], steps=500)
-  assert config.total_steps == 500 and config.steps_per_epoch == own.steps_per_epoch
+  assert own.total_steps == 500
+  config = ablation.row_config(ablation.ROWS[0], steps=250)
+  assert config.total_steps == 250 and config.steps_per_epoch == own.steps_per_epoch
+  assert config.eval_every == 250
   short = optim.schedule_from_config(config.optim, config.global_batch_size, config.steps_per_epoch)
   full = optim.schedule_from_config(own.optim, own.global_batch_size, own.steps_per_epoch)
-  steps = np.arange(0, 500, 5)
+  steps = np.arange(0, 250, 5)
   np.testing.assert_allclose([short(s) for s in steps], [full(2 * s) for s in steps], rtol=1e-6)
-  # The learning rate drops x10 at 3/4 of training, after a warm-up of a tenth of it.
-  assert short(374) == pytest.approx(10 * short(375)) and short(50) == pytest.approx(short(374))
+  # The learning rate drops x10 at 3/4 of training, after a warm-up of a fifth of it.
+  assert short(186) == pytest.approx(10 * short(187)) and short(50) == pytest.approx(short(186))
 
 
 RESULTS = [(row, {"AP": 0.1 * i, "AP50": 0.2 + 0.1 * i, "AP75": 0.05 * i, "APs": -1.0, "APm": 0.3, "APl": 0.4567,

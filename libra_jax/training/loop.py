@@ -289,6 +289,7 @@ def load_trained_variables(config, model, workdir, checkpoint: Optional[str] = N
 def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Dict[str, float]:
   """COCO metrics of the latest checkpoint in ``workdir``, or of a weights ``checkpoint`` file (e.g. mmdetection's)."""
   workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   enable_compilation_cache(config, workdir)
   mesh = make_mesh()
   info, model = build_checked(config, mesh)

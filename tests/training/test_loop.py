@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from support import assert_drawn_where_detected
-from libra_jax import diagnostics, predict
+from libra_jax import convert, diagnostics, predict
 from libra_jax.models.detectors import build_detector
 from libra_jax.training import loop
 
@@ -77,14 +78,25 @@ def test_loss_goes_down_and_metrics_are_written(tmp_path, dirs):
   assert len(candidates) == 8 and all(c[0] == 1.0 and np.all((c >= 0) & (c <= 1)) for c in candidates)
   histograms = diagnostics.negative_iou_histograms(candidates, num_negatives=20, num_draws=3)
   np.testing.assert_allclose(histograms["random"].sum(), 1.0)
-  # Prediction with the trained model draws its detections on the validation images.
+  # Evaluation alone (train.py --mode=eval) of the latest checkpoint, and of the same weights exported as an
+  # mmdetection-named state dict (--checkpoint=FILE), reproduces the metrics scored during training.
+  assert loop.evaluate_checkpoint(config, tmp_path) == metrics
+  weights = tmp_path / "exported.npz"
   model = build_detector(config.model)
+  np.savez(weights, **convert.export_detector(jax.device_get(loop.load_trained_variables(config, model, tmp_path))))
+  assert loop.evaluate_checkpoint(config, tmp_path / "from_file", str(weights)) == metrics
+  # Prediction with the trained model draws its detections on the validation images.
   named = predict.read_eval_images(config.data, 3)
   found = predict.predict_images(config, loop.load_trained_variables(config, model, tmp_path), named,
                                  tmp_path / "predictions")
   assert [name for name, _ in named] == list(found) and sum(map(len, found.values())) > 0
   for name, image in named:
     assert_drawn_where_detected(image, tmp_path / "predictions" / f"{pathlib.Path(name).stem}.png", found[name])
+  # --min_score keeps exactly the detections scoring at least that.
+  threshold = float(np.median([d["score"] for dets in found.values() for d in dets]))
+  confident = predict.predict_images(config, loop.load_trained_variables(config, model, tmp_path), named,
+                                     tmp_path / "confident", min_score=threshold)
+  assert confident == {name: [d for d in dets if d["score"] >= threshold] for name, dets in found.items()}
 
 
 def test_nonfinite_loss_stops_the_run_or_is_skipped(tmp_path, dirs):

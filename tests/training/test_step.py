@@ -48,6 +48,20 @@ def test_schedule_by_hand():
   assert optim.scaled_base_lr(0.02, 16) == 0.02 and optim.scaled_base_lr(0.02, 2) == 0.0025
 
 
+
+def test_run_config_values_follow_the_batch_and_overrides_stay_local():
+  from configs import shapes_libra_faster_rcnn
+  config = shapes_libra_faster_rcnn.get_config()
+  # 2,000 images in batches of 8: 250 steps an epoch, 4 epochs, evaluation every epoch.
+  assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (250, 1000, 250)
+  config.eval_every = 100
+  config.total_steps = 600
+  assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (250, 600, 100)
+  config = shapes_libra_faster_rcnn.get_config()
+  config.global_batch_size = 16
+  assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (125, 500, 125)
+
+
 def sgd_config(**overrides):
   values = dict(lr_per_16=0.16, momentum=0.9, weight_decay=0.1, warmup_steps=0, warmup_ratio=1.0, milestone_epochs=(),
                 gamma=0.1, grad_clip_norm=None)

@@ -140,14 +140,22 @@ print(json.dumps(dict(value=float(compiled(x).sum()), cold=cold, cached=cached, 
 
 @needs_torchvision
 def test_torchvision_construction_is_the_builders_at_depth_50():
-  from torchvision.models import detection
-  for family, build, classes in (("faster_rcnn", detection.fasterrcnn_resnet50_fpn, run.NUM_CLASSES + 1),
-                                 ("retinanet", detection.retinanet_resnet50_fpn, run.NUM_CLASSES)):
-    ours = run.torchvision_detector(family, 50, 512, 768)
-    theirs = build(weights=None, weights_backbone=None, num_classes=classes, min_size=512, max_size=768)
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
-    assert str(ours) == str(theirs)
-    assert all(p.requires_grad for p in ours.parameters())
+  # In a fresh process: importing torch's compiler stack next to JAX and TensorFlow can crash the test process.
+  script = """
+from torchvision.models import detection
+from benchmarks import run
+for family, build, classes in (("faster_rcnn", detection.fasterrcnn_resnet50_fpn, run.NUM_CLASSES + 1),
+                               ("retinanet", detection.retinanet_resnet50_fpn, run.NUM_CLASSES)):
+  ours = run.torchvision_detector(family, 50, 512, 768)
+  theirs = build(weights=None, weights_backbone=None, num_classes=classes, min_size=512, max_size=768)
+  assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+  assert str(ours) == str(theirs)
+  assert all(p.requires_grad for p in ours.parameters())
+print("same")
+"""
+  out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=300,
+                       cwd=str(run.ROOT))
+  assert out.stdout.split()[-1] == "same"
 
 
 @needs_torchvision

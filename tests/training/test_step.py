@@ -52,14 +52,14 @@ def test_schedule_by_hand():
 def test_run_config_values_follow_the_batch_and_overrides_stay_local():
   from configs import shapes_libra_faster_rcnn
   config = shapes_libra_faster_rcnn.get_config()
-  # 2,000 images in batches of 8: 250 steps an epoch, 4 epochs, evaluation every epoch.
-  assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (250, 1000, 250)
+  # 2,000 images in batches of 8: 250 steps an epoch, 2 epochs, one evaluation at the end.
+  assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (250, 500, 500)
   config.eval_every = 100
   config.total_steps = 600
   assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (250, 600, 100)
   config = shapes_libra_faster_rcnn.get_config()
   config.global_batch_size = 16
-  assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (125, 500, 125)
+  assert (config.steps_per_epoch, config.total_steps, config.eval_every) == (125, 250, 250)
 
 
 def sgd_config(**overrides):

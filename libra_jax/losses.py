@@ -9,7 +9,7 @@ name together with what it consumes:
 - ``"deltas"``: encoded box deltas ``[..., 4]`` -> loss ``[..., 4]``
   (``balanced_l1``, ``smooth_l1``, ``l1``);
 - ``"boxes"``: decoded xyxy boxes ``[..., 4]`` -> loss ``[...]`` (``iou``,
-  ``giou``); a head decodes its predictions first;
+  ``giou``); :func:`box_regression_loss` decodes a head's deltas first;
 - ``"logits"``: classification logits with integer or float targets
   (``cross_entropy``, ``sigmoid_cross_entropy``, ``sigmoid_focal``).
 
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from libra_jax.ops import boxes as box_ops
+from libra_jax.registry import Registry
 
 # mmdetection adds float32 epsilon to avg_factor before dividing.
 AVG_FACTOR_EPS = float(np.finfo(np.float32).eps)
@@ -52,7 +53,7 @@ class RegisteredLoss:
     return {p.name: p.default for p in params}
 
 
-_REGISTRY: Dict[str, RegisteredLoss] = {}
+_REGISTRY: Registry[RegisteredLoss] = Registry("loss")
 
 
 def register_loss(name: str, consumes: str):
@@ -61,24 +62,20 @@ def register_loss(name: str, consumes: str):
     raise ValueError(f"consumes must be one of {CONSUMES}, got {consumes!r}")
 
   def decorate(fn):
-    if name in _REGISTRY:
-      raise ValueError(f"a loss named {name!r} is already registered ({_REGISTRY[name].fn.__module__})")
-    _REGISTRY[name] = RegisteredLoss(name, fn, consumes)
+    _REGISTRY.register(name)(RegisteredLoss(name, fn, consumes))
     return fn
 
   return decorate
 
 
 def get_loss(name: str) -> RegisteredLoss:
-  """The registered loss called ``name``; a clear error lists the known names."""
-  if name not in _REGISTRY:
-    raise KeyError(f"unknown loss {name!r}; registered losses: {', '.join(sorted(_REGISTRY))}")
-  return _REGISTRY[name]
+  """The registered loss called ``name``; a ``KeyError`` lists the known names."""
+  return _REGISTRY.get(name)
 
 
 def registered_losses() -> Dict[str, RegisteredLoss]:
   """All registered losses by name (a copy)."""
-  return dict(_REGISTRY)
+  return _REGISTRY.entries()
 
 
 def abs_error(pred, target) -> jnp.ndarray:
@@ -148,6 +145,38 @@ def build_loss(config: Mapping) -> Callable[..., jnp.ndarray]:
 
   loss.registered = registered
   return loss
+
+
+def box_regression_loss(loss: Callable[..., jnp.ndarray], deltas, priors, target_deltas, target_boxes, weight,
+                        avg_factor, stds=(1.0, 1.0, 1.0, 1.0)) -> jnp.ndarray:
+  """A built box loss applied to predicted deltas, as the loss consumes them.
+
+  A ``"deltas"`` loss compares ``deltas`` with ``target_deltas`` (``weight``
+  broadcast over the 4 coordinates); a ``"boxes"`` loss compares the deltas
+  decoded against their priors with ``target_boxes``.
+
+  Args:
+    loss: from :func:`build_loss`.
+    deltas: ``[..., 4]`` float32 predicted deltas, one row per prior.
+    priors: ``[..., 4]`` xyxy pixels (anchors or RoIs) the deltas move,
+      broadcastable against ``deltas``.
+    target_deltas: ``[..., 4]`` float32 encoded matched gt boxes.
+    target_boxes: ``[..., 4]`` matched gt boxes, xyxy pixels.
+    weight: ``[...]`` float32 per-row weight (1 for positives).
+    avg_factor: float32 scalar normalizer.
+    stds: the box coder's stds the targets were encoded with.
+
+  Returns:
+    the float32 scalar loss.
+  """
+  if loss.registered.consumes == "boxes":
+    return loss(box_ops.decode_deltas(priors, deltas, stds=stds), target_boxes, weight, avg_factor)
+  return loss(deltas, target_deltas, weight[..., None], avg_factor)
+
+
+def global_sum(value: jnp.ndarray, axis_name: Optional[str] = None) -> jnp.ndarray:
+  """``value`` (a loss normalizer) summed over the devices of ``axis_name``; as is without one."""
+  return value if axis_name is None else jax.lax.psum(value, axis_name)
 
 
 @register_loss("balanced_l1", consumes="deltas")

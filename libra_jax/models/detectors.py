@@ -14,6 +14,7 @@ devices, so each device's losses are its share of the global-batch loss and
 their sum over devices does not depend on how the batch is split.
 """
 
+import functools
 from typing import Any, Dict, Mapping
 
 import flax.linen as nn
@@ -21,16 +22,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from libra_jax import losses
 from libra_jax.models.bfp import BalancedFeaturePyramid
 from libra_jax.models.fpn import FPN
 from libra_jax.models.resnet import ResNet
-from libra_jax.models.retina_head import RetinaHead, retina_detections, retina_targets
-from libra_jax.models.roi_head import RoIHead, class_deltas, detect_boxes, sample_rois
-from libra_jax.models.rpn import RPNHead, rpn_proposals, rpn_targets
+from libra_jax.models.retina_head import RetinaHead, retina_detections, retina_loss
+from libra_jax.models.roi_head import RoIHead, detect_boxes, rcnn_loss, sample_rois
+from libra_jax.models.rpn import RPNHead, rpn_loss, rpn_proposals
 from libra_jax.ops import anchors as anchor_ops
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.roi_align import multilevel_roi_align
+from libra_jax.registry import Registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -63,18 +64,11 @@ def _anchors(features, anchor_cfg, image_shape):
   shapes = [tuple(f.shape[1:3]) for f in features]
   per_level = anchor_ops.anchor_grid(shapes, anchor_cfg["strides"], anchor_cfg["scales"], anchor_cfg["ratios"])
   num_base = len(anchor_cfg["scales"]) * len(anchor_cfg["ratios"])
-  valid = jax.vmap(lambda s: jnp.concatenate(
-      anchor_ops.valid_anchor_mask(s, shapes, anchor_cfg["strides"], num_base)))(image_shape)
-  return per_level, jnp.concatenate(per_level), valid
 
+  def image_valid(one_image_shape):
+    return jnp.concatenate(anchor_ops.valid_anchor_mask(one_image_shape, shapes, anchor_cfg["strides"], num_base))
 
-def _finite_mean(values, mask):
-  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-
-def _global_sum(value, axis_name):
-  """``value`` summed over the devices of ``axis_name`` (as is, without one)."""
-  return value if axis_name is None else jax.lax.psum(value, axis_name)
+  return per_level, jnp.concatenate(per_level), jax.vmap(image_valid)(image_shape)
 
 
 def _check_keys(keys, batch):
@@ -102,11 +96,10 @@ class FasterRCNN(nn.Module):
 
   def _rois(self, features, rois):
     rcnn = self.cfg["rcnn"]
-    levels = features[:len(rcnn["roi_strides"])]
-    align = lambda f, r: multilevel_roi_align(f, r, rcnn["roi_size"], rcnn["roi_strides"], rcnn["sampling_ratio"],
-                                              rcnn["finest_scale"])
+    align = functools.partial(multilevel_roi_align, output_size=rcnn["roi_size"], strides=rcnn["roi_strides"],
+                              sampling_ratio=rcnn["sampling_ratio"], finest_scale=rcnn["finest_scale"])
     batch, num = rois.shape[:2]
-    pooled = jax.vmap(align)(levels, jax.lax.stop_gradient(rois))
+    pooled = jax.vmap(align)(features=features[:len(rcnn["roi_strides"])], rois=jax.lax.stop_gradient(rois))
     logits, deltas = self.roi_head(pooled.reshape((batch * num,) + pooled.shape[2:]))
     return logits.reshape(batch, num, -1), deltas.reshape(batch, num, -1)
 
@@ -115,9 +108,9 @@ class FasterRCNN(nn.Module):
     logits, deltas = self.rpn_head(features)
     per_level, anchors, anchor_valid = _anchors(features, self.cfg["anchors"], batch["image_shape"])
     stage = self.cfg["train"] if train else self.cfg["test"]
-    propose = lambda lg, dl, av, shape: rpn_proposals(lg, dl, per_level, av, shape, **stage["rpn_proposal"])
-    proposals = jax.vmap(propose)(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(deltas), anchor_valid,
-                                  batch["image_shape"])
+    propose = functools.partial(rpn_proposals, anchors_per_level=per_level, **stage["rpn_proposal"])
+    proposals = jax.vmap(propose)(logits=jax.lax.stop_gradient(logits), deltas=jax.lax.stop_gradient(deltas),
+                                  anchor_valid=anchor_valid, image_shape=batch["image_shape"])
     return features, logits, deltas, anchors, anchor_valid, proposals
 
   def proposals(self, batch: Mapping[str, jnp.ndarray]):
@@ -139,49 +132,22 @@ class FasterRCNN(nn.Module):
   def _losses(self, keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals):
     stage_keys = jax.vmap(jax.random.split)(keys)
     rpn_keys, rcnn_keys = stage_keys[:, 0], stage_keys[:, 1]
-    batch_size = logits.shape[0]
-    example_valid = batch["valid"].astype(jnp.float32)
     gt_valid, ignore_valid = gt_masks(batch)
-    train_cfg, rpn_cfg, rcnn_cfg = self.cfg["train"], self.cfg["rpn"], self.cfg["rcnn"]
-    num_classes = self.roi_head.num_classes
+    example_valid = batch["valid"].astype(jnp.float32)
+    sample = functools.partial(sample_rois, num_classes=self.roi_head.num_classes, cfg=self.cfg["train"]["rcnn"])
+    sampled = jax.vmap(sample)(key=rcnn_keys, proposals=proposals.boxes, proposal_valid=proposals.valid,
+                               gt_boxes=batch["boxes"], gt_labels=batch["labels"], gt_valid=gt_valid,
+                               ignore_boxes=batch["boxes"], ignore_valid=ignore_valid)
 
-    targets = jax.vmap(lambda k, av, g, gv, iv: rpn_targets(k, anchors, av, g, gv, g, iv, train_cfg["rpn"]))(
-        rpn_keys, anchor_valid, batch["boxes"], gt_valid, ignore_valid)
-    rpn_avg = _global_sum(jnp.sum(targets.num_samples * example_valid), axis_name)
-    rpn_weights = targets.label_weights * example_valid[:, None]
-    loss_rpn_cls = losses.build_loss(rpn_cfg["loss_cls"])(logits, targets.labels, rpn_weights, rpn_avg)
-    loss_rpn_bbox = losses.build_loss(rpn_cfg["loss_bbox"])(
-        deltas, targets.deltas, (targets.delta_weights * example_valid[:, None])[..., None], rpn_avg)
-
-    sample = lambda k, p, pv, g, lab, gv, iv: sample_rois(k, p, pv, g, lab, gv, g, iv, num_classes, train_cfg["rcnn"])
-    sampled = jax.vmap(sample)(rcnn_keys, proposals.boxes, proposals.valid, batch["boxes"], batch["labels"],
-                               gt_valid, ignore_valid)
     cls_logits, reg_deltas = self._rois(features, sampled.rois)
-    roi_weights = sampled.valid * example_valid[:, None]
-    num_rois = jnp.maximum(_global_sum(jnp.sum(roi_weights), axis_name), 1.0)
-    loss_cls = losses.build_loss(rcnn_cfg["loss_cls"])(cls_logits, sampled.labels, roi_weights, num_rois)
-    pos_weights = (sampled.is_positive * example_valid[:, None]).astype(jnp.float32)
-    own_deltas = jax.vmap(lambda d, lab: class_deltas(d, lab, num_classes))(reg_deltas, sampled.labels)
-    bbox_loss = losses.build_loss(rcnn_cfg["loss_bbox"])
-    if bbox_loss.registered.consumes == "boxes":
-      decoded = box_ops.decode_deltas(sampled.rois, own_deltas, stds=rcnn_cfg["target_stds"])
-      loss_bbox = bbox_loss(decoded, sampled.matched_boxes, pos_weights, num_rois)
-    else:
-      loss_bbox = bbox_loss(own_deltas, sampled.deltas, pos_weights[..., None], num_rois)
 
-    predicted = jnp.argmax(cls_logits, axis=-1)
-    positive = pos_weights > 0
-    results = {
-        "loss_rpn_cls": loss_rpn_cls, "loss_rpn_bbox": loss_rpn_bbox,
-        "loss_cls": loss_cls, "loss_bbox": loss_bbox,
-        "num_proposals": jnp.mean(jnp.sum(proposals.valid, axis=1).astype(jnp.float32)),
-        "num_pos_rois": jnp.sum(pos_weights) / batch_size,
-        "mean_pos_iou": _finite_mean(sampled.max_iou, positive),
-        "rcnn_accuracy": _finite_mean((predicted == sampled.labels).astype(jnp.float32), roi_weights > 0),
-        "rpn_num_pos": jnp.sum(targets.delta_weights) / batch_size,
-    }
-    results["loss"] = loss_rpn_cls + loss_rpn_bbox + loss_cls + loss_bbox
-    return results
+    rpn = rpn_loss(rpn_keys, logits, deltas, anchors, anchor_valid, batch["boxes"], gt_valid, ignore_valid,
+                   example_valid, train_cfg=self.cfg["train"]["rpn"], loss_cfg=self.cfg["rpn"], axis_name=axis_name)
+    rcnn = rcnn_loss(cls_logits, reg_deltas, sampled, example_valid, cfg=self.cfg["rcnn"], axis_name=axis_name)
+
+    loss = rpn["loss_rpn_cls"] + rpn["loss_rpn_bbox"] + rcnn["loss_cls"] + rcnn["loss_bbox"]
+    num_proposals = jnp.mean(jnp.sum(proposals.valid, axis=1).astype(jnp.float32))
+    return {**rpn, **rcnn, "loss": loss, "num_proposals": num_proposals}
 
   def _detect(self, features, proposals, image_shape):
     rcnn, test = self.cfg["rcnn"], self.cfg["test"]["rcnn"]
@@ -215,28 +181,15 @@ class RetinaNet(nn.Module):
     cls_logits, deltas = self.bbox_head(features)
     per_level, anchors, anchor_valid = _anchors(features, self.cfg["anchors"], batch["image_shape"])
     if not train:
-      detect = lambda c, d, av, shape: retina_detections(c, d, per_level, av, shape, **self.cfg["test"])
-      return jax.vmap(detect)(cls_logits, deltas, anchor_valid, batch["image_shape"])
+      detect = functools.partial(retina_detections, anchors_per_level=per_level, **self.cfg["test"])
+      return jax.vmap(detect)(cls_logits=cls_logits, deltas=deltas, anchor_valid=anchor_valid,
+                              image_shape=batch["image_shape"])
 
     gt_valid, ignore_valid = gt_masks(batch)
-    example_valid = batch["valid"].astype(jnp.float32)
-    num_classes = self.bbox_head.num_classes
-    targets = jax.vmap(lambda av, g, lab, gv, iv: retina_targets(anchors, av, g, lab, gv, g, iv, num_classes,
-                                                                 self.cfg["train"]))(
-        anchor_valid, batch["boxes"], batch["labels"], gt_valid, ignore_valid)
-    num_pos = jnp.maximum(_global_sum(jnp.sum(targets.num_pos * example_valid), axis_name), 1.0)
-    head = self.cfg["head"]
-    label_weights = targets.label_weights * example_valid[:, None]
-    loss_cls = losses.build_loss(head["loss_cls"])(cls_logits, targets.labels, label_weights[..., None], num_pos)
-    bbox_loss = losses.build_loss(head["loss_bbox"])
-    delta_weights = targets.delta_weights * example_valid[:, None]
-    if bbox_loss.registered.consumes == "boxes":
-      decoded = box_ops.decode_deltas(anchors[None], deltas)
-      loss_bbox = bbox_loss(decoded, targets.matched_boxes, delta_weights, num_pos)
-    else:
-      loss_bbox = bbox_loss(deltas, targets.deltas, delta_weights[..., None], num_pos)
-    return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss": loss_cls + loss_bbox,
-            "num_pos_anchors": jnp.sum(targets.num_pos * example_valid) / cls_logits.shape[0]}
+    results = retina_loss(cls_logits, deltas, anchors, anchor_valid, batch["boxes"], batch["labels"], gt_valid,
+                          ignore_valid, batch["valid"].astype(jnp.float32), train_cfg=self.cfg["train"],
+                          loss_cfg=self.cfg["head"], axis_name=axis_name)
+    return {**results, "loss": results["loss_cls"] + results["loss_bbox"]}
 
 
 def _frozen(config) -> Dict[str, Any]:
@@ -250,22 +203,31 @@ def _frozen(config) -> Dict[str, Any]:
   return config
 
 
+DETECTORS = Registry("detector type")
+
+
+@DETECTORS.register("faster_rcnn")
+def _faster_rcnn(cfg, backbone, neck, num_anchors, dtype) -> FasterRCNN:
+  return FasterRCNN(backbone=backbone, neck=neck,
+                    rpn_head=RPNHead(num_anchors, cfg["rpn"]["feat_channels"], dtype=dtype),
+                    roi_head=RoIHead(cfg["num_classes"], cfg["rcnn"]["fc_channels"], dtype=dtype), cfg=cfg)
+
+
+@DETECTORS.register("retinanet")
+def _retinanet(cfg, backbone, neck, num_anchors, dtype) -> RetinaNet:
+  head = RetinaHead(cfg["num_classes"], num_anchors, cfg["head"]["feat_channels"], cfg["head"]["stacked_convs"],
+                    cfg["head"]["prior_prob"], dtype=dtype)
+  return RetinaNet(backbone=backbone, neck=neck, bbox_head=head, cfg=cfg)
+
+
 def build_detector(model_config) -> nn.Module:
-  """The detector a ``config.model`` describes (see ``configs/base_*.py``)."""
+  """The detector a ``config.model`` describes (see ``configs/base_*.py``); ``type`` names it in :data:`DETECTORS`."""
   cfg = _frozen(model_config)
+  build = DETECTORS.get(cfg["type"])
   dtype = DTYPES[cfg.get("dtype", "float32")]
   backbone = ResNet(**cfg["backbone"], dtype=dtype)
   bfp = cfg["neck"].get("bfp")
   fpn = {k: v for k, v in cfg["neck"].items() if k != "bfp"}
   neck = LibraNeck(fpn, bfp, dtype=dtype) if bfp else FPN(**fpn, dtype=dtype)
-  num_classes = cfg["num_classes"]
   num_anchors = len(cfg["anchors"]["scales"]) * len(cfg["anchors"]["ratios"])
-  if cfg["type"] == "faster_rcnn":
-    return FasterRCNN(backbone=backbone, neck=neck,
-                      rpn_head=RPNHead(num_anchors, cfg["rpn"]["feat_channels"], dtype=dtype),
-                      roi_head=RoIHead(num_classes, cfg["rcnn"]["fc_channels"], dtype=dtype), cfg=cfg)
-  if cfg["type"] == "retinanet":
-    head = RetinaHead(num_classes, num_anchors, cfg["head"]["feat_channels"], cfg["head"]["stacked_convs"],
-                      cfg["head"]["prior_prob"], dtype=dtype)
-    return RetinaNet(backbone=backbone, neck=neck, bbox_head=head, cfg=cfg)
-  raise ValueError(f"unknown detector type {cfg['type']!r}; use 'faster_rcnn' or 'retinanet'")
+  return build(cfg, backbone, neck, num_anchors, dtype)

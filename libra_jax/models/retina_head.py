@@ -1,16 +1,20 @@
-"""RetinaNet head: conv towers, focal-loss targets, and detections.
+"""RetinaNet head: conv towers, focal-loss targets and losses, and detections.
 
 Parameters mirror mmdetection's ``RetinaHead``: ``cls_convs/{i}/conv``,
 ``reg_convs/{i}/conv``, ``retina_cls`` and ``retina_reg``. Targets and
-detections are pure functions of one image.
+detections are pure functions of one image; :func:`retina_loss` gives the
+losses of a batch.
 """
 
+import functools
 import math
-from typing import Any, Dict, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from libra_jax import losses
 
 from libra_jax.models.layers import ConvModuleList, conv2d
 from libra_jax.models.postprocess import Detections, drop_small, nms_detections
@@ -93,6 +97,45 @@ def retina_targets(anchors, anchor_valid, gt_boxes, gt_labels, gt_valid, ignore_
                        label_weights=(gt_inds >= 0).astype(jnp.float32), deltas=deltas,
                        matched_boxes=matched_boxes, delta_weights=positive.astype(jnp.float32),
                        num_pos=jnp.maximum(jnp.sum(positive), 1).astype(jnp.float32))
+
+
+def retina_loss(cls_logits, deltas, anchors, anchor_valid, gt_boxes, gt_labels, gt_valid, ignore_valid,
+                example_valid, train_cfg: Dict, loss_cfg: Dict, axis_name: Optional[str] = None
+                ) -> Dict[str, jnp.ndarray]:
+  """RetinaNet losses of a batch: each image's anchor targets, then the focal and box losses.
+
+  Both losses are normalized by the number of positive anchors of the global
+  batch (summed over ``axis_name`` too), so each device's losses are its
+  share of the global-batch loss.
+
+  Args:
+    cls_logits: ``[B, N, C]`` float32 class logits; deltas: ``[B, N, 4]`` float32.
+    anchors: ``[N, 4]`` xyxy pixels, all levels (the same for every image).
+    anchor_valid: ``[B, N]`` bool, anchors on each image's own padded area.
+    gt_boxes: ``[B, G, 4]`` xyxy pixels; gt_labels: ``[B, G]`` int32;
+      gt_valid: ``[B, G]`` bool.
+    ignore_valid: ``[B, G]`` bool, the rows of ``gt_boxes`` that are crowd regions.
+    example_valid: ``[B]`` float32, 0 for padding examples.
+    train_cfg: ``assigner`` (see :func:`retina_targets`).
+    loss_cfg: the model's ``head`` section: ``loss_cls`` and ``loss_bbox`` configs.
+    axis_name: the data-parallel mesh axis, or None.
+
+  Returns:
+    float32 scalars ``loss_cls``, ``loss_bbox`` and the diagnostic
+    ``num_pos_anchors`` (positive anchors per example).
+  """
+  targets = jax.vmap(functools.partial(retina_targets, anchors=anchors, num_classes=cls_logits.shape[-1],
+                                       cfg=train_cfg))(
+      anchor_valid=anchor_valid, gt_boxes=gt_boxes, gt_labels=gt_labels, gt_valid=gt_valid, ignore_boxes=gt_boxes,
+      ignore_valid=ignore_valid)
+  num_pos = jnp.maximum(losses.global_sum(jnp.sum(targets.num_pos * example_valid), axis_name), 1.0)
+  label_weights = targets.label_weights * example_valid[:, None]
+  delta_weights = targets.delta_weights * example_valid[:, None]
+  loss_cls = losses.build_loss(loss_cfg["loss_cls"])(cls_logits, targets.labels, label_weights[..., None], num_pos)
+  loss_bbox = losses.box_regression_loss(losses.build_loss(loss_cfg["loss_bbox"]), deltas, anchors[None],
+                                         targets.deltas, targets.matched_boxes, delta_weights, num_pos)
+  return {"loss_cls": loss_cls, "loss_bbox": loss_bbox,
+          "num_pos_anchors": jnp.sum(targets.num_pos * example_valid) / cls_logits.shape[0]}
 
 
 def retina_detections(cls_logits, deltas, anchors_per_level: Sequence[jnp.ndarray], anchor_valid, image_shape,

@@ -1,4 +1,4 @@
-"""The R-CNN stage: RoI sampling and targets, the shared-2fc box head, detections.
+"""The R-CNN stage: RoI sampling and targets, the shared-2fc box head, its losses, detections.
 
 ``roi_head/bbox_head/{shared_fcs/0, shared_fcs/1, fc_cls, fc_reg}`` mirror
 mmdetection's ``Shared2FCBBoxHead``. RoI features are flattened in PyTorch's
@@ -6,16 +6,18 @@ channel-major order (C, 7, 7), so ``shared_fcs.0`` converts by the generic
 dense rule.
 """
 
-from typing import Any, Dict, NamedTuple
+import functools
+from typing import Any, Dict, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from libra_jax import losses
 from libra_jax.models.postprocess import Detections, nms_detections
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.assign import max_iou_assign
-from libra_jax.ops.sample import balanced_positives_negatives, random_positives_negatives
+from libra_jax.ops.sample import SAMPLERS
 
 
 class BBoxHead(nn.Module):
@@ -80,9 +82,9 @@ def sample_rois(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, i
   """Assigns the proposals of one image (gts added as proposals) and samples ``cfg.sampler.num``.
 
   The gts are prepended to the candidates and assigned to themselves with IoU
-  1 (mmdetection's ``add_gt_as_proposals``). The sampler is ``"random"``
-  (baseline) or ``"libra"`` (instance-balanced positives + IoU-balanced
-  negatives).
+  1 (mmdetection's ``add_gt_as_proposals``). The sampler is chosen by name
+  from :data:`~libra_jax.ops.sample.SAMPLERS`: ``"random"`` (baseline) or
+  ``"libra"`` (instance-balanced positives + IoU-balanced negatives).
 
   Args:
     key: PRNG key.
@@ -108,14 +110,9 @@ def sample_rois(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, i
   gt_inds = jnp.where(candidate_valid, gt_inds, -1)
   max_iou = jnp.where(candidate_valid, max_iou, 0.0)
 
-  sampler = dict(cfg["sampler"])
-  kind = sampler.pop("type")
-  if kind == "random":
-    positives, negatives = random_positives_negatives(key, gt_inds, valid=candidate_valid, **sampler)
-  elif kind == "libra":
-    positives, negatives = balanced_positives_negatives(key, gt_inds, max_iou, valid=candidate_valid, **sampler)
-  else:
-    raise ValueError(f"unknown R-CNN sampler {kind!r}; use 'random' or 'libra'")
+  hparams = dict(cfg["sampler"])
+  sampler = SAMPLERS.get(hparams.pop("type"))
+  positives, negatives = sampler(key, gt_inds, max_iou=max_iou, valid=candidate_valid, **hparams)
 
   # Positives first, then negatives, then the rest: the first `num` rows are the sample.
   order = jnp.argsort(jnp.where(positives, 0, jnp.where(negatives, 1, 2)), stable=True)[:num]
@@ -130,6 +127,49 @@ def sample_rois(key, proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, i
                                  jnp.where(is_positive[:, None], matched_boxes, unit), stds=cfg["target_stds"])
   return SampledRoIs(rois=rois, valid=valid, labels=labels, is_positive=is_positive, deltas=deltas,
                      matched_boxes=matched_boxes, max_iou=max_iou[order])
+
+
+def rcnn_loss(cls_logits, reg_deltas, sampled: SampledRoIs, example_valid, cfg: Dict,
+              axis_name: Optional[str] = None) -> Dict[str, jnp.ndarray]:
+  """R-CNN losses of a batch given its sampled RoIs and the box head's outputs on them.
+
+  Both losses are normalized by the number of sampled RoIs of the global batch
+  (summed over ``axis_name`` too), so each device's losses are its share of
+  the global-batch loss.
+
+  Args:
+    cls_logits: ``[B, S, C + 1]`` float32 class logits (C is background).
+    reg_deltas: ``[B, S, 4C]`` float32 class-specific deltas.
+    sampled: :class:`SampledRoIs` with a leading batch axis ``[B, S, ...]``.
+    example_valid: ``[B]`` float32, 0 for padding examples.
+    cfg: the model's ``rcnn`` section: ``loss_cls``, ``loss_bbox`` (loss
+      configs) and ``target_stds``.
+    axis_name: the data-parallel mesh axis, or None.
+
+  Returns:
+    float32 scalars: ``loss_cls``, ``loss_bbox``, and the diagnostics
+    ``num_pos_rois`` (sampled positives per example), ``mean_pos_iou`` (their
+    mean IoU with their gt) and ``rcnn_accuracy`` (over the valid samples).
+  """
+  num_classes = cls_logits.shape[-1] - 1
+  roi_weights = sampled.valid * example_valid[:, None]
+  num_rois = jnp.maximum(losses.global_sum(jnp.sum(roi_weights), axis_name), 1.0)
+  loss_cls = losses.build_loss(cfg["loss_cls"])(cls_logits, sampled.labels, roi_weights, num_rois)
+  pos_weights = (sampled.is_positive * example_valid[:, None]).astype(jnp.float32)
+  own_deltas = jax.vmap(functools.partial(class_deltas, num_classes=num_classes))(reg_deltas, sampled.labels)
+  loss_bbox = losses.box_regression_loss(losses.build_loss(cfg["loss_bbox"]), own_deltas, sampled.rois,
+                                         sampled.deltas, sampled.matched_boxes, pos_weights, num_rois,
+                                         stds=cfg["target_stds"])
+  predicted = jnp.argmax(cls_logits, axis=-1)
+  return {"loss_cls": loss_cls, "loss_bbox": loss_bbox,
+          "num_pos_rois": jnp.sum(pos_weights) / cls_logits.shape[0],
+          "mean_pos_iou": _masked_mean(sampled.max_iou, pos_weights > 0),
+          "rcnn_accuracy": _masked_mean((predicted == sampled.labels).astype(jnp.float32), roi_weights > 0)}
+
+
+def _masked_mean(values, mask):
+  """Mean of ``values`` where ``mask``; 0 where nothing is masked in."""
+  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def class_deltas(deltas, labels, num_classes: int):

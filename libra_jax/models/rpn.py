@@ -1,18 +1,21 @@
 """Region proposal network: head, training targets and losses, proposals.
 
 The head is a Flax module (``rpn_conv``, ``rpn_cls``, ``rpn_reg`` as in
-mmdetection); targets, losses and proposal generation are pure functions of
-one image, vmapped over the batch by the detector. Anchor rows run over
+mmdetection); targets and proposal generation are pure functions of one image,
+vmapped over the batch (by :func:`rpn_loss` and the detector), and
+:func:`rpn_loss` gives the losses of a batch. Anchor rows run over
 levels, then (y, x, anchor) as in :mod:`libra_jax.ops.anchors`, which is also
 the order in which the head's NHWC outputs flatten.
 """
 
-from typing import Any, Dict, NamedTuple, Sequence, Tuple
+import functools
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from libra_jax import losses
 from libra_jax.models.layers import conv2d
 from libra_jax.models.postprocess import drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
@@ -83,6 +86,43 @@ def rpn_targets(key, anchors, anchor_valid, gt_boxes, gt_valid, ignore_boxes, ig
   return RPNTargets(labels=positives.astype(jnp.float32), label_weights=sampled.astype(jnp.float32),
                     deltas=deltas, delta_weights=positives.astype(jnp.float32),
                     num_samples=jnp.maximum(jnp.sum(sampled, dtype=jnp.int32), 1))
+
+
+def rpn_loss(keys, logits, deltas, anchors, anchor_valid, gt_boxes, gt_valid, ignore_valid, example_valid,
+             train_cfg: Dict, loss_cfg: Dict, axis_name: Optional[str] = None) -> Dict[str, jnp.ndarray]:
+  """RPN losses of a batch: each image's anchor targets, then the objectness and box losses.
+
+  Both losses are normalized by the number of sampled anchors of the global
+  batch (summed over ``axis_name`` too), so each device's losses are its
+  share of the global-batch loss.
+
+  Args:
+    keys: ``[B]`` PRNG keys for the anchor sampler.
+    logits: ``[B, N]`` float32 objectness logits; deltas: ``[B, N, 4]`` float32.
+    anchors: ``[N, 4]`` xyxy pixels, all levels (the same for every image).
+    anchor_valid: ``[B, N]`` bool, anchors on each image's own padded area.
+    gt_boxes: ``[B, G, 4]`` xyxy pixels; gt_valid: ``[B, G]`` bool.
+    ignore_valid: ``[B, G]`` bool, the rows of ``gt_boxes`` that are crowd regions.
+    example_valid: ``[B]`` float32, 0 for padding examples.
+    train_cfg: ``assigner`` and ``sampler`` (see :func:`rpn_targets`).
+    loss_cfg: the model's ``rpn`` section: ``loss_cls`` and ``loss_bbox`` (a
+      ``"deltas"`` loss) configs.
+    axis_name: the data-parallel mesh axis, or None.
+
+  Returns:
+    float32 scalars ``loss_rpn_cls``, ``loss_rpn_bbox`` and the diagnostic
+    ``rpn_num_pos`` (sampled positive anchors per example).
+  """
+  targets = jax.vmap(functools.partial(rpn_targets, anchors=anchors, cfg=train_cfg))(
+      key=keys, anchor_valid=anchor_valid, gt_boxes=gt_boxes, gt_valid=gt_valid, ignore_boxes=gt_boxes,
+      ignore_valid=ignore_valid)
+  num_samples = losses.global_sum(jnp.sum(targets.num_samples * example_valid), axis_name)
+  label_weights = targets.label_weights * example_valid[:, None]
+  delta_weights = targets.delta_weights * example_valid[:, None]
+  loss_cls = losses.build_loss(loss_cfg["loss_cls"])(logits, targets.labels, label_weights, num_samples)
+  loss_bbox = losses.build_loss(loss_cfg["loss_bbox"])(deltas, targets.deltas, delta_weights[..., None], num_samples)
+  return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox,
+          "rpn_num_pos": jnp.sum(targets.delta_weights) / logits.shape[0]}
 
 
 class Proposals(NamedTuple):

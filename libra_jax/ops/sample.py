@@ -10,12 +10,21 @@ parity with the reference is statistical.
 Building blocks: each candidate draws a uniform key; sorting by (group, key)
 ranks candidates within their group at random, and "choose k at random" is
 "rank < k". No loops over boxes, bins or instances.
+
+The positive/negative samplers are registered in :data:`SAMPLERS` under the
+names a config's ``sampler.type`` uses (``"random"``, ``"libra"``); each is
+called as ``sampler(key, gt_inds, max_iou=..., valid=..., num=...,
+pos_fraction=..., **hparams) -> (positives [N] bool, negatives [N] bool)``.
 """
 
 from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+
+from libra_jax.registry import Registry
+
+SAMPLERS = Registry("sampler")
 
 
 def _random_ranks(key, groups):
@@ -77,9 +86,10 @@ def choose_per_group(key, groups, candidates, quota) -> jnp.ndarray:
   return candidates & (rank < quota)
 
 
+@SAMPLERS.register("random")
 def random_positives_negatives(key, gt_inds, num: int, pos_fraction: float,
                                neg_pos_ub: float = -1,
-                               valid=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
+                               valid=None, max_iou=None) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """mmdetection's ``RandomSampler`` (RPN, baseline RoI head).
 
   Up to ``int(num * pos_fraction)`` positives at random; negatives fill the
@@ -94,10 +104,13 @@ def random_positives_negatives(key, gt_inds, num: int, pos_fraction: float,
     neg_pos_ub: the largest negatives-to-positives ratio; < 0 for none.
     valid: optional ``[N]`` bool; invalid candidates (padding, anchors off the
       image) are never chosen.
+    max_iou: unused (the draw ignores IoU); taken so that every registered
+      sampler is called alike.
 
   Returns:
     ``(positives [N] bool, negatives [N] bool)``.
   """
+  del max_iou
   pos_key, neg_key = jax.random.split(key)
   gt_inds = jnp.asarray(gt_inds)
   valid = jnp.ones(gt_inds.shape, bool) if valid is None else jnp.asarray(valid, bool)
@@ -205,6 +218,7 @@ def instance_balanced_positives(key, gt_inds, num) -> jnp.ndarray:
                                       num - jnp.sum(per_instance, dtype=jnp.int32))
 
 
+@SAMPLERS.register("libra")
 def balanced_positives_negatives(key, gt_inds, max_iou, num: int, pos_fraction: float,
                                  floor_thr: float = -1, floor_fraction: float = 0.0,
                                  num_bins: int = 3,

@@ -276,3 +276,35 @@ def test_samplers_compile_once_and_vmap_over_a_batch():
       np.testing.assert_array_equal(positives[b], single_pos)
       np.testing.assert_array_equal(negatives[b], single_neg)
   assert draw._cache_size() == 1
+
+
+def test_samplers_are_chosen_by_name_and_an_unknown_name_lists_the_known_ones():
+  assert sample.SAMPLERS.get("random") is sample.random_positives_negatives
+  assert sample.SAMPLERS.get("libra") is sample.balanced_positives_negatives
+  with pytest.raises(KeyError, match="unknown sampler 'balanced'; known: libra, random"):
+    sample.SAMPLERS.get("balanced")
+  with pytest.raises(ValueError, match="'random' is already registered"):
+    sample.SAMPLERS.register("random")(sample.random_positives_negatives)
+
+
+def test_a_registered_sampler_is_used_by_the_rcnn_stage():
+  from libra_jax.models import roi_head
+
+  @sample.SAMPLERS.register("test_negatives_only")
+  def negatives_only(key, gt_inds, num, pos_fraction, valid=None, max_iou=None):
+    del key, num, pos_fraction, max_iou
+    return jnp.zeros(gt_inds.shape, bool), (gt_inds == 0) & valid
+
+  try:
+    gt = jnp.array([[0, 0, 20, 20], [40, 40, 60, 60]], jnp.float32)
+    proposals = jnp.array([[0, 0, 20, 16], [100, 100, 110, 110], [41, 41, 60, 60]], jnp.float32)
+    cfg = dict(assigner=dict(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, match_low_quality=False),
+               target_stds=(0.1, 0.1, 0.2, 0.2), sampler=dict(type="test_negatives_only", num=8, pos_fraction=0.25))
+    sampled = roi_head.sample_rois(jax.random.key(0), proposals, jnp.ones(3, bool), gt, jnp.array([2, 0]),
+                                   jnp.ones(2, bool), gt, jnp.zeros(2, bool), num_classes=3, cfg=cfg)
+    # 4 of the 5 candidates are positives (both gts, IoU 0.8 and 0.9); the sampler keeps only the negative.
+    assert not sampled.is_positive.any() and int(sampled.valid.sum()) == 1
+    np.testing.assert_array_equal(sampled.rois[0], [100, 100, 110, 110])
+    assert int(sampled.labels[0]) == 3
+  finally:
+    sample.SAMPLERS.pop("test_negatives_only")

@@ -4,48 +4,40 @@ Command-line overrides reach any config value (``--config.global_batch_size=8``,
 ``--config.data.dataset=coco/2017``). Started again in the same work directory,
 training resumes from the latest checkpoint. ``--mode=eval`` evaluates the
 latest checkpoint of DIR, or ``--checkpoint=FILE`` (e.g. an mmdetection model),
-without training.
+without training. A mistake prints one line (``--verbose`` for a traceback).
 """
 
-import logging
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summaries.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate), or only evaluate.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "With --mode=eval: a weights file to evaluate instead of "
-                                  "the latest checkpoint of --workdir (.pth, .safetensors or .npz).")
-flags.mark_flags_as_required(["config", "workdir"])
+from libra_jax import cli  # noqa: E402
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("libra_jax").setLevel(logging.INFO)
-  config = _CONFIG.value
-  if config.distributed:
-    import jax
-    jax.distributed.initialize()
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics.jsonl and summaries")
+  parser.add_argument("--mode", choices=("train", "eval"), default="train",
+                      help="train (and evaluate), or only evaluate")
+  parser.add_argument("--checkpoint", help="with --mode=eval: a weights file to evaluate instead of the latest "
+                      "checkpoint of --workdir (.pth, .safetensors or .npz)")
+  args = parser.parse_args(argv)
+  if args.checkpoint and args.mode != "eval":
+    parser.error("--checkpoint goes with --mode=eval (training resumes from --workdir's own checkpoints)")
+  cli.check_workdir(args.workdir)
+  if args.config.distributed:
+    from libra_jax import distributed
+    distributed.initialize(args.config)
+  from libra_jax.evaluation import driver
   from libra_jax.training import loop
-  if _MODE.value == "eval":
-    metrics = loop.evaluate_checkpoint(config, _WORKDIR.value, _CHECKPOINT.value)
+  if args.mode == "eval":
+    metrics = driver.evaluate_checkpoint(args.config, args.workdir, args.checkpoint)
   else:
-    metrics = loop.train_and_evaluate(config, _WORKDIR.value)
-  print(loop.format_metrics(metrics))
+    metrics = loop.train_and_evaluate(args.config, args.workdir)
+  print(driver.format_metrics(metrics))
+  return 0
 
 
 if __name__ == "__main__":
-  from libra_jax.training.loop import ConfigError, NonFiniteLossError
-  try:
-    app.run(main)
-  except (ConfigError, FileNotFoundError, NonFiniteLossError) as error:
-    sys.exit(f"error: {error}")
+  cli.run(main)

@@ -9,12 +9,12 @@ from 8 to 400 px; detections are jittered copies of the objects plus
 clutter, 100 per image as the test settings keep.
 """
 
-import argparse
 import json
 import time
 
 import numpy as np
 
+from libra_jax import cli
 from libra_jax.evaluation.coco_eval import CocoAccumulator
 from libra_jax.models.postprocess import Detections
 
@@ -80,12 +80,16 @@ def bench_coco_eval(num_images: int = 5000, per_image: int = 100, batch_size: in
           "cocoeval_s": round(time.perf_counter() - start, 2), "AP": round(metrics["AP"], 3)}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python benchmarks/bench_coco_eval.py", description=__doc__.split("\n")[0],
+                              config=None)
   parser.add_argument("--images", type=int, default=5000)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.images < 1:
+    parser.error(f"--images must be at least 1, got {args.images}")
   print(json.dumps(bench_coco_eval(args.images)))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

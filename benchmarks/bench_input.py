@@ -6,12 +6,14 @@ Two cases, one JSON line each:
     to COCO's 1333 x 800 scale into 800 x 1344 / 1344 x 800 buckets.
 
     python benchmarks/bench_input.py [--batches=40] [--tfds_data_dir=DIR]
+    python benchmarks/bench_input.py --config=FILE[:arg] [--config.KEY=VALUE ...] [--batches=40]
 
 Datasets are prepared in a temporary directory unless ``--tfds_data_dir`` is
-given. The time to read the metadata (``setup_seconds``) is reported apart.
+given. With ``--config``, one case instead: the training stream of that
+experiment's ``config.data``, in batches of its ``global_batch_size`` (one
+process). The time to read the metadata (``setup_seconds``) is reported apart.
 """
 
-import argparse
 import io
 import json
 import pathlib
@@ -21,6 +23,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from libra_jax import cli
 from libra_jax.data import default_data_config, pipeline, shapes
 
 COCO_SIZED_IMAGES = 64
@@ -70,11 +73,19 @@ def measure(name: str, data_config, batch_size: int, batches: int) -> dict:
           "setup_seconds": round(setup, 2)}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python benchmarks/bench_input.py", description=__doc__.split("\n")[0],
+                              config="optional")
   parser.add_argument("--batches", type=int, default=40)
-  parser.add_argument("--tfds_data_dir", default=None)
-  args = parser.parse_args()
+  parser.add_argument("--tfds_data_dir", default=None, help="without --config: where the two datasets are prepared")
+  args = parser.parse_args(argv)
+  if args.batches < 1:
+    parser.error(f"--batches must be at least 1, got {args.batches}")
+  if args.config is not None:
+    pipeline.dataset_info(args.config.data)
+    print(json.dumps(measure(args.config.data.dataset, args.config.data, args.config.global_batch_size,
+                             args.batches)), flush=True)
+    return 0
   with tempfile.TemporaryDirectory() as scratch:
     data_dir = args.tfds_data_dir or str(pathlib.Path(scratch) / "tfds")
     data = default_data_config("shapes")
@@ -86,7 +97,8 @@ def main():
                                                                   COCO_SIZED_IMAGES))
     pipeline.dataset_info(data)
     print(json.dumps(measure("coco_sized", data, 2, args.batches)), flush=True)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

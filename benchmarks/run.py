@@ -60,7 +60,6 @@ Output: a table on stdout; with ``--json``, one JSON object per row on stdout
 instead and the table on stderr. Progress goes to stderr.
 """
 
-import argparse
 import concurrent.futures
 import datetime
 import importlib.metadata
@@ -79,6 +78,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # the row functions, in the worker processes: this process stays small (its memory would otherwise count in the
 # workers' peak RSS) and torch stays optional.
 sys.path.insert(0, str(ROOT))
+from libra_jax import cli  # noqa: E402  (argparse and logging only)
 
 CONFIGS = {"libra_faster_rcnn": "configs/libra_faster_rcnn_r50_fpn_1x_coco.py",
            "faster_rcnn": "configs/faster_rcnn_r50_fpn_1x_coco.py",
@@ -173,8 +173,8 @@ def synthetic_batch(height: int, width: int, batch: int, max_instances: int, see
 def detector_config(row: Dict[str, Any]):
   """The experiment config of a row: its config file, its backbone depth, and its Libra part (if any)."""
   from configs import base_faster_rcnn
-  from libra_jax.tools.summary import load_config
-  config = load_config(ROOT / CONFIGS[row["config"]])
+  from libra_jax.config_loader import load_config
+  config = load_config(str(ROOT / CONFIGS[row["config"]]))
   config.model.backbone.depth = row["depth"]
   libra = base_faster_rcnn.model_config(libra=True)
   if row["part"] == "bfp":
@@ -216,8 +216,9 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   import jax.numpy as jnp
   from libra_jax.models.detectors import build_detector
   from libra_jax.training import optim
-  from libra_jax.training.step import (TrainState, batch_sharding, make_mesh, make_predict_step, make_train_step,
-                                       replicated)
+  from libra_jax.evaluation.driver import make_predict_step
+  from libra_jax.runtime import batch_sharding, make_mesh, replicated
+  from libra_jax.training.step import TrainState, make_train_step
 
   config = detector_config(row)
   model = build_detector(config.model)
@@ -409,8 +410,8 @@ def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
     return dict(row, error=f"{type(error).__name__}: {error}")
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n")[0], config=None)
   parser.add_argument("--quick", action="store_true", help="ResNet-18, 256x256 batch 1, fewer rows (minutes)")
   parser.add_argument("--json", action="store_true", help="JSON lines on stdout, the table on stderr")
   args = parser.parse_args(argv)
@@ -440,7 +441,8 @@ def main(argv=None):
     for result in results:
       print(json.dumps(dict(result, matmul_flops_per_sec=matmul_rate)))
   print(table, file=sys.stderr if args.json else sys.stdout)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

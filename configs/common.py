@@ -31,8 +31,12 @@ def run_config(config: ml_collections.ConfigDict, train_images: int, epochs: int
   config.keep = 3
   config.skip_nonfinite = False
   config.compilation_cache_dir = ""
-  # Multi-host (TPU pods, multi-node GPU): call jax.distributed.initialize() before anything else.
+  # Several processes (TPU pods, multi-node GPU, local CPU processes over gloo): libra_jax/distributed.py.
+  # With distributed=True alone, JAX detects the topology on Cloud TPU, SLURM and Open MPI.
   config.distributed = False
+  config.coordinator_address = ""   # HOST:PORT of process 0
+  config.num_processes = 0
+  config.process_id = 0
   config.optim = dict(lr_per_16=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=500, warmup_ratio=0.001,
                       milestone_epochs=(8, 11), gamma=0.1, grad_clip_norm=0.0)
   return config

@@ -1,10 +1,11 @@
 """Are the three Libra parts complementary? Train the baseline, each part alone, and all three.
 
-``python -m libra_jax.ablation --workdir=DIR [--steps N]`` (from the repository root)
+``python -m libra_jax.ablation --workdir=DIR [--steps N] [--config=FILE[:arg]] [--config.KEY=VALUE ...]``
 
-Every row is ``configs/shapes_libra_faster_rcnn.get_config("hard")`` (the
-harder shapes variant: small objects, clutter) with some Libra parts switched
-back to the Faster R-CNN baseline's values of
+Every row is the ``--config`` experiment, by default
+``configs/shapes_libra_faster_rcnn.py:hard`` (the harder shapes variant: small
+objects, clutter), with its overrides and with some Libra parts switched back
+to the Faster R-CNN baseline's values of
 ``base_faster_rcnn.model_config(libra=False)``:
 
 - IoU-balanced sampling: the R-CNN sampler (``"libra"`` or ``"random"``, with
@@ -30,11 +31,10 @@ printed), ``DIR/ablation.png`` (a bar chart of the six COCO APs) and
 ``DIR/ablation.json`` (the metrics per row).
 """
 
-import argparse
+import copy
 import json
 import os
 import pathlib
-import sys
 from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,11 +42,12 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import ml_collections  # noqa: E402
 
-from configs import base_faster_rcnn, shapes_libra_faster_rcnn  # noqa: E402
+from configs import base_faster_rcnn  # noqa: E402
+from libra_jax import cli, config_loader  # noqa: E402
 from libra_jax.training import loop  # noqa: E402
 
 DEFAULT_STEPS = 500
-VARIANT = "hard"
+DEFAULT_CONFIG = f"{config_loader.REPO_ROOT / 'configs' / 'shapes_libra_faster_rcnn.py'}:hard"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # The three parts, in the paper's order, with their column names in the table.
 PARTS = (("sampling", "IoU-balanced sampling"), ("bfp", "balanced feature pyramid"), ("loss", "balanced L1"))
@@ -91,9 +92,11 @@ def scale_schedule(config: ml_collections.ConfigDict, steps: int) -> None:
   config.total_steps = steps
 
 
-def row_config(row: Row, steps: int = DEFAULT_STEPS) -> ml_collections.ConfigDict:
-  """The shapes-hard Libra config with the parts ``row`` lacks switched off, trained for ``steps``."""
-  config = shapes_libra_faster_rcnn.get_config(VARIANT)
+def row_config(row: Row, steps: int = DEFAULT_STEPS,
+               base: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
+  """``base`` (the shapes-hard Libra config by default) with the parts ``row`` lacks switched off, for ``steps``."""
+  config = copy.deepcopy(base if base is not None else config_loader.load_config(DEFAULT_CONFIG))
+  config.unlock()
   for part, _ in PARTS:
     if part not in row.parts:
       switch_off(config.model, part)
@@ -114,7 +117,8 @@ def run_header(workdir, steps: int, config: ml_collections.ConfigDict) -> str:
           f"COCO metrics on `{config.data.eval_split}`.")
 
 
-def run_ablation(workdir, steps: int = DEFAULT_STEPS) -> List[Tuple[Row, Dict[str, float]]]:
+def run_ablation(workdir, steps: int = DEFAULT_STEPS,
+                 base: Optional[ml_collections.ConfigDict] = None) -> List[Tuple[Row, Dict[str, float]]]:
   """Trains (or reads) every row in ``workdir/<slug>`` and writes the table, chart and JSON.
 
   Returns ``(row, COCO metrics)`` pairs in ``ROWS`` order.
@@ -122,7 +126,7 @@ def run_ablation(workdir, steps: int = DEFAULT_STEPS) -> List[Tuple[Row, Dict[st
   workdir = pathlib.Path(workdir)
   results = []
   for index, row in enumerate(ROWS, 1):
-    config = row_config(row, steps)
+    config = row_config(row, steps, base)
     row_dir = workdir / row.slug
     metrics = finished_metrics(row_dir, config.total_steps)
     if metrics is None:
@@ -189,8 +193,9 @@ def write_json(path, results: Sequence[Tuple[Row, Dict[str, float]]], header: st
   pathlib.Path(path).write_text(json.dumps({"run": header, "rows": rows}, indent=1))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python -m libra_jax.ablation", description=__doc__.split("\n")[0],
+                              config="optional", default_config=DEFAULT_CONFIG)
   parser.add_argument("--workdir", required=True, help="one subdirectory per row, plus ablation.md/.png/.json")
   parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                       help=f"training steps per row (default {DEFAULT_STEPS}); the warm-up and the learning-rate "
@@ -201,11 +206,10 @@ def main(argv=None):
   parent = pathlib.Path(args.workdir).resolve().parent
   if not parent.is_dir():
     parser.error(f"--workdir {args.workdir}: its parent directory {parent} does not exist")
-  try:
-    run_ablation(args.workdir, args.steps)
-  except (loop.ConfigError, FileNotFoundError, loop.NonFiniteLossError) as error:
-    sys.exit(f"error: {error}")
+  cli.check_workdir(args.workdir)
+  run_ablation(args.workdir, args.steps, args.config)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -24,6 +24,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import jax
 import numpy as np
 
+from libra_jax.errors import DataError, UserError
+
 # Buffers that PyTorch keeps and Flax has no use for.
 ALWAYS_IGNORED_SUFFIXES = ("num_batches_tracked",)
 
@@ -162,7 +164,9 @@ def state_dict_to_flax(state_dict: Mapping[str, np.ndarray], target: Mapping[str
     if not any(name.startswith(p) for p in ignore_prefixes):
       report.unexpected.append(name)
   if strict and not report.ok:
-    raise ValueError(f"state dict does not match the model:\n{report}")
+    summary = str(report).replace("\n", "; ")
+    raise DataError(f"state dict does not match the model ({summary}); check that the config describes the "
+                    f"model these weights belong to")
   return converted, report
 
 
@@ -177,27 +181,42 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
   if not path.is_file():
     raise FileNotFoundError(f"no checkpoint at {path}")
   suffix = path.suffix.lower()
-  if suffix == ".npz":
-    with np.load(path) as data:
-      return {key: data[key] for key in data.files}
-  if suffix == ".safetensors":
-    try:
-      from safetensors.numpy import load_file
-    except ImportError as error:
-      raise ImportError(f"reading {path.name} needs the safetensors package: pip install safetensors") from error
-    return dict(load_file(str(path)))
-  if suffix in (".pth", ".pt"):
-    try:
-      import torch
-    except ImportError as error:
-      raise ImportError(f"reading {path.name} needs PyTorch: pip install torch (or convert it to .npz or "
-                        f".safetensors where torch is installed)") from error
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
-      checkpoint = checkpoint["state_dict"]
-    return {name: tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
-            for name, tensor in checkpoint.items()}
-  raise ValueError(f"unknown checkpoint format {suffix!r} for {path}; use .npz, .safetensors or .pth")
+  readers = {".npz": _read_npz, ".safetensors": _read_safetensors, ".pth": _read_pth, ".pt": _read_pth}
+  if suffix not in readers:
+    raise DataError(f"unknown checkpoint format {suffix!r} for {path}; use .npz, .safetensors or .pth")
+  try:
+    return readers[suffix](path)
+  except (ImportError, UserError):
+    raise
+  except Exception as error:  # noqa: BLE001  (every reader's own error for a damaged file)
+    raise DataError(f"{path}: cannot read it as a {suffix} state dict ({type(error).__name__}: {error}); the file "
+                    f"is truncated or not a {suffix} file: download or export it again") from error
+
+
+def _read_npz(path: pathlib.Path) -> Dict[str, np.ndarray]:
+  with np.load(path) as data:
+    return {key: data[key] for key in data.files}
+
+
+def _read_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
+  try:
+    from safetensors.numpy import load_file
+  except ImportError as error:
+    raise ImportError(f"reading {path.name} needs the safetensors package: pip install safetensors") from error
+  return dict(load_file(str(path)))
+
+
+def _read_pth(path: pathlib.Path) -> Dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as error:
+    raise ImportError(f"reading {path.name} needs PyTorch: pip install torch (or convert it to .npz or "
+                      f".safetensors where torch is installed)") from error
+  checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+  if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
+    checkpoint = checkpoint["state_dict"]
+  return {name: tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
+          for name, tensor in checkpoint.items()}
 
 
 def _collections(variables: Mapping[str, Any], part: str) -> Dict[str, Any]:

@@ -1,6 +1,6 @@
 """Figures of the imbalance that Libra R-CNN removes.
 
-``python -m libra_jax.diagnostics --out DIR`` writes
+``python -m libra_jax.diagnostics --out=DIR [--config=FILE [--config.KEY=VALUE ...] --workdir=RUN]`` writes
 
 - ``regression_losses.png``: loss and gradient magnitude against the
   regression error ``|x|`` for smooth L1 and balanced L1 at several
@@ -14,7 +14,6 @@
 Each figure comes from a function that also returns the arrays behind it.
 """
 
-import argparse
 import itertools
 import pathlib
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -23,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from libra_jax import losses
+from libra_jax import cli, losses
+from libra_jax.errors import ConfigError
 from libra_jax.ops import sample
 
 BALANCED_L1_SETTINGS = ((0.5, 1.5), (0.3, 1.5), (0.5, 1.0), (0.5, 2.0))
@@ -81,10 +81,11 @@ def model_candidates(config, workdir, num_batches: int = 4) -> List[np.ndarray]:
   from libra_jax.data import pipeline
   from libra_jax.models.detectors import FasterRCNN, build_detector
   from libra_jax.ops.boxes import iou
-  from libra_jax.training.loop import load_trained_variables
+  from libra_jax.evaluation.driver import load_trained_variables
   model = build_detector(config.model)
   if not isinstance(model, FasterRCNN):
-    raise ValueError("proposal diagnostics need a Faster R-CNN config")
+    raise ConfigError(f"config.model.type={config.model.type!r}: the proposal diagnostics need a Faster R-CNN "
+                      f"config (model.type='faster_rcnn')")
   variables = load_trained_variables(config, model, workdir)
   propose = jax.jit(lambda v, b: model.apply(v, b, method=FasterRCNN.proposals))
   per_image = []
@@ -200,25 +201,25 @@ def write_all(out_dir, **histogram_kwargs) -> Dict[str, pathlib.Path]:
   return paths
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python -m libra_jax.diagnostics", description=__doc__.split("\n")[0],
+                              config="optional")
   parser.add_argument("--out", default="runs/diagnostics", help="directory for the PNG files")
-  parser.add_argument("--config", help="with --workdir: take the candidates from a trained Faster R-CNN")
-  parser.add_argument("--workdir", help="training work directory of --config")
+  parser.add_argument("--workdir", help="with --config: take the candidates from this run's trained Faster R-CNN")
   parser.add_argument("--num_batches", type=int, default=4, help="evaluation batches for --workdir")
   args = parser.parse_args(argv)
-  if bool(args.config) != bool(args.workdir):
+  if (args.config is None) != (args.workdir is None):
     parser.error("--config and --workdir go together")
   histogram_kwargs = {}
-  if args.config:
-    from libra_jax.tools.summary import load_config
-    config = load_config(args.config)
-    sampler = config.model.train.rcnn.sampler
-    histogram_kwargs = dict(candidates=model_candidates(config, args.workdir, args.num_batches),
-                            num_negatives=int(sampler.num * (1 - sampler.pos_fraction)))
+  if args.config is not None:
+    cli.check_workdir(args.workdir, must_exist=True)
+    candidates = model_candidates(args.config, args.workdir, args.num_batches)
+    sampler = args.config.model.train.rcnn.sampler
+    histogram_kwargs = dict(candidates=candidates, num_negatives=int(sampler.num * (1 - sampler.pos_fraction)))
   for name, path in write_all(args.out, **histogram_kwargs).items():
     print(f"{name}: {path}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

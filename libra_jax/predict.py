@@ -1,7 +1,9 @@
 """Detect objects in image files and draw them.
 
-``python -m libra_jax.predict --config=configs/<name>.py (--workdir=DIR | --checkpoint=FILE) --out=OUT
-[--eval_images=N] [IMAGE...]``
+``python -m libra_jax.predict --config=configs/<name>.py [--config.KEY=VALUE ...] (--workdir=DIR | --checkpoint=FILE)
+--out=OUT [--eval_images=N] [IMAGE...]``
+
+The config and its overrides are those the model was trained with (README: "One command line").
 
 Each image is resized and normalized as in evaluation and padded to its
 bucket; images of one bucket go through the jit-compiled, data-parallel
@@ -17,7 +19,6 @@ of the config's evaluation split. An unreadable or corrupt image gets a
 one-line error naming the file and is skipped.
 """
 
-import argparse
 import collections
 import io
 import json
@@ -30,11 +31,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from libra_jax import cli, runtime
 from libra_jax.data import pipeline, sources
+from libra_jax.evaluation import driver
 from libra_jax.models.detectors import build_detector
-from libra_jax.tools.summary import load_config
-from libra_jax.training import loop
-from libra_jax.training.step import make_mesh, make_predict_step, replicated
 
 
 def read_rgb(path) -> np.ndarray:
@@ -84,8 +84,8 @@ def draw(image: np.ndarray, detections: List[Dict], path) -> None:
 def detect(config, variables, images: Sequence[np.ndarray], class_names: Sequence[str]) -> List[List[Dict]]:
   """Detections of each ``[H, W, 3]`` uint8 image, in its own pixels (``predict_files``'s JSON entries)."""
   model = build_detector(config.model)
-  mesh = make_mesh()
-  step = make_predict_step(model, mesh)
+  mesh = runtime.make_mesh()
+  step = driver.make_predict_step(model, mesh)
   batch_size = config.eval_batch_size
   prepared = [prepare(image, config.data) for image in images]
   by_bucket = collections.defaultdict(list)
@@ -99,7 +99,7 @@ def detect(config, variables, images: Sequence[np.ndarray], class_names: Sequenc
                                    [np.zeros_like(prepared[chunk[0]][key])] * (batch_size - len(chunk)))
                for key in prepared[chunk[0]]}
       batch["labels"][len(chunk):] = -1
-      output = jax.tree.map(np.asarray, step(variables, loop.to_global(batch, mesh)))
+      output = jax.tree.map(np.asarray, step(variables, runtime.to_global(batch, mesh)))
       for slot, index in enumerate(chunk):
         found[index] = _in_original_pixels(output, slot, batch["scale"][slot], images[index].shape[:2], class_names)
   return found
@@ -170,9 +170,8 @@ def predict_files(config, variables, paths, out_dir) -> Dict[str, List[Dict]]:
   return predict_images(config, variables, read_files(paths), out_dir)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True)
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python -m libra_jax.predict", description=__doc__.split("\n")[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a training work directory (its latest checkpoint)")
   source.add_argument("--checkpoint", help="a weights file (.pth, .safetensors, .npz)")
@@ -184,16 +183,20 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if not args.images and args.eval_images <= 0:
     parser.error("give image files, or --eval_images=N")
-  config = load_config(args.config)
+  if args.eval_images < 0:
+    parser.error(f"--eval_images must be >= 0, got {args.eval_images}")
+  config = args.config
   if args.workdir:
-    loop.enable_compilation_cache(config, pathlib.Path(args.workdir))
+    cli.check_workdir(args.workdir, must_exist=True)
+    runtime.enable_compilation_cache(config, args.workdir)
   model = build_detector(config.model)
-  variables = jax.device_put(loop.load_trained_variables(config, model, args.workdir, args.checkpoint),
-                             replicated(make_mesh()))
+  variables = jax.device_put(driver.load_trained_variables(config, model, args.workdir, args.checkpoint),
+                             runtime.replicated(runtime.make_mesh()))
   named = read_files(args.images) + (read_eval_images(config.data, args.eval_images) if args.eval_images else [])
   results = predict_images(config, variables, named, args.out, args.min_score)
   print(f"{sum(len(v) for v in results.values())} detections in {len(results)} images -> {args.out}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

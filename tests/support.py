@@ -5,6 +5,8 @@ folder's conftest shadows (``from support import ...``; pytest puts tests/ on
 the path for tests/conftest.py).
 """
 
+import functools
+
 import numpy as np
 
 
@@ -25,6 +27,23 @@ def tiny_model_config(family: str = "faster", libra: bool = True, num_classes: i
   model.backbone.update(depth=18, base_channels=8)
   model.neck.out_channels = 16
   return model
+
+
+def tiny_variables(family: str = "faster", libra: bool = True):
+  """Variables of ``build_detector(tiny_model_config(family, libra))`` (key 0), initialized once per process.
+
+  Each call returns fresh copies: a train step donates (and so deletes) the arrays of its state.
+  """
+  import jax
+  return jax.tree.map(lambda x: x.copy(), _initialized(family, libra))
+
+
+@functools.lru_cache(maxsize=None)
+def _initialized(family: str, libra: bool):
+  import jax
+  from libra_jax.models.detectors import build_detector, jitted_init
+  model = build_detector(tiny_model_config(family, libra))
+  return jitted_init(model)(jax.random.key(0), synthetic_batch()["image"])
 
 
 def synthetic_batch(seed: int = 0, batch: int = 2, height: int = 128, width: int = 160, max_instances: int = 6,

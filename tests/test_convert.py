@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from libra_jax import convert
+from libra_jax.errors import DataError
 from libra_jax.models.bfp import BalancedFeaturePyramid
 from libra_jax.models.fpn import FPN
 
@@ -97,6 +98,12 @@ def test_load_state_dict_formats(tmp_path):
   (tmp_path / "weights.h5").write_bytes(b"")
   with pytest.raises(ValueError, match="unknown checkpoint format"):
     convert.load_state_dict(tmp_path / "weights.h5")
+  # A file cut short (an interrupted download) is named, with what to do.
+  for name in ("weights.npz", "weights.safetensors"):
+    whole = (tmp_path / name).read_bytes()
+    (tmp_path / f"cut_{name}").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=f"cut_{name}: cannot read it as a .* state dict .*download or export it"):
+      convert.load_state_dict(tmp_path / f"cut_{name}")
 
 
 def test_bfp_through_the_converter_keeps_mmdetection_names():
@@ -132,18 +139,8 @@ def torchvision_resnet18_state_dict(rng, base_channels=8):
   return {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
 
 
-@pytest.fixture(scope="module")
-def tiny_faster():
-  from support import synthetic_batch, tiny_model_config
-  from libra_jax.models.detectors import build_detector
-  model = build_detector(tiny_model_config("faster"))
-  batch = synthetic_batch()
-  variables = jax.jit(lambda k, b: model.init(k, b, train=False))(jax.random.key(0), batch)
-  return model, variables, batch
-
-
 def test_import_torchvision_backbone(tiny_faster):
-  _, variables, _ = tiny_faster
+  _, variables = tiny_faster
   state_dict = torchvision_resnet18_state_dict(np.random.default_rng(0))
   new, report = convert.import_backbone(state_dict, variables)
   assert report.ok and report.converted == len([k for k in state_dict if not k.startswith("fc.") and
@@ -161,7 +158,9 @@ def test_import_torchvision_backbone(tiny_faster):
 
 
 def test_whole_detector_round_trip_gives_the_same_detections(tiny_faster, tmp_path):
-  model, variables, batch = tiny_faster
+  from support import synthetic_batch
+  model, variables = tiny_faster
+  batch = synthetic_batch()
   state_dict = convert.export_detector(variables)
   assert "roi_head.bbox_head.shared_fcs.0.weight" in state_dict and "neck.1.refine.g.conv.weight" in state_dict
   np.savez(tmp_path / "detector.npz", **state_dict)

@@ -2,16 +2,13 @@
 
 import json
 
-import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from configs import shapes_libra_faster_rcnn
 from support import assert_drawn_where_detected, tiny_model_config
 from libra_jax import predict
 from libra_jax.data import pipeline
-from libra_jax.models.detectors import build_detector
 
 
 def test_prepare_follows_the_input_contract():
@@ -25,14 +22,12 @@ def test_prepare_follows_the_input_contract():
   assert not batch["image"][0, 128:].any()
 
 
-def test_predict_files_writes_pngs_and_json(tmp_path, tmp_path_factory, capsys):
+def test_predict_files_writes_pngs_and_json(tmp_path, shapes_tfds_dir, tiny_faster, capsys):
   config = shapes_libra_faster_rcnn.get_config()
   config.model = tiny_model_config("faster")
-  config.data.tfds_data_dir = str(tmp_path_factory.mktemp("tfds"))
+  config.data.tfds_data_dir = shapes_tfds_dir
   config.eval_batch_size = 2
-  model = build_detector(config.model)
-  variables = jax.jit(lambda k: model.init(k, predict.prepare(np.zeros((120, 160, 3), np.uint8), config.data),
-                                           train=False))(jax.random.key(0))
+  _, variables = tiny_faster
   rng = np.random.default_rng(0)
   Image.fromarray(rng.integers(0, 255, (120, 170, 3), dtype=np.uint8)).save(tmp_path / "a.png")
   Image.fromarray(rng.integers(0, 255, (190, 130), dtype=np.uint8)).save(tmp_path / "gray.png")

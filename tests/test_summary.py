@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from libra_jax import config_loader
+from libra_jax.errors import ConfigError
 from libra_jax.tools import summary
 
 CONFIG = "configs/libra_faster_rcnn_r50_fpn_1x_coco.py"
@@ -11,7 +13,7 @@ CONFIG = "configs/libra_faster_rcnn_r50_fpn_1x_coco.py"
 
 @pytest.fixture(scope="module")
 def libra_r50():
-  return summary.summarize(summary.load_config(CONFIG))
+  return summary.summarize(config_loader.load_config(CONFIG))
 
 
 def test_parameter_counts(libra_r50):
@@ -37,5 +39,14 @@ def test_command_line_json(capsys):
   result = json.loads(capsys.readouterr().out)
   assert {"params_total", "params_trainable", "parts", "flops"} <= set(result)
   assert set(result["parts"]) == {"backbone", "neck", "bbox_head"}
-  with pytest.raises(FileNotFoundError, match="no config"):
+  with pytest.raises(ConfigError, match="config file configs/absent.py does not exist"):
     summary.main(["--config", "configs/absent.py"])
+
+
+def test_command_line_overrides_reach_the_model(capsys):
+  # ResNet-101 instead of 50, nothing else: torchvision's ResNet-101 has 44,549,160 parameters and ResNet-50
+  # 25,557,032, each with a 2,049,000-parameter classifier that detection drops.
+  summary.main(["--config", CONFIG, "--config.model.backbone.depth=101", "--json"])
+  result = json.loads(capsys.readouterr().out)
+  assert result["parts"]["backbone"] == 44_549_160 - 2_049_000
+  assert result["params_total"] == 42_016_224 - (25_557_032 - 2_049_000) + (44_549_160 - 2_049_000)

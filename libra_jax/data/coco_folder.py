@@ -32,6 +32,7 @@ from PIL import Image
 from libra_jax.data import tf_runtime  # noqa: F401  (TensorFlow without accelerators)
 from libra_jax.data.features import detection_features
 from libra_jax.data.report import Report
+from libra_jax.errors import DataError
 
 PATH_KEYS = ("train_annotations", "train_images", "val_annotations", "val_images")
 
@@ -69,9 +70,9 @@ def _categories(annotations: dict, path: str) -> Tuple[List[int], List[str]]:
   """Category ids in increasing order and their names (made unique)."""
   categories = annotations.get("categories") or []
   if not categories:
-    raise ValueError(f"{path} lists no categories")
+    raise DataError(f"{path} lists no categories; add its 'categories' list")
   if not all(isinstance(c, dict) and isinstance(c.get("id"), int) for c in categories):
-    raise ValueError(f"{path}: every category needs an integer id")
+    raise DataError(f"{path}: every category needs an integer id")
   categories = sorted(categories, key=lambda c: c["id"])
   names, seen = [], collections.Counter(str(c.get("name", c["id"])) for c in categories)
   for category in categories:
@@ -186,17 +187,26 @@ class CocoFolder(tfds.core.GeneratorBasedBuilder):
 
 
 def _load(path: str) -> dict:
-  with open(path) as stream:
+  """A COCO annotation file: a JSON object with a non-empty ``images`` list, or a ``DataError`` saying why not."""
+  with open(path, "rb") as stream:
     try:
-      return json.load(stream)
-    except json.JSONDecodeError as error:
-      raise ValueError(f"{path} is not valid JSON: {error}") from error
+      annotations = json.load(stream)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+      raise DataError(f"{path} is not valid JSON ({error}); point the config at a COCO annotation file "
+                      f"(instances_*.json)") from error
+  if not isinstance(annotations, dict):
+    raise DataError(f"{path}: a COCO annotation file is a JSON object with images, annotations and categories; "
+                    f"this one's root is a {type(annotations).__name__}")
+  if not annotations.get("images"):
+    raise DataError(f"{path} lists no images; a COCO annotation file needs an 'images' list (and "
+                    f"'annotations' and 'categories')")
+  return annotations
 
 
 def _check_images(annotations: dict) -> None:
   for position, image in enumerate(annotations.get("images", [])):
     if not isinstance(image, dict) or not isinstance(image.get("id"), int):
-      raise ValueError(f"images[{position}] of the annotations has no integer id: {image!r:.200}")
+      raise DataError(f"images[{position}] of the annotations has no integer id: {image!r:.200}")
 
 
 def _area(annotation: dict, box: tfds.features.BBox, width: int, height: int) -> int:

@@ -4,6 +4,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from libra_jax.data import geometry
+from libra_jax.errors import ConfigError
 
 # COCO's reference preprocessing (LIBRA_SPEC.md section 1.1).
 COCO_SCALE = (1333, 800)
@@ -60,11 +61,11 @@ def check_data_config(data_config) -> None:
   """Raises ``ValueError`` naming the first key of ``config.data`` that cannot work."""
   geometry.check_buckets(data_config.scale, data_config.buckets)
   if data_config.max_instances < 1:
-    raise ValueError(f"data.max_instances must be at least 1, got {data_config.max_instances}")
+    raise ConfigError(f"data.max_instances must be at least 1, got {data_config.max_instances}")
   if not 0.0 <= data_config.flip_prob <= 1.0:
-    raise ValueError(f"data.flip_prob must be in [0, 1], got {data_config.flip_prob}")
+    raise ConfigError(f"data.flip_prob must be in [0, 1], got {data_config.flip_prob}")
   if data_config.min_size < 0:
-    raise ValueError(f"data.min_size must be >= 0, got {data_config.min_size}")
+    raise ConfigError(f"data.min_size must be >= 0, got {data_config.min_size}")
   if len(data_config.mean) != 3 or len(data_config.std) != 3 or min(data_config.std) <= 0:
-    raise ValueError(f"data.mean and data.std must be 3 RGB values with std > 0, got {data_config.mean} and "
-                     f"{data_config.std}")
+    raise ConfigError(f"data.mean and data.std must be 3 RGB values with std > 0, got {data_config.mean} and "
+                      f"{data_config.std}")

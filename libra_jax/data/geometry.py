@@ -8,6 +8,8 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from libra_jax.errors import ConfigError
+
 Bucket = Tuple[int, int]
 
 
@@ -48,16 +50,16 @@ def check_buckets(scale: Sequence[int], buckets: Sequence[Bucket]) -> None:
   portrait one into ``long_max x short_max``; a bucket must hold each.
   """
   if len(scale) != 2 or min(scale) <= 0:
-    raise ValueError(f"data.scale must be (long_max, short_max) in pixels, got {tuple(scale)}")
+    raise ConfigError(f"data.scale must be (long_max, short_max) in pixels, got {tuple(scale)}")
   if not buckets:
-    raise ValueError("data.buckets is empty; give padded (H, W) shapes, e.g. ((800, 1344), (1344, 800))")
+    raise ConfigError("data.buckets is empty; give padded (H, W) shapes, e.g. ((800, 1344), (1344, 800))")
   for bucket in buckets:
     if len(bucket) != 2 or min(bucket) <= 0 or bucket[0] % 32 or bucket[1] % 32:
-      raise ValueError(f"bucket {tuple(bucket)} of data.buckets must be (H, W) with both sides positive multiples "
-                       f"of 32")
+      raise ConfigError(f"bucket {tuple(bucket)} of data.buckets must be (H, W) with both sides positive multiples "
+                        f"of 32")
   long_max, short_max = max(scale), min(scale)
   for name, (height, width) in (("landscape", (short_max, long_max)), ("portrait", (long_max, short_max))):
     if bucket_index(height, width, buckets) < 0:
-      raise ValueError(f"no bucket of data.buckets {tuple(map(tuple, buckets))} holds a {name} image resized to "
-                       f"data.scale {tuple(scale)} (up to {height} x {width} pixels); add a bucket of at least "
-                       f"({-(-height // 32) * 32}, {-(-width // 32) * 32})")
+      raise ConfigError(f"no bucket of data.buckets {tuple(map(tuple, buckets))} holds a {name} image resized to "
+                        f"data.scale {tuple(scale)} (up to {height} x {width} pixels); add a bucket of at least "
+                        f"({-(-height // 32) * 32}, {-(-width // 32) * 32})")

@@ -3,18 +3,16 @@
     python -m libra_jax.data.inspect --config=configs/shapes_libra_faster_rcnn.py \\
         [--split=train|validation] [--num_batches=N] [--batch_size=B] [--out=DIR] [--json]
 
-``--config`` is a Python file with ``get_config()`` (``path.py:arg`` passes
-``arg``), whose ``.data`` is the data config. ``--split=train`` reads the
+``--config=FILE[:arg]`` and ``--config.KEY=VALUE`` name the experiment as in
+every command (README: "One command line"); its ``.data`` is what is read. ``--split=train`` reads the
 training stream, ``validation`` the evaluation one. ``--out`` writes one PNG
 per batch: the images de-normalized, boxes in green (crowd regions in red)
 with their class names, padding slots dimmed. ``--json`` prints the report as
 one JSON object.
 """
 
-import argparse
 import collections
 import contextlib
-import importlib.util
 import json
 import pathlib
 import sys
@@ -24,21 +22,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from libra_jax import cli
 from libra_jax.data import pipeline
 
 BOX_COLOUR = (0, 255, 0)
 CROWD_COLOUR = (255, 0, 0)
-
-
-def load_config(spec: str):
-  """``path.py`` or ``path.py:arg`` -> the file's ``get_config()`` (or ``get_config(arg)``)."""
-  path, _, argument = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-  if module_spec is None or not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f"no config file {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(argument) if argument else module.get_config()
 
 
 def draw_batch(batch: Dict[str, np.ndarray], mean: Sequence[float], std: Sequence[float],
@@ -116,20 +104,21 @@ def _print_report(report: Dict[str, object]) -> None:
         f"(setup {report['setup_seconds']:.1f} s)")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m libra_jax.data.inspect", description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="config file (path.py or path.py:arg)")
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python -m libra_jax.data.inspect", description=__doc__.split("\n")[0])
   parser.add_argument("--split", choices=("train", "validation"), default="train")
   parser.add_argument("--num_batches", type=int, default=10)
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--out", type=pathlib.Path, help="directory for PNG grids of the batches")
   parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
   args = parser.parse_args(argv)
+  for name in ("num_batches", "batch_size"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
   # TFDS prints while it prepares a dataset; keep stdout for the report alone.
   with contextlib.redirect_stdout(sys.stderr):
-    config = load_config(args.config)
-    report = inspect(config.data, args.split, args.num_batches, args.batch_size, seed=config.get("seed", 0),
-                     out=args.out)
+    report = inspect(args.config.data, args.split, args.num_batches, args.batch_size,
+                     seed=args.config.get("seed", 0), out=args.out)
   if args.json:
     print(json.dumps(report))
   else:
@@ -138,4 +127,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

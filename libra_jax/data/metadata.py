@@ -25,6 +25,7 @@ from PIL import Image
 from libra_jax.data import images, records
 from libra_jax.data.report import Report
 from libra_jax.data.tf_runtime import tf
+from libra_jax.errors import DataError
 
 # Boxes narrower or shorter than this (pixels) are dropped. The tolerance
 # absorbs the float32 rounding of TFDS's normalized coordinates.
@@ -118,9 +119,9 @@ def _check_features(builder: tfds.core.DatasetBuilder) -> None:
     except KeyError:
       missing.append("/".join(path))
   if missing:
-    raise ValueError(f"{builder.info.full_name} lacks the features {missing} of TFDS's coco/2017 (image, image/id, "
-                     f"image/filename, objects with bbox, label, is_crowd); the pipeline reads detection datasets "
-                     f"with those features")
+    raise DataError(f"{builder.info.full_name} lacks the features {missing} of TFDS's coco/2017 (image, image/id, "
+                    f"image/filename, objects with bbox, label, is_crowd); the pipeline reads detection datasets "
+                    f"with those features")
 
 
 def _decoder_message(error: Exception) -> str:
@@ -230,8 +231,8 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) 
     per_image[row] = _pixel_boxes(example, report, name)
   report.totals["boxes"] = boxes_seen
   if len(positions) != count:
-    raise ValueError(f"{source}: the record files hold {len(positions)} of the {count} examples their split info "
-                     f"lists; prepare the dataset again")
+    raise DataError(f"{source}: the record files hold {len(positions)} of the {count} examples their split info "
+                    f"lists; prepare the dataset again")
   index = records.make_index(instructions, positions)
   for row in np.flatnonzero(~decodable):
     filename[row], detail = _undecodable(builder, index, row)

@@ -35,6 +35,7 @@ from libra_jax.data.config import check_data_config
 from libra_jax.data.plan import PlannedBatch, TrainPlan, eval_plan
 from libra_jax.data.report import Report, stats
 from libra_jax.data.tf_runtime import tf
+from libra_jax.errors import ConfigError, DataError
 
 DatasetInfo = sources.DatasetInfo
 dataset_info = sources.dataset_info
@@ -131,10 +132,10 @@ def _split_range(builder: tfds.core.DatasetBuilder, spec: str) -> Tuple[str, int
   try:
     instructions = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
   except ValueError as error:
-    raise ValueError(f"{builder.info.full_name} has no split {spec!r} ({error}); it has "
-                     f"{sorted(builder.info.splits)}") from error
+    raise ConfigError(f"{builder.info.full_name} has no split {spec!r} ({error}); it has "
+                      f"{sorted(builder.info.splits)}") from error
   if len(instructions) != 1:
-    raise ValueError(f"data split {spec!r} joins several splits; name one split or a slice of one")
+    raise ConfigError(f"data split {spec!r} joins several splits; name one split or a slice of one")
   (instruction,) = instructions
   size = builder.info.splits[instruction.splitname].num_examples
   return (instruction.splitname, instruction.from_ or 0, size if instruction.to is None else instruction.to)
@@ -183,8 +184,8 @@ def _bucket_fractions(builder, split: str, first: int, last: int, table: metadat
   usable = np.flatnonzero(_trainable(sample, data_config, Report(sample.report.source)))
   counts = np.array([len(rows) for rows in _rows_by_bucket(sample, usable, data_config)], np.float64)
   if not counts.sum():
-    raise ValueError(f"none of the first {size} images of {builder.info.full_name} {data_config.train_split} can "
-                     f"be used for training (see the log for why)")
+    raise DataError(f"none of the first {size} images of {builder.info.full_name} {data_config.train_split} can "
+                    f"be used for training (see the log for why)")
   return counts / counts.sum()
 
 
@@ -249,3 +250,10 @@ def eval_batches(data_config, batch_size: int, shard_index: int = 0, num_shards:
   plan = eval_plan(_rows_by_bucket(table, rows, data_config), batch_size, shard_index, num_shards)
   mine = sum(int(batch.valid.sum()) for batch in plan)
   return Batches(builder, table, plan, data_config, batch_size, reports, len(plan), mine)
+
+
+
+def first_bucket_image(data_config) -> np.ndarray:
+  """A zero image ``[1, H, W, 3]`` float32 in the first bucket's shape (what a model is initialized on)."""
+  height, width = data_config.buckets[0]
+  return np.zeros((1, height, width, 3), np.float32)

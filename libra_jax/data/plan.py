@@ -11,6 +11,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from libra_jax.errors import DataError
+
 # Step k's bucket comes from the fractional part of (offset + k * GOLDEN): a
 # low-discrepancy sequence, so every bucket's share of the first k steps stays
 # within a few steps of fraction * k.
@@ -50,11 +52,11 @@ class TrainPlan:
                shard_index: int, flip_prob: float):
     fractions = np.asarray(fractions, np.float64)
     if fractions.sum() <= 0:
-      raise ValueError("no training images: every bucket's fraction is 0")
+      raise DataError("no training images: every bucket's fraction is 0")
     for bucket, (rows, fraction) in enumerate(zip(rows_by_bucket, fractions)):
       if fraction > 0 and not len(rows):
-        raise ValueError(f"bucket {bucket} takes {fraction:.1%} of the steps but shard {shard_index} has no image in "
-                         f"it; use fewer shards or more data")
+        raise DataError(f"bucket {bucket} takes {fraction:.1%} of the steps but shard {shard_index} has no image in "
+                        f"it; use fewer shards or more data")
     self.rows_by_bucket = [np.asarray(rows, np.int64) for rows in rows_by_bucket]
     self.fractions = fractions / fractions.sum()
     self.batch_size = batch_size

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from libra_jax.data.tf_runtime import tf
+from libra_jax.errors import DataError
 
 _LENGTH = struct.Struct("<Q")
 _HEADER_BYTES = 12  # length (8) + its checksum (4)
@@ -49,8 +50,8 @@ def split_files(builder: tfds.core.DatasetBuilder, split: str, start: int, stop:
   Returns TFDS file instructions (``filename``, ``skip``, ``take``, ``examples_in_shard``).
   """
   if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-    raise ValueError(f"{builder.info.full_name} is stored as {builder.info.file_format.value}; the pipeline reads "
-                     f"TFRecord files (TFDS's default format): prepare it again without --file_format")
+    raise DataError(f"{builder.info.full_name} is stored as {builder.info.file_format.value}; the pipeline reads "
+                    f"TFRecord files (TFDS's default format): prepare it again without --file_format")
   if stop <= start:
     return []
   return list(builder.info.splits[f"{split}[{start}:{stop}]"].file_instructions)
@@ -68,8 +69,8 @@ def scan(instructions: Sequence) -> Iterator[Tuple[int, int, int, bytes]]:
       for record in range(instruction.skip + instruction.take):
         header = stream.read(_HEADER_BYTES)
         if len(header) < _HEADER_BYTES:
-          raise ValueError(f"{instruction.filename} ends after {record} records but its split info promises "
-                           f"{instruction.examples_in_shard}; prepare the dataset again")
+          raise DataError(f"{instruction.filename} ends after {record} records but its split info promises "
+                          f"{instruction.examples_in_shard}; prepare the dataset again")
         (length,) = _LENGTH.unpack(header[:8])
         if record < instruction.skip:
           stream.seek(position + _HEADER_BYTES + length + _FOOTER_BYTES)

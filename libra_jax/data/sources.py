@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 import tensorflow_datasets as tfds
 
 from libra_jax.data import coco_folder, shapes  # noqa: F401  (registers the builders)
+from libra_jax.errors import DataError
 
 ALIASES = {"shapes": "shapes/easy", "shapes_hard": "shapes/hard"}
 
@@ -89,8 +90,8 @@ def category_table(builder: tfds.core.DatasetBuilder) -> Tuple[List[int], List[s
   if builder.name == "coco":
     official = [name for _, name in COCO_CATEGORIES]
     if names != official:
-      raise ValueError(f"{builder.info.full_name} has labels {names[:5]}... but COCO's 80 categories are "
-                       f"{official[:5]}...; prepare it from COCO's own annotation files")
+      raise DataError(f"{builder.info.full_name} has labels {names[:5]}... but COCO's 80 categories are "
+                      f"{official[:5]}...; prepare it from COCO's own annotation files")
     return [category_id for category_id, _ in COCO_CATEGORIES], names
   if builder.name == "coco_folder":
     return list(builder.info.metadata["category_ids"]), names

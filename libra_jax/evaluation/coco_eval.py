@@ -15,6 +15,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from libra_jax.errors import DataError
+
 _log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -65,8 +67,8 @@ class CocoAccumulator:
       if image_id in self.image_ids:
         raise ValueError(f"image {image_id} was evaluated twice")
       if image_id not in self._known:
-        raise ValueError(f"image {image_id} is not in the ground truth: the annotation file does not describe the "
-                         f"prepared dataset (prepare it again)")
+        raise DataError(f"image {image_id} is not in the ground truth: the annotation file does not describe the "
+                        f"prepared dataset (prepare it again)")
       self.image_ids.add(image_id)
       scale, size = batch["scale"][i], _original_size(batch["image_shape"][i], batch["scale"][i])
       kept = np.flatnonzero(np.asarray(detections.valid[i]))

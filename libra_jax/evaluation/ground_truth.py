@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from libra_jax.data.metadata import ImageTable
+from libra_jax.errors import DataError
 
 _log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def from_annotation_file(path, category_ids: Sequence[int], class_names: Sequenc
   try:
     data = json.loads(pathlib.Path(path).read_text())
   except (OSError, json.JSONDecodeError) as error:
-    raise ValueError(f"cannot read the annotation file {path} for evaluation: {error}") from error
+    raise DataError(f"cannot read the annotation file {path} for evaluation: {error}") from error
   known = set(int(c) for c in category_ids)
   images = [{"id": int(i["id"]), "height": int(i.get("height") or 0), "width": int(i.get("width") or 0)}
             for i in data.get("images", [])]

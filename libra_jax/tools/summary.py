@@ -1,40 +1,24 @@
 """Parameter counts and forward FLOPs of a config's detector, without running it.
 
-``python -m libra_jax.tools.summary --config=configs/libra_faster_rcnn_r50_fpn_1x_coco.py [--json]``
+``python -m libra_jax.tools.summary --config=configs/libra_faster_rcnn_r50_fpn_1x_coco.py [--config.KEY=VALUE ...]
+[--json]``
 
 Counts come from ``jax.eval_shape`` of the initialiser; FLOPs from XLA's cost
 analysis of the lowered inference program at ``config.input_size`` (batch 1).
 Nothing is allocated or executed at full size.
 """
 
-import argparse
 import functools
-import importlib.util
 import json
-import pathlib
-import sys
 from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from libra_jax import cli
 from libra_jax.models.detectors import build_detector
 from libra_jax.models.resnet import frozen_param_prefixes
-
-
-def load_config(path):
-  """Imports a config file and returns its ``get_config()``."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"no config file at {path}")
-  root = str(path.resolve().parent.parent)
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def abstract_batch(height: int, width: int, batch: int = 1, max_instances: int = 100) -> Dict[str, Any]:
@@ -88,14 +72,14 @@ def format_table(summary: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", required=True, help="a configs/*.py file")
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python -m libra_jax.tools.summary", description=__doc__.split("\n")[0])
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
-  summary = summarize(load_config(args.config))
+  summary = summarize(args.config)
   print(json.dumps(summary) if args.json else format_table(summary))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -7,62 +7,38 @@ then trains, logs, checkpoints and evaluates; an evaluation's COCOeval runs in
 a background thread while training goes on. A non-finite loss stops the run
 (the last good checkpoint stays as it is) unless ``config.skip_nonfinite``
 asks to skip such steps and count them.
+
+The train step runs under JAX's transfer guard (``disallow``): every value the
+loop reads from the devices is fetched with an explicit ``jax.device_get``.
+``metrics.jsonl`` gets a ``kind="compile"`` record after the first step (its
+wall time, compilation included) and each train record counts the train
+step's compilations, one per bucket shape; more is a bug.
 """
 
 import concurrent.futures
-import json
 import logging
 import pathlib
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
 
-from libra_jax import convert, losses
+from libra_jax import convert, runtime
 from libra_jax.data import pipeline
-from libra_jax.evaluation import ground_truth
-from libra_jax.evaluation.coco_eval import CocoAccumulator
-from libra_jax.models.detectors import build_detector
+from libra_jax.errors import NonFiniteLossError
+from libra_jax.evaluation import driver
+from libra_jax.models.detectors import abstract_variables, jitted_init
 from libra_jax.training import optim
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 from libra_jax.training.metrics import MetricWriter
-from libra_jax.training.step import (TrainState, batch_sharding, make_mesh, make_predict_step, make_train_step,
-                                     replicated)
+from libra_jax.training.step import TrainState, make_train_step
 
 LOSS_PREFIX = "loss"
 
 _log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss became NaN or infinite."""
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work (reported in one line by train.py)."""
-
-
-def enable_compilation_cache(config, workdir: pathlib.Path) -> None:
-  """Turns on JAX's persistent compilation cache (``config.compilation_cache_dir`` or ``workdir/xla_cache``)."""
-  directory = config.get("compilation_cache_dir") or str(workdir / "xla_cache")
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def shapes_batch(data_config, batch_size: int) -> Dict[str, np.ndarray]:
-  """An all-padding batch of the first bucket's shape (for initialization)."""
-  height, width = data_config.buckets[0]
-  instances = data_config.max_instances
-  return dict(image=np.zeros((batch_size, height, width, 3), np.float32),
-              image_shape=np.tile(np.array([[height, width]], np.int32), (batch_size, 1)),
-              boxes=np.zeros((batch_size, instances, 4), np.float32),
-              labels=np.full((batch_size, instances), -1, np.int32),
-              is_crowd=np.zeros((batch_size, instances), bool), valid=np.ones((batch_size,), bool))
 
 
 def load_backbone(config, variables):
@@ -79,127 +55,46 @@ def load_backbone(config, variables):
   return variables
 
 
-def to_global(batch: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
-  """This process's batch -> global arrays split over the ``'data'`` mesh axis."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator:
-  """Runs ``predict`` over the evaluation split (every image once); returns the detections, ready for COCOeval.
-
-  Batch ``k + 1`` is dispatched before batch ``k``'s detections are fetched
-  and converted, so the host work overlaps the device's.
-  """
-  per_host = config.eval_batch_size // jax.process_count()
-  batches = pipeline.eval_batches(config.data, per_host, shard_index=jax.process_index(),
-                                  num_shards=jax.process_count())
-  accumulator = CocoAccumulator(
-      ground_truth.eval_ground_truth(config.data, batches.table, info.category_ids, info.class_names),
-      info.category_ids)
-  keys = ("image_id", "image_shape", "scale", "valid")
-
-  def collect(batch, detections):
-    gathered = multihost_utils.process_allgather({"meta": {k: batch[k] for k in keys}, "det": detections},
-                                                 tiled=True)
-    accumulator.add(gathered["meta"], jax.tree.map(np.asarray, gathered["det"]))
-
-  pending = None
-  for batch in batches:
-    detections = predict(variables, to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
-    if pending is not None:
-      collect(*pending)
-    pending = batch, detections
-  if pending is not None:
-    collect(*pending)
-  return accumulator
-
-
-def score_detections(accumulator: CocoAccumulator, workdir=None, step: int = -1) -> Dict[str, float]:
-  """COCOeval of the collected detections.
-
-  With ``workdir``, the metrics go to ``workdir/eval_<step>.json`` and the
-  detections, in COCO's results format, to ``workdir/results_<step>.json``.
-  """
-  metrics = accumulator.evaluate()
-  if workdir is not None and jax.process_index() == 0:
-    (pathlib.Path(workdir) / f"eval_{step}.json").write_text(json.dumps(metrics, indent=1))
-    (pathlib.Path(workdir) / f"results_{step}.json").write_text(json.dumps(accumulator.results))
-  return metrics
-
-
-def evaluate(predict, variables, config, mesh, info, workdir=None, step: int = -1) -> Dict[str, float]:
-  """COCO metrics of the model on the evaluation split (``detect_eval_split`` then ``score_detections``)."""
-  return score_detections(detect_eval_split(predict, variables, config, mesh, info), workdir, step)
-
-
-def format_metrics(metrics: Dict[str, float]) -> str:
-  """The COCO metrics as a two-line table."""
-  names = [n for n in metrics if n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")]
-  return " ".join(f"{n:>7}" for n in names) + "\n" + " ".join(f"{metrics[n]:7.3f}" for n in names)
-
-
-def _initial_state(config, model, optimizer, mesh, example) -> TrainState:
-  init = jax.jit(lambda key, batch: model.init(key, batch, train=False))
-  variables = init(jax.random.key(config.seed), example)
+def _initial_state(config, model, optimizer, mesh, image) -> TrainState:
+  """Step 0: fresh variables (and the backbone's ImageNet weights, if configured) on every device."""
+  variables = jitted_init(model)(jax.random.key(config.seed), image)
   variables = load_backbone(config, jax.tree.map(np.asarray, variables))
   params = variables["params"]
   state = TrainState(step=jnp.int32(0), params=params, batch_stats=variables["batch_stats"],
                      opt_state=optimizer.init(params),
                      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
                      skipped_steps=jnp.int32(0))
-  return jax.device_put(state, replicated(mesh))
-
-
-def build_checked(config, mesh):
-  """The dataset info and the model of ``config``, or a ``ConfigError`` saying what is wrong."""
-  info = pipeline.dataset_info(config.data)
-  if config.model.num_classes != info.num_classes:
-    raise ConfigError(f"config.model.num_classes is {config.model.num_classes} but dataset "
-                      f"{config.data.dataset!r} has {info.num_classes} classes")
-  for name in ("global_batch_size", "eval_batch_size"):
-    if config[name] % mesh.size or config[name] % jax.process_count():
-      raise ConfigError(f"config.{name}={config[name]} must be a multiple of the {mesh.size} devices")
-  try:
-    model = build_detector(config.model)
-    heads = [config.model.rpn, config.model.rcnn] if config.model.type == "faster_rcnn" else [config.model.head]
-    for head in heads:
-      for loss in ("loss_cls", "loss_bbox"):
-        losses.build_loss(head[loss])
-  except (KeyError, ValueError, TypeError) as error:
-    raise ConfigError(f"bad model config: {error}") from error
-  return info, model
+  return jax.device_put(state, runtime.replicated(mesh))
 
 
 def train_and_evaluate(config, workdir) -> Dict[str, float]:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the final metrics."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  enable_compilation_cache(config, workdir)
-  mesh = make_mesh()
-  info, model = build_checked(config, mesh)
+  runtime.enable_compilation_cache(config, workdir)
+  mesh = runtime.make_mesh()
+  info, model = driver.checked_model(config, mesh)
   per_host = config.global_batch_size // jax.process_count()
 
-  example = shapes_batch(config.data, config.global_batch_size)
+  image = pipeline.first_bucket_image(config.data)
   optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
-                                   jax.eval_shape(lambda k: model.init(k, example, train=False),
-                                                  jax.random.key(0))["params"],
+                                   abstract_variables(model, image)["params"],
                                    config.model.backbone.frozen_stages)
-  state = _initial_state(config, model, optimizer, mesh, example)
+  state = _initial_state(config, model, optimizer, mesh, image)
   checkpointer = Checkpointer(workdir, config.keep)
   start = checkpointer.latest_step()
   if start is not None:
     state, meta = checkpointer.restore(start, abstract_like(state))
     _log.info("resumed from step %d (input position %d)", start, meta["input_position"])
-  start = int(state.step)
+  start = int(jax.device_get(state.step))
 
   schedule = optim.schedule_from_config(config.optim, config.global_batch_size, config.steps_per_epoch)
   train_step = make_train_step(model, optimizer, mesh, skip_nonfinite=config.skip_nonfinite)
-  predict = make_predict_step(model, mesh)
+  predict = driver.make_predict_step(model, mesh)
   batches: Iterator = pipeline.train_batches(config.data, per_host, seed=config.seed, start_batch=start,
                                               shard_index=jax.process_index(), num_shards=jax.process_count())
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  known_nonfinite = int(state.skipped_steps)
+  known_nonfinite = int(jax.device_get(state.skipped_steps))
   eval_metrics: Dict[str, float] = {}
   progress = tqdm.tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
@@ -219,12 +114,20 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
 
   try:
     for step in range(start + 1, config.total_steps + 1):
-      state, metrics = train_step(state, to_global(next(batches), mesh))
+      batch = runtime.to_global(next(batches), mesh)
+      with jax.transfer_guard("disallow"):
+        state, metrics = train_step(state, batch)
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        first_step_seconds = time.perf_counter() - last_time
+        writer.write(step, {"first_step_seconds": first_step_seconds,
+                            "train_step_compilations": train_step._cache_size()}, kind="compile")
+        _log.info("first step (compilation included): %.1f s", first_step_seconds)
       progress.update(1)
       log_scored(wait=False)
       boundary = step == config.total_steps
       if step % config.log_every == 0 or step % config.checkpoint_every == 0 or boundary:
-        nonfinite = int(state.skipped_steps)
+        nonfinite = int(jax.device_get(state.skipped_steps))
         if nonfinite > known_nonfinite and not config.skip_nonfinite:
           losses = {k: float(v) for k, v in jax.device_get(metrics).items() if k.startswith(LOSS_PREFIX)}
           raise NonFiniteLossError(
@@ -236,6 +139,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
         now = time.perf_counter()
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(lr=float(schedule(step - 1)), skipped_steps=known_nonfinite,
+                       train_step_compilations=train_step._cache_size(),
                        images_per_sec=(step - last_step) * config.global_batch_size / (now - last_time))
         last_time, last_step = now, step
         writer.write(step, scalars)
@@ -245,55 +149,17 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
         checkpointer.save(step, state, {"input_position": step})
       if step % config.eval_every == 0 or boundary:
         log_scored(wait=True)
-        detections = detect_eval_split(predict, {"params": state.params, "batch_stats": state.batch_stats},
-                                       config, mesh, info)
-        scored.append((step, scoring.submit(score_detections, detections, workdir, step)))
+        detections = driver.detect_eval_split(predict, {"params": state.params, "batch_stats": state.batch_stats},
+                                              config, mesh, info)
+        scored.append((step, scoring.submit(driver.score_detections, detections, workdir, step)))
     log_scored(wait=True)
     if not eval_metrics:
       # Nothing left to train (a finished run started again): report the final model.
-      eval_metrics = evaluate(predict, {"params": state.params, "batch_stats": state.batch_stats}, config, mesh,
-                              info, workdir, start)
+      eval_metrics = driver.evaluate(predict, {"params": state.params, "batch_stats": state.batch_stats}, config,
+                                     mesh, info, workdir, start)
   finally:
     scoring.shutdown(cancel_futures=True)
     progress.close()
     checkpointer.close()
     writer.close()
   return eval_metrics
-
-
-def load_trained_variables(config, model, workdir, checkpoint: Optional[str] = None):
-  """``{"params", "batch_stats"}`` from a weights ``checkpoint`` file or the latest checkpoint of ``workdir``."""
-  example = shapes_batch(config.data, 1)
-  target = jax.eval_shape(lambda k: model.init(k, example, train=False), jax.random.key(0))
-  if checkpoint:
-    variables, report = convert.import_detector(convert.load_state_dict(checkpoint), target)
-    _log.info("weights from %s: %s", checkpoint, report)
-    return variables
-  checkpointer = Checkpointer(workdir, config.keep)
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; train first or pass "
-                            f"--checkpoint")
-  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
-                                   target["params"], config.model.backbone.frozen_stages)
-  abstract = jax.eval_shape(lambda v: TrainState(
-      step=jnp.int32(0), params=v["params"], batch_stats=v["batch_stats"], opt_state=optimizer.init(v["params"]),
-      rng=jax.random.key_data(jax.random.key(0)), skipped_steps=jnp.int32(0)), target)
-  sharding = replicated(make_mesh())
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
-  state, _ = checkpointer.restore(step, abstract)
-  checkpointer.close()
-  return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Dict[str, float]:
-  """COCO metrics of the latest checkpoint in ``workdir``, or of a weights ``checkpoint`` file (e.g. mmdetection's)."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  enable_compilation_cache(config, workdir)
-  mesh = make_mesh()
-  info, model = build_checked(config, mesh)
-  variables = jax.device_put(load_trained_variables(config, model, workdir, checkpoint), replicated(mesh))
-  metrics = evaluate(make_predict_step(model, mesh), variables, config, mesh, info, workdir)
-  MetricWriter(workdir, enabled=jax.process_index() == 0).write(-1, metrics, kind="eval")
-  return metrics

@@ -17,9 +17,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-DATA_AXIS = "data"
+from libra_jax.runtime import DATA_AXIS
 
 
 @flax.struct.dataclass
@@ -31,21 +31,6 @@ class TrainState:
   opt_state: Any
   rng: jnp.ndarray                  # uint32 raw PRNG key data; example i of step k uses fold_in(fold_in(rng, k), i)
   skipped_steps: jnp.ndarray        # int32 scalar: steps skipped for a non-finite loss
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all (or the given) devices with the ``'data'`` axis."""
-  devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -94,12 +79,3 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
   return jax.jit(mapped, donate_argnums=0)
 
-
-def make_predict_step(model, mesh: Mesh) -> Callable[[Dict[str, Any], Dict[str, jnp.ndarray]], Any]:
-  """A jitted ``(variables, global batch) -> Detections`` data-parallel over ``mesh``."""
-
-  def per_device(variables, batch):
-    return model.apply(variables, batch, train=False)
-
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
-  return jax.jit(mapped)

@@ -47,6 +47,6 @@ def coco2017_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def shapes_dir(tmp_path_factory) -> str:
-  """A TFDS data dir where ``shapes`` (easy) is prepared on first use by the pipeline."""
-  return str(tmp_path_factory.mktemp("shapes_tfds"))
+def shapes_dir(shapes_tfds_dir) -> str:
+  """The session's TFDS data dir where the pipeline prepared ``shapes`` (easy) on first use."""
+  return shapes_tfds_dir

@@ -9,7 +9,7 @@ import pytest
 
 from configs import base_faster_rcnn, base_retinanet
 from libra_jax import convert
-from libra_jax.models.detectors import build_detector
+from libra_jax.models.detectors import build_detector, init_variables
 from libra_jax.models.postprocess import Detections
 from libra_jax.tools.summary import abstract_batch
 
@@ -80,7 +80,7 @@ def test_full_size_state_dict_names_follow_mmdetection():
     assert name in retina_names, name
 
 
-from support import synthetic_batch, tiny_model_config  # noqa: E402
+from support import synthetic_batch, tiny_model_config, tiny_variables  # noqa: E402
 
 
 class TinyDetector:
@@ -92,8 +92,8 @@ class TinyDetector:
       section, key = path.rsplit(".", 1)
       functools.reduce(getattr, section.split("."), self.cfg)[key] = value
     self.model = build_detector(self.cfg)
-    batch = synthetic_batch()
-    self.variables = jax.jit(lambda k, b: self.model.init(k, b, train=False))(jax.random.key(0), batch)
+    # The losses have no parameters: every variant of a family and its Libra switches shares its variables.
+    self.variables = tiny_variables(family, libra)
     per_example = lambda k, b: jax.random.split(k, b["image"].shape[0])
     self.train = jax.jit(lambda v, b, k: self.model.apply(v, b, train=True, keys=per_example(k, b)))
     self.grads = jax.jit(jax.grad(lambda p, v, b, k: self.model.apply({**v, "params": p}, b, train=True,
@@ -209,3 +209,14 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses():
   assert all(value.dtype == jnp.float32 for value in losses.values())
   features = jax.eval_shape(lambda v: model.apply(v, batch["image"], method=lambda m, x: m.backbone(x)), variables)
   assert {f.dtype for f in features} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.parametrize("family", ["faster", "retina"])
+def test_init_variables_equal_a_whole_forward_init(family):
+  model = build_detector(tiny_model_config(family))
+  batch = synthetic_batch()
+  whole = jax.jit(lambda k, b: model.init(k, b, train=False))(jax.random.key(3), batch)
+  layers = jax.jit(functools.partial(init_variables, model))(jax.random.key(3), batch["image"][:1])
+  assert jax.tree.structure(layers) == jax.tree.structure(whole)
+  for a, b in zip(jax.tree.leaves(layers), jax.tree.leaves(whole)):
+    np.testing.assert_array_equal(a, b)

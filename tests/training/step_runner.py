@@ -1,7 +1,8 @@
 """Runs two train steps of a tiny Libra Faster R-CNN on all visible devices and saves the parameters.
 
-Used by test_step.py in a subprocess, so that the number of (fake CPU) devices
-can be set with XLA_FLAGS before JAX starts. Usage: step_runner.py OUT.npz
+test_step.py runs it in a subprocess, so that the number of (fake CPU) devices
+can be set with XLA_FLAGS before JAX starts (usage: step_runner.py OUT.npz),
+and calls ``two_steps`` in its own one-device process.
 """
 
 import pathlib
@@ -14,7 +15,8 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from support import synthetic_batch, tiny_model_config  # noqa: E402
+from support import synthetic_batch, tiny_model_config, tiny_variables  # noqa: E402
+from libra_jax import runtime  # noqa: E402
 from libra_jax.models.detectors import build_detector  # noqa: E402
 from libra_jax.training import optim, step as step_lib  # noqa: E402
 
@@ -23,25 +25,26 @@ OPTIM = dict(lr_per_16=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=2, wa
              gamma=0.1, grad_clip_norm=None)
 
 
-def main(out_path):
+def two_steps() -> dict:
+  """Losses of two steps on all visible devices, the device count, and the parameters after them by key path."""
   model = build_detector(tiny_model_config("faster"))
-  variables = jax.jit(lambda k, b: model.init(k, b, train=False))(jax.random.key(0), synthetic_batch(batch=2))
+  variables = tiny_variables("faster")
   optimizer = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), GLOBAL_BATCH, 1, variables["params"], 1)
-  mesh = step_lib.make_mesh()
+  mesh = runtime.make_mesh()
   state = step_lib.TrainState(step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
                               opt_state=optimizer.init(variables["params"]),
                               rng=jax.random.key_data(jax.random.key(3)), skipped_steps=jnp.int32(0))
-  state = jax.device_put(state, step_lib.replicated(mesh))
+  state = jax.device_put(state, runtime.replicated(mesh))
   train_step = step_lib.make_train_step(model, optimizer, mesh)
   losses = []
   for i in range(2):
-    batch = jax.device_put(synthetic_batch(seed=i, batch=GLOBAL_BATCH), step_lib.batch_sharding(mesh))
+    batch = jax.device_put(synthetic_batch(seed=i, batch=GLOBAL_BATCH), runtime.batch_sharding(mesh))
     state, metrics = train_step(state, batch)
     losses.append(float(metrics["loss"]))
   flat = {jax.tree_util.keystr(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-  np.savez(out_path, losses=np.array(losses), devices=len(jax.devices()), **flat)
+  return dict(losses=np.array(losses), devices=len(jax.devices()), **flat)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  np.savez(sys.argv[1], **two_steps())

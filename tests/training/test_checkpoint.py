@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from libra_jax import runtime
 from libra_jax.training import step as step_lib
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 
@@ -18,8 +19,8 @@ def example_state(seed):
 
 
 def test_round_trip_is_exact_and_lands_on_the_mesh(tmp_path):
-  mesh = step_lib.make_mesh()
-  state = jax.device_put(example_state(3), step_lib.replicated(mesh))
+  mesh = runtime.make_mesh()
+  state = jax.device_put(example_state(3), runtime.replicated(mesh))
   checkpointer = Checkpointer(tmp_path, keep=2)
   checkpointer.save(3, state, {"input_position": 3})
   checkpointer.wait()
@@ -27,7 +28,7 @@ def test_round_trip_is_exact_and_lands_on_the_mesh(tmp_path):
   checkpointer.close()
   assert meta == {"input_position": 3}
   jax.tree.map(np.testing.assert_array_equal, restored, state)
-  assert restored.params["head"]["bias"].sharding == step_lib.replicated(mesh)
+  assert restored.params["head"]["bias"].sharding == runtime.replicated(mesh)
 
 
 def test_keeps_the_last_steps_and_finds_the_latest(tmp_path):

@@ -1,5 +1,6 @@
 """Tests of the data-parallel train step, the optimizer and the schedule."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -11,8 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from support import synthetic_batch, tiny_model_config
-from libra_jax.models.detectors import build_detector
+from support import synthetic_batch
+from libra_jax import runtime
+from libra_jax.evaluation import driver
 from libra_jax.training import optim, step as step_lib
 
 RUNNER = pathlib.Path(__file__).with_name("step_runner.py")
@@ -20,13 +22,18 @@ RUNNER = pathlib.Path(__file__).with_name("step_runner.py")
 
 def run_steps(tmp_path, devices):
   out = tmp_path / f"params_{devices}.npz"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={devices}"]))
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, str(RUNNER), str(out)], check=True, env=env, timeout=600)
   return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_four_devices_take_the_same_step_as_one(tmp_path):
-  one, four = run_steps(tmp_path, 1), run_steps(tmp_path, 4)
+  spec = importlib.util.spec_from_file_location("step_runner", RUNNER)
+  runner = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(runner)
+  one, four = runner.two_steps(), run_steps(tmp_path, 4)
   assert int(one["devices"]) == 1 and int(four["devices"]) == 4
   np.testing.assert_allclose(one["losses"], four["losses"], rtol=1e-5)
   names = [k for k in one if k.startswith("[")]
@@ -97,12 +104,11 @@ def test_gradient_clipping():
 
 
 @pytest.fixture(scope="module")
-def tiny_training():
-  model = build_detector(tiny_model_config("faster"))
-  variables = jax.jit(lambda k, b: model.init(k, b, train=False))(jax.random.key(0), synthetic_batch())
+def tiny_training(tiny_faster):
+  model, variables = tiny_faster
   optimizer = optim.make_optimizer(sgd_config(lr_per_16=0.02, weight_decay=1e-4, warmup_steps=10,
                                               warmup_ratio=0.1), 2, 1, variables["params"], 1)
-  mesh = step_lib.make_mesh()
+  mesh = runtime.make_mesh()
 
   def initial_state():
     # Fresh copies: the step donates its input state.
@@ -110,7 +116,7 @@ def tiny_training():
     state = step_lib.TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                                 opt_state=optimizer.init(params),
                                 rng=jax.random.key_data(jax.random.key(1)), skipped_steps=jnp.int32(0))
-    return jax.device_put(state, step_lib.replicated(mesh))
+    return jax.device_put(state, runtime.replicated(mesh))
 
   return model, optimizer, mesh, initial_state, variables
 
@@ -120,7 +126,7 @@ def test_steps_keep_frozen_parts_compile_once_and_skip_nonfinite(tiny_training):
   train_step = step_lib.make_train_step(model, optimizer, mesh, skip_nonfinite=True)
   state = initial_state()
   for seed in range(3):
-    state, metrics = train_step(state, jax.device_put(synthetic_batch(seed=seed), step_lib.batch_sharding(mesh)))
+    state, metrics = train_step(state, jax.device_put(synthetic_batch(seed=seed), runtime.batch_sharding(mesh)))
     assert float(metrics["finite"]) == 1.0
   assert train_step._cache_size() == 1 and int(state.step) == 3
   for part in ("conv1", "bn1", "layer1"):
@@ -131,19 +137,19 @@ def test_steps_keep_frozen_parts_compile_once_and_skip_nonfinite(tiny_training):
   before = jax.tree.map(np.asarray, state.params)
   poisoned = synthetic_batch(seed=9)
   poisoned["image"] = poisoned["image"].at[0, 0, 0, 0].set(jnp.nan)
-  state, metrics = train_step(state, jax.device_put(poisoned, step_lib.batch_sharding(mesh)))
+  state, metrics = train_step(state, jax.device_put(poisoned, runtime.batch_sharding(mesh)))
   assert float(metrics["finite"]) == 0.0 and int(state.skipped_steps) == 1 and int(state.step) == 4
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params), before)
   # A second bucket shape compiles once more, and only once.
   for seed in range(2):
     state, _ = train_step(state, jax.device_put(synthetic_batch(seed=seed, height=160, width=128),
-                                                step_lib.batch_sharding(mesh)))
+                                                runtime.batch_sharding(mesh)))
   assert train_step._cache_size() == 2
 
 
 def test_predict_step_runs_on_the_mesh(tiny_training):
   model, _, mesh, initial_state, variables = tiny_training
-  predict = step_lib.make_predict_step(model, mesh)
-  detections = predict(variables, jax.device_put(synthetic_batch(), step_lib.batch_sharding(mesh)))
+  predict = driver.make_predict_step(model, mesh)
+  detections = predict(variables, jax.device_put(synthetic_batch(), runtime.batch_sharding(mesh)))
   expected = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, synthetic_batch())
   np.testing.assert_allclose(detections.scores, expected.scores, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,17 @@
+"""Errors a person can act on. Every command prints them as one line (``libra_jax.cli``)."""
+
+
+class UserError(Exception):
+  """A mistake in a command, a config, a file or a work directory; the message says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work, or a config file that cannot be loaded."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+class DataError(UserError, ValueError):
+  """A dataset or weights file that cannot be read as what it claims to be."""

@@ -1,0 +1,151 @@
+"""The jit-compiled evaluation: detections over a split, COCO metrics, and the weights they come from.
+
+``evaluate_checkpoint`` is ``train.py --mode=eval``: the latest checkpoint of
+a work directory, or a weights file such as a published mmdetection model,
+through the same data-parallel step the training run evaluates with.
+"""
+
+import json
+import logging
+import pathlib
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, PartitionSpec as P
+
+from libra_jax import convert, runtime
+from libra_jax.data import pipeline
+from libra_jax.errors import ConfigError, UserError
+from libra_jax.evaluation import ground_truth
+from libra_jax.evaluation.coco_eval import CocoAccumulator
+from libra_jax.models.detectors import abstract_variables, build_detector
+from libra_jax.training import optim
+from libra_jax.training.checkpoint import Checkpointer
+from libra_jax.training.metrics import MetricWriter
+from libra_jax.training.step import TrainState
+
+_log = logging.getLogger(__name__)
+
+
+def make_predict_step(model, mesh: Mesh) -> Callable[[Dict[str, Any], Dict[str, jnp.ndarray]], Any]:
+  """A jitted ``(variables, global batch) -> Detections`` data-parallel over ``mesh`` (batch split on ``'data'``)."""
+
+  def per_device(variables, batch):
+    return model.apply(variables, batch, train=False)
+
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(runtime.DATA_AXIS)), out_specs=P(runtime.DATA_AXIS))
+  return jax.jit(mapped)
+
+
+def checked_model(config, mesh) -> Tuple[pipeline.DatasetInfo, object]:
+  """The dataset info and the detector of ``config``, or a ``ConfigError`` if they disagree with each other or the mesh."""
+  info = pipeline.dataset_info(config.data)
+  if config.model.num_classes != info.num_classes:
+    raise ConfigError(f"config.model.num_classes is {config.model.num_classes} but dataset "
+                      f"{config.data.dataset!r} has {info.num_classes} classes; set "
+                      f"--config.model.num_classes={info.num_classes}")
+  runtime.check_batch_sizes(config, mesh)
+  return info, build_detector(config.model)
+
+
+def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator:
+  """Runs ``predict`` over the evaluation split (every image once); returns the detections, ready for COCOeval.
+
+  Batch ``k + 1`` is dispatched before batch ``k``'s detections are fetched
+  and converted, so the host work overlaps the device's.
+  """
+  per_host = config.eval_batch_size // jax.process_count()
+  batches = pipeline.eval_batches(config.data, per_host, shard_index=jax.process_index(),
+                                  num_shards=jax.process_count())
+  accumulator = CocoAccumulator(
+      ground_truth.eval_ground_truth(config.data, batches.table, info.category_ids, info.class_names),
+      info.category_ids)
+  keys = ("image_id", "image_shape", "scale", "valid")
+
+  def collect(batch, detections):
+    gathered = multihost_utils.process_allgather({"meta": {k: batch[k] for k in keys}, "det": detections},
+                                                 tiled=True)
+    accumulator.add(gathered["meta"], jax.tree.map(np.asarray, gathered["det"]))
+
+  pending = None
+  for batch in batches:
+    detections = predict(variables, runtime.to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
+    if pending is not None:
+      collect(*pending)
+    pending = batch, detections
+  if pending is not None:
+    collect(*pending)
+  return accumulator
+
+
+def score_detections(accumulator: CocoAccumulator, workdir=None, step: int = -1) -> Dict[str, float]:
+  """COCOeval of the collected detections.
+
+  With ``workdir``, the metrics go to ``workdir/eval_<step>.json`` and the
+  detections, in COCO's results format, to ``workdir/results_<step>.json``.
+  """
+  metrics = accumulator.evaluate()
+  if workdir is not None and jax.process_index() == 0:
+    (pathlib.Path(workdir) / f"eval_{step}.json").write_text(json.dumps(metrics, indent=1))
+    (pathlib.Path(workdir) / f"results_{step}.json").write_text(json.dumps(accumulator.results))
+  return metrics
+
+
+def evaluate(predict, variables, config, mesh, info, workdir=None, step: int = -1) -> Dict[str, float]:
+  """COCO metrics of the model on the evaluation split (``detect_eval_split`` then ``score_detections``)."""
+  return score_detections(detect_eval_split(predict, variables, config, mesh, info), workdir, step)
+
+
+def format_metrics(metrics: Dict[str, float]) -> str:
+  """The COCO metrics as a two-line table."""
+  names = [n for n in metrics if n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")]
+  return " ".join(f"{n:>7}" for n in names) + "\n" + " ".join(f"{metrics[n]:7.3f}" for n in names)
+
+
+def abstract_train_state(config, model, mesh=None):
+  """Shape structs of the ``TrainState`` that ``config`` trains (replicated over ``mesh`` when given)."""
+  target = abstract_variables(model, pipeline.first_bucket_image(config.data))
+  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
+                                   target["params"], config.model.backbone.frozen_stages)
+  abstract = jax.eval_shape(lambda v: TrainState(
+      step=jnp.int32(0), params=v["params"], batch_stats=v["batch_stats"], opt_state=optimizer.init(v["params"]),
+      rng=jax.random.key_data(jax.random.key(0)), skipped_steps=jnp.int32(0)), target)
+  if mesh is None:
+    return abstract
+  sharding = runtime.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
+
+
+def load_trained_variables(config, model, workdir, checkpoint: Optional[str] = None):
+  """``{"params", "batch_stats"}`` from a weights ``checkpoint`` file or the latest checkpoint of ``workdir``."""
+  if checkpoint:
+    target = abstract_variables(model, pipeline.first_bucket_image(config.data))
+    variables, report = convert.import_detector(convert.load_state_dict(checkpoint), target)
+    _log.info("weights from %s: %s", checkpoint, report)
+    return variables
+  checkpointer = Checkpointer(workdir, config.keep)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; train there first, or pass "
+                      f"--checkpoint=FILE")
+    state, _ = checkpointer.restore(step, abstract_train_state(config, model, runtime.make_mesh()))
+  finally:
+    checkpointer.close()
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Dict[str, float]:
+  """COCO metrics of the latest checkpoint in ``workdir``, or of a weights ``checkpoint`` file (e.g. mmdetection's)."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  runtime.enable_compilation_cache(config, workdir)
+  mesh = runtime.make_mesh()
+  info, model = checked_model(config, mesh)
+  variables = jax.device_put(load_trained_variables(config, model, workdir, checkpoint), runtime.replicated(mesh))
+  metrics = evaluate(make_predict_step(model, mesh), variables, config, mesh, info, workdir)
+  MetricWriter(workdir, enabled=jax.process_index() == 0).write(-1, metrics, kind="eval")
+  return metrics

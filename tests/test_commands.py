@@ -1,0 +1,113 @@
+"""Each command, run for real, answers a user's mistake with one line on stderr and a non-zero exit.
+
+One case per command and per kind of mistake; the variants of each (every config key, every kind of bad
+annotation or weights file) are tested in-process in test_cli.py, test_convert.py and test_unprepared.py.
+"""
+
+import concurrent.futures
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # about 20 commands, each starting Python, JAX and often TensorFlow
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHAPES = "configs/shapes_libra_faster_rcnn.py"
+
+
+def folder_overrides(annotations, images, data_dir):
+  """Overrides that train the shapes config on a COCO-format folder whose two splits share one annotation file."""
+  return ["--config.data.dataset=coco_folder", f"--config.data.train_annotations={annotations}",
+          f"--config.data.train_images={images}", f"--config.data.val_annotations={annotations}",
+          f"--config.data.val_images={images}", f"--config.data.tfds_data_dir={data_dir}"]
+
+
+def truncated_copy(source: pathlib.Path, target: pathlib.Path) -> str:
+  data = source.read_bytes()
+  target.write_bytes(data[:len(data) // 2])
+  return str(target)
+
+
+def cases(tmp: pathlib.Path, shapes_dir: str):
+  """``name -> (argv, text the error line must contain)``; writes the files the cases need into ``tmp``."""
+  (tmp / "afile").write_text("not a directory")
+  images = tmp / "images"
+  images.mkdir()
+  (tmp / "invalid.json").write_text('{"images": [')
+  np.savez(tmp / "whole.npz", **{f"w{i}": np.full((64, 64), i, np.float32) for i in range(4)})
+  train = ["train.py", f"--config={SHAPES}", f"--workdir={tmp / 'run'}"]
+  shapes_eval = train + ["--mode=eval", f"--config.data.tfds_data_dir={shapes_dir}"]
+  return {
+      "unknown_key": (train + ["--config.total_stepz=3"], "unknown config key total_stepz; did you mean total_steps?"),
+      "missing_config": (["train.py", "--config=configs/absent.py", "--workdir=w"],
+                         "config file configs/absent.py does not exist"),
+      "zero_batch": (train + ["--config.global_batch_size=0"], "config.global_batch_size must be a positive integer"),
+      "negative_batch": (train + ["--config.global_batch_size=-8"], "got -8"),
+      "zero_log_every": (train + ["--config.log_every=0"], "config.log_every must be a positive integer"),
+      "workdir_is_a_file": (["train.py", f"--config={SHAPES}", f"--workdir={tmp / 'afile'}"],
+                            "is a file, not a directory"),
+      "distributed_without_coordinator": (train + ["--config.distributed=True"],
+                                          "config.distributed=True needs a coordinator"),
+      "annotations_not_json": (train + folder_overrides(tmp / "invalid.json", images, tmp / "tfds"),
+                               "invalid.json is not valid JSON"),
+      "truncated_npz": (shapes_eval + [f"--checkpoint={truncated_copy(tmp / 'whole.npz', tmp / 'cut.npz')}"],
+                        "cut.npz: cannot read it as a .npz state dict"),
+      "checkpoint_in_train_mode": (train + [f"--checkpoint={tmp / 'whole.npz'}"], "--checkpoint goes with --mode=eval"),
+      "predict_missing_workdir": (["-m", "libra_jax.predict", f"--config={SHAPES}", f"--workdir={tmp / 'absent'}",
+                                   "--out=o", "x.png"], "absent does not exist"),
+      "inspect_bad_value": (["-m", "libra_jax.data.inspect", f"--config={SHAPES}", "--config.data.flip_prob=2.0"],
+                            "data.flip_prob must be in [0, 1], got 2.0"),
+      "summary_missing_config": (["-m", "libra_jax.tools.summary", "--config=configs/absent.py"], "does not exist"),
+      "diagnostics_config_alone": (["-m", "libra_jax.diagnostics", f"--config={SHAPES}"],
+                                   "--config and --workdir go together"),
+      "ablation_unknown_loss": (["-m", "libra_jax.ablation", f"--workdir={tmp / 'ablation'}",
+                                 "--config.model.rcnn.loss_bbox.name=tukey"], "unknown loss 'tukey'"),
+      "bench_input_bad_batches": (["benchmarks/bench_input.py", "--batches=0"], "--batches must be at least 1"),
+  }
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, shapes_tfds_dir):
+  """Runs every case (two at a time: this machine has two cores); ``name -> (CompletedProcess, expected text)``."""
+  table = cases(tmp_path_factory.mktemp("commands"), shapes_tfds_dir)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("LIBRA_JAX_VERBOSE", None)
+
+  def run(argv):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    futures = {name: pool.submit(run, argv) for name, (argv, _) in table.items()}
+  return {name: (future.result(), table[name][1]) for name, future in futures.items()}
+
+
+NAMES = [
+    "unknown_key", "missing_config", "zero_batch", "negative_batch", "zero_log_every", "workdir_is_a_file",
+    "distributed_without_coordinator", "annotations_not_json", "truncated_npz", "checkpoint_in_train_mode",
+    "predict_missing_workdir", "inspect_bad_value", "summary_missing_config",
+    "diagnostics_config_alone", "ablation_unknown_loss", "bench_input_bad_batches"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_mistake_gets_one_line(outcomes, name):
+  result, expected = outcomes[name]
+  assert result.returncode in (1, 2), (result.returncode, result.stderr[-3000:])
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == errors[0]
+  assert "Traceback" not in result.stderr
+
+
+def test_every_case_is_checked(outcomes):
+  assert sorted(outcomes) == sorted(NAMES)
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  result = subprocess.run([sys.executable, "train.py", f"--config={SHAPES}", f"--workdir={tmp_path}",
+                           "--config.log_every=0", "--verbose"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr

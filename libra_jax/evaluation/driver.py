@@ -41,12 +41,22 @@ def make_predict_step(model, mesh: Mesh) -> Callable[[Dict[str, Any], Dict[str, 
 
 
 def checked_model(config, mesh) -> Tuple[pipeline.DatasetInfo, object]:
-  """The dataset info and the detector of ``config``, or a ``ConfigError`` if they disagree with each other or the mesh."""
+  """The dataset info and the detector of ``config``; a ``ConfigError`` where they disagree or the mesh does not fit.
+
+  Checked before anything compiles: the class count, the splits (a misspelt
+  ``eval_split`` would otherwise fail only at the first evaluation), and the
+  batch sizes against the devices.
+  """
   info = pipeline.dataset_info(config.data)
   if config.model.num_classes != info.num_classes:
     raise ConfigError(f"config.model.num_classes is {config.model.num_classes} but dataset "
                       f"{config.data.dataset!r} has {info.num_classes} classes; set "
                       f"--config.model.num_classes={info.num_classes}")
+  for key in ("train_split", "eval_split"):
+    split = config.data[key].split("[")[0]
+    if split not in info.num_examples:
+      raise ConfigError(f"config.data.{key}={config.data[key]!r}: dataset {config.data.dataset!r} has no split "
+                        f"{split!r}; its splits are {', '.join(sorted(info.num_examples))}")
   runtime.check_batch_sizes(config, mesh)
   return info, build_detector(config.model)
 

@@ -52,7 +52,7 @@ class Checkpointer:
 
   def check_model(self, step: int, abstract_state: Any) -> None:
     """Compares the names and shapes of the model's arrays saved at ``step`` with ``abstract_state``'s."""
-    saved = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree
+    saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state").tree
     have, want = _model_shapes(saved), _model_shapes(abstract_state)
     differences = [f"{name} is missing there" for name in sorted(want.keys() - have.keys())]
     differences += [f"{name} is not in this model" for name in sorted(have.keys() - want.keys())]

@@ -1,0 +1,35 @@
+"""What the evaluation driver checks before anything compiles."""
+
+import types
+
+import pytest
+
+from configs import shapes_libra_faster_rcnn
+from libra_jax import runtime
+from libra_jax.errors import ConfigError
+from libra_jax.evaluation import driver
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("data.eval_split", "validaton[:16]", "config.data.eval_split='validaton[:16]': dataset 'shapes' has no split "
+     "'validaton'; its splits are train, validation"),
+    ("data.train_split", "training", "has no split 'training'"),
+    ("model.num_classes", 4, "config.model.num_classes is 4 but dataset 'shapes' has 3 classes"),
+])
+def test_a_config_that_does_not_fit_its_dataset_stops_before_compiling(shapes_tfds_dir, key, value, message):
+  config = shapes_libra_faster_rcnn.get_config()
+  config.data.tfds_data_dir = shapes_tfds_dir
+  section, name = key.rsplit(".", 1) if "." in key else ("", key)
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ConfigError) as error:
+    driver.checked_model(config, runtime.make_mesh())
+  assert message in str(error.value)
+
+
+def test_batch_sizes_must_split_over_the_devices():
+  config = shapes_libra_faster_rcnn.get_config()
+  four_devices = types.SimpleNamespace(size=4)
+  runtime.check_batch_sizes(config, four_devices)  # 8 and 8
+  config.eval_batch_size = 6
+  with pytest.raises(ConfigError, match="config.eval_batch_size=6 must be a multiple of the 4 devices"):
+    runtime.check_batch_sizes(config, four_devices)

@@ -213,12 +213,11 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  import jax.numpy as jnp
   from libra_jax.models.detectors import build_detector
   from libra_jax.training import optim
   from libra_jax.evaluation.driver import make_predict_step
   from libra_jax.runtime import batch_sharding, make_mesh, replicated
-  from libra_jax.training.step import TrainState, make_train_step
+  from libra_jax.training.step import make_train_step, new_train_state
 
   config = detector_config(row)
   model = build_detector(config.model)
@@ -229,10 +228,7 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   if row["mode"] == "train":
     optimizer = optim.make_optimizer(config.optim, row["batch"], config.steps_per_epoch, variables["params"],
                                      config.model.backbone.frozen_stages)
-    state = TrainState(step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
-                       opt_state=optimizer.init(variables["params"]),
-                       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
-                       skipped_steps=jnp.int32(0))
+    state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
     state = jax.device_put(state, replicated(mesh))
     compiled, cold, cached = compile_cold_and_cached(make_train_step(model, optimizer, mesh), (state, batch),
                                                      pathlib.Path(cache_dir))

@@ -124,6 +124,7 @@ def run_ablation(workdir, steps: int = DEFAULT_STEPS,
   Returns ``(row, COCO metrics)`` pairs in ``ROWS`` order.
   """
   workdir = pathlib.Path(workdir)
+  base = base if base is not None else config_loader.load_config(DEFAULT_CONFIG)
   results = []
   for index, row in enumerate(ROWS, 1):
     config = row_config(row, steps, base)

@@ -20,6 +20,7 @@ import pathlib
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from libra_jax import errors
 from libra_jax.errors import UserError
 
 VERBOSE_ENV = "LIBRA_JAX_VERBOSE"
@@ -107,11 +108,7 @@ def verbose_requested(argv: Sequence[str]) -> bool:
 
 def one_line(error: BaseException) -> str:
   """``error`` as the single line a command prints: the message, or the type for an unexpected error."""
-  if isinstance(error, KeyError) and error.args:
-    text = str(error.args[0])
-  else:
-    text = str(error)
-  text = " ".join(text.split())
+  text = errors.message(error)
   if isinstance(error, (UserError, OSError, ImportError)):
     return f"error: {text}"
   return (f"error: unexpected {type(error).__name__}: {text} (a bug: rerun with --verbose for the traceback, "

@@ -19,11 +19,11 @@ from typing import Any, Sequence, Tuple
 
 import ml_collections
 
-from libra_jax.errors import ConfigError
+from libra_jax.errors import ConfigError, message
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Run keys that must be positive integers: (key, what a value means).
+# Run keys that must be positive integers.
 POSITIVE_RUN_KEYS = ("global_batch_size", "eval_batch_size", "log_every", "checkpoint_every", "eval_every",
                      "steps_per_epoch", "keep")
 
@@ -35,11 +35,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   if not path.is_file():
     hint = "pass --config=configs/<name>.py; the configs/ folder lists them"
     raise ConfigError(f"config file {path_text} does not exist; {hint}")
-  for root in (REPO_ROOT, path.resolve().parent):
-    # Config files import the shared pieces of configs/ and their own neighbours.
-    if (root / "configs").is_dir() or root == path.resolve().parent:
-      if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+  # Config files import the shared pieces of configs/ (in a checkout) and their own neighbours.
+  for root in ([REPO_ROOT] if (REPO_ROOT / "configs").is_dir() else []) + [path.resolve().parent]:
+    if str(root) not in sys.path:
+      sys.path.insert(0, str(root))
   module_spec = importlib.util.spec_from_file_location(f"libra_jax_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   try:
@@ -64,9 +63,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def _holder(config: ml_collections.ConfigDict, key: str) -> Tuple[ml_collections.ConfigDict, str]:
   """The ConfigDict that holds dotted ``key``'s last part, and that part; unknown parts raise ``ConfigError``."""
-  *parents, leaf = key.split(".")
-  node, walked = config, []
-  for name in parents + [leaf]:
+  names = key.split(".")
+  node = config
+  for depth, name in enumerate(names):
+    walked = names[:depth]
     if not isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(f"unknown config key {key}: {'.'.join(walked)} is a value, not a section")
     if name not in node:
@@ -75,10 +75,9 @@ def _holder(config: ml_collections.ConfigDict, key: str) -> Tuple[ml_collections
       hint = (f"did you mean {'.'.join(walked + close)}?" if close else
               f"{where} has: {', '.join(sorted(node.keys()))}")
       raise ConfigError(f"unknown config key {key}; {hint}")
-    if name is not leaf or len(walked) < len(parents):
-      walked.append(name)
+    if depth < len(names) - 1:
       node = node[name]
-  return node, leaf
+  return node, names[-1]
 
 
 def parse_value(text: str, current: Any, key: str) -> Any:
@@ -127,12 +126,10 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
   """Sets dotted ``key`` of ``config`` to ``text`` parsed as the key's type."""
   holder, leaf = _holder(config, key)
   current = holder[leaf]
-  field_type = holder.get_type(leaf)
-  if current is None and field_type is not type(None):
-    sample = {str: "", int: 0, float: 0.0, bool: False}.get(field_type)
-    value = parse_value(text, sample, key) if sample is not None else parse_value(text, None, key)
-  else:
-    value = parse_value(text, current, key)
+  if current is None:
+    # An empty placeholder keeps the type it was declared with (e.g. placeholder(str)).
+    current = {str: "", int: 0, float: 0.0, bool: False}.get(holder.get_type(leaf))
+  value = parse_value(text, current, key)
   try:
     holder[leaf] = value
   except (TypeError, ValueError) as error:
@@ -211,21 +208,15 @@ def check_model_config(model) -> None:
       try:
         SAMPLERS.get(model.train.rcnn.sampler.type)
       except KeyError as error:
-        raise ConfigError(f"config.model.train.rcnn.sampler.type: {_message(error)}") from error
+        raise ConfigError(f"config.model.train.rcnn.sampler.type: {message(error)}") from error
     heads = {"rpn": model.rpn, "rcnn": model.rcnn} if model.type == "faster_rcnn" else {"head": model.head}
     for head_name, head in heads.items():
       for loss in ("loss_cls", "loss_bbox"):
         try:
           losses.build_loss(head[loss])
         except (KeyError, TypeError, ValueError) as error:
-          raise ConfigError(f"config.model.{head_name}.{loss}: {_message(error)}") from error
+          raise ConfigError(f"config.model.{head_name}.{loss}: {message(error)}") from error
   except ConfigError:
     raise
   except (KeyError, ValueError, TypeError) as error:
-    raise ConfigError(f"config.model: {_message(error)}") from error
-
-
-def _message(error: BaseException) -> str:
-  """An exception's text on one line (``KeyError`` quotes its argument)."""
-  text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-  return " ".join(str(text).split())
+    raise ConfigError(f"config.model: {message(error)}") from error

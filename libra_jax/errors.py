@@ -15,3 +15,9 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class DataError(UserError, ValueError):
   """A dataset or weights file that cannot be read as what it claims to be."""
+
+
+def message(error: BaseException) -> str:
+  """An exception's text on one line (a ``KeyError``'s without the quotes ``str`` adds)."""
+  text = error.args[0] if isinstance(error, KeyError) and error.args else error
+  return " ".join(str(text).split())

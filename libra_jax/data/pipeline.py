@@ -127,6 +127,16 @@ def _check_shard(batch_size: int, shard_index: int, num_shards: int) -> None:
     raise ValueError(f"shard_index must be in [0, num_shards={num_shards}), got {shard_index}")
 
 
+def check_splits(data_config) -> None:
+  """Raises ``ConfigError`` naming the key unless ``train_split`` and ``eval_split`` each read one prepared split."""
+  builder = sources.prepared_builder(data_config)
+  for key in ("train_split", "eval_split"):
+    try:
+      _split_range(builder, data_config[key])
+    except ConfigError as error:
+      raise ConfigError(f"config.data.{key}: {error}") from error
+
+
 def _split_range(builder: tfds.core.DatasetBuilder, spec: str) -> Tuple[str, int, int]:
   """A split or a slice of one (``"train"``, ``"validation[:16]"``, ``"train[10%:20%]"``) -> (split, start, stop)."""
   try:
@@ -250,7 +260,6 @@ def eval_batches(data_config, batch_size: int, shard_index: int = 0, num_shards:
   plan = eval_plan(_rows_by_bucket(table, rows, data_config), batch_size, shard_index, num_shards)
   mine = sum(int(batch.valid.sum()) for batch in plan)
   return Batches(builder, table, plan, data_config, batch_size, reports, len(plan), mine)
-
 
 
 def first_bucket_image(data_config) -> np.ndarray:

@@ -25,7 +25,7 @@ from libra_jax.models.detectors import abstract_variables, build_detector
 from libra_jax.training import optim
 from libra_jax.training.checkpoint import Checkpointer
 from libra_jax.training.metrics import MetricWriter
-from libra_jax.training.step import TrainState
+from libra_jax.training.step import new_train_state
 
 _log = logging.getLogger(__name__)
 
@@ -52,11 +52,7 @@ def checked_model(config, mesh) -> Tuple[pipeline.DatasetInfo, object]:
     raise ConfigError(f"config.model.num_classes is {config.model.num_classes} but dataset "
                       f"{config.data.dataset!r} has {info.num_classes} classes; set "
                       f"--config.model.num_classes={info.num_classes}")
-  for key in ("train_split", "eval_split"):
-    split = config.data[key].split("[")[0]
-    if split not in info.num_examples:
-      raise ConfigError(f"config.data.{key}={config.data[key]!r}: dataset {config.data.dataset!r} has no split "
-                        f"{split!r}; its splits are {', '.join(sorted(info.num_examples))}")
+  pipeline.check_splits(config.data)
   runtime.check_batch_sizes(config, mesh)
   return info, build_detector(config.model)
 
@@ -120,9 +116,7 @@ def abstract_train_state(config, model, mesh=None):
   target = abstract_variables(model, pipeline.first_bucket_image(config.data))
   optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
                                    target["params"], config.model.backbone.frozen_stages)
-  abstract = jax.eval_shape(lambda v: TrainState(
-      step=jnp.int32(0), params=v["params"], batch_stats=v["batch_stats"], opt_state=optimizer.init(v["params"]),
-      rng=jax.random.key_data(jax.random.key(0)), skipped_steps=jnp.int32(0)), target)
+  abstract = jax.eval_shape(lambda v: new_train_state(v, optimizer, jax.random.key(0)), target)
   if mesh is None:
     return abstract
   sharding = runtime.replicated(mesh)

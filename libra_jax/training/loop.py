@@ -22,7 +22,6 @@ import time
 from typing import Dict, Iterator, List, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -34,7 +33,7 @@ from libra_jax.models.detectors import abstract_variables, jitted_init
 from libra_jax.training import optim
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 from libra_jax.training.metrics import MetricWriter
-from libra_jax.training.step import TrainState, make_train_step
+from libra_jax.training.step import TrainState, make_train_step, new_train_state
 
 LOSS_PREFIX = "loss"
 
@@ -59,11 +58,7 @@ def _initial_state(config, model, optimizer, mesh, image) -> TrainState:
   """Step 0: fresh variables (and the backbone's ImageNet weights, if configured) on every device."""
   variables = jitted_init(model)(jax.random.key(config.seed), image)
   variables = load_backbone(config, jax.tree.map(np.asarray, variables))
-  params = variables["params"]
-  state = TrainState(step=jnp.int32(0), params=params, batch_stats=variables["batch_stats"],
-                     opt_state=optimizer.init(params),
-                     rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)),
-                     skipped_steps=jnp.int32(0))
+  state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
   return jax.device_put(state, runtime.replicated(mesh))
 
 

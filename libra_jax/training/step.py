@@ -33,6 +33,13 @@ class TrainState:
   skipped_steps: jnp.ndarray        # int32 scalar: steps skipped for a non-finite loss
 
 
+def new_train_state(variables, optimizer: optax.GradientTransformation, rng) -> TrainState:
+  """Step 0 of training ``variables`` (``{"params", "batch_stats"}``) with ``optimizer``; ``rng`` is the run's key."""
+  return TrainState(step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
+                    opt_state=optimizer.init(variables["params"]), rng=jax.random.key_data(rng),
+                    skipped_steps=jnp.int32(0))
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
                     skip_nonfinite: bool = False) -> Callable[[TrainState, Dict[str, jnp.ndarray]],
                                                               Tuple[TrainState, Dict[str, jnp.ndarray]]]:

@@ -11,9 +11,11 @@ from libra_jax.evaluation import driver
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("data.eval_split", "validaton[:16]", "config.data.eval_split='validaton[:16]': dataset 'shapes' has no split "
-     "'validaton'; its splits are train, validation"),
-    ("data.train_split", "training", "has no split 'training'"),
+    ("data.eval_split", "validaton[:16]", "config.data.eval_split: shapes/easy/1.0.0 has no split 'validaton[:16]' "
+     "(Unknown split 'validaton'. Should be one of ['train', 'validation'].); it has ['train', 'validation']"),
+    ("data.eval_split", "validation+train", "config.data.eval_split: data split 'validation+train' joins several "
+     "splits; name one split or a slice of one"),
+    ("data.train_split", "training", "config.data.train_split: shapes/easy/1.0.0 has no split 'training'"),
     ("model.num_classes", 4, "config.model.num_classes is 4 but dataset 'shapes' has 3 classes"),
 ])
 def test_a_config_that_does_not_fit_its_dataset_stops_before_compiling(shapes_tfds_dir, key, value, message):

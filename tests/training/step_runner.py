@@ -9,7 +9,6 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -31,9 +30,7 @@ def two_steps() -> dict:
   variables = tiny_variables("faster")
   optimizer = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), GLOBAL_BATCH, 1, variables["params"], 1)
   mesh = runtime.make_mesh()
-  state = step_lib.TrainState(step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
-                              opt_state=optimizer.init(variables["params"]),
-                              rng=jax.random.key_data(jax.random.key(3)), skipped_steps=jnp.int32(0))
+  state = step_lib.new_train_state(variables, optimizer, jax.random.key(3))
   state = jax.device_put(state, runtime.replicated(mesh))
   train_step = step_lib.make_train_step(model, optimizer, mesh)
   losses = []

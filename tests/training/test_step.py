@@ -113,9 +113,7 @@ def tiny_training(tiny_faster):
   def initial_state():
     # Fresh copies: the step donates its input state.
     params, batch_stats = jax.tree.map(jnp.array, (variables["params"], variables["batch_stats"]))
-    state = step_lib.TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
-                                opt_state=optimizer.init(params),
-                                rng=jax.random.key_data(jax.random.key(1)), skipped_steps=jnp.int32(0))
+    state = step_lib.new_train_state({"params": params, "batch_stats": batch_stats}, optimizer, jax.random.key(1))
     return jax.device_put(state, runtime.replicated(mesh))
 
   return model, optimizer, mesh, initial_state, variables

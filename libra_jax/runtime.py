@@ -3,14 +3,18 @@
 Training, evaluation and predict all place batches on one 1-D mesh over
 every device of every process (DESIGN.md principle 4): each process hands its
 own rows of the global batch to :func:`to_global`, and parameters are
-replicated.
+replicated. The mesh lists each process's devices together, in process
+order, so process ``p`` owns a contiguous block of every global batch; its
+rows come back with :func:`to_local`.
 """
 
 import pathlib
-from typing import Dict
+import pickle
+from typing import Any, Dict, List
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from libra_jax.errors import ConfigError
@@ -19,8 +23,8 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all (or the given) devices with the ``'data'`` axis."""
-  devices = jax.devices() if devices is None else devices
+  """A 1-D mesh over all (or the given) devices with the ``'data'`` axis, grouped by process in process order."""
+  devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=devices)
 
@@ -39,6 +43,37 @@ def to_global(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays split over the ``'data'`` mesh axis."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def to_local(tree: Any) -> Any:
+  """The rows of batch-sharded global arrays that this process put there with :func:`to_global`, as numpy."""
+
+  def local_rows(array):
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    unique = {shard.index[0].start: shard for shard in shards}  # a replica per device at most once
+    return np.concatenate([np.asarray(shard.data) for shard in unique.values()])
+
+  return jax.tree.map(local_rows, tree)
+
+
+def all_processes(values: np.ndarray) -> np.ndarray:
+  """``[k]`` on each process -> ``[num_processes, k]``, every process's values in process order (a collective)."""
+  values = np.asarray(values)
+  if jax.process_count() == 1:
+    return values[None]
+  return np.asarray(multihost_utils.process_allgather(values))
+
+
+def gather_objects(value: Any) -> List[Any]:
+  """Any picklable ``value`` of each process -> the list of all of them in process order, on every process."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(pickle.dumps(value), np.uint8)
+  sizes = all_processes(np.array([len(data)], np.int64))[:, 0]
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:len(data)] = data
+  gathered = all_processes(padded)
+  return [pickle.loads(gathered[i, :size].tobytes()) for i, size in enumerate(sizes)]
 
 
 def enable_compilation_cache(config, workdir) -> None:

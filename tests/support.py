@@ -94,3 +94,17 @@ def assert_drawn_where_detected(original, png_path, detections):
     colour = PALETTE[detections[-1]["class"] % len(PALETTE)]
     rows = drawn[int(y1) + 16:int(y2) - 2, int(x1):int(x1) + 2]
     assert rows.size == 0 or np.any(np.all(rows == colour, axis=-1), axis=1).all()
+
+
+def tiny_train_overrides(tfds_dir, cache_dir, **extra):
+  """``config key -> value`` that train the shapes config's detector, shrunk, on the prepared shapes dataset."""
+  values = {
+      "data.tfds_data_dir": tfds_dir, "data.eval_split": "validation[:16]", "compilation_cache_dir": cache_dir,
+      "model.backbone.base_channels": 8, "model.neck.out_channels": 16, "model.rpn.feat_channels": 16,
+      "model.rcnn.fc_channels": 32, "model.train.rcnn.sampler.num": 64, "global_batch_size": 4,
+      "eval_batch_size": 4, "log_every": 2, "checkpoint_every": 4, "eval_every": 1000,
+      # One square bucket holds both orientations of the shapes images: one compilation per step function.
+      "data.buckets": ((192, 192),),
+  }
+  values.update(extra)
+  return values

@@ -85,18 +85,6 @@ class ImageTable:
     """``[N]`` int64: boxes per image, crowd regions included."""
     return np.diff(self.row_splits)
 
-  def head(self, count: int) -> "ImageTable":
-    """The first ``count`` rows (their report is left empty)."""
-    end = self.row_splits[count]
-    index = self.records
-    return ImageTable(
-        records=records.RecordIndex(index.files, index.file_sizes, index.file[:count], index.offset[:count],
-                                    index.length[:count]),
-        image_id=self.image_id[:count], filename=self.filename[:count], height=self.height[:count],
-        width=self.width[:count], decodable=self.decodable[:count], boxes=self.boxes[:end],
-        labels=self.labels[:end], is_crowd=self.is_crowd[:end], area=self.area[:end],
-        row_splits=self.row_splits[:count + 1], report=Report(self.report.source))
-
 
 _TABLES: Dict[Tuple[str, str, int, int], ImageTable] = {}
 

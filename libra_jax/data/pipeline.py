@@ -10,29 +10,38 @@ Train: images without any box, or with a side below ``data.min_size``, are
 skipped; crowd boxes stay as ``is_crowd`` rows; each bucket's images come in
 reshuffled passes with random flips; the stream never ends and batch ``k`` is
 a pure function of the seed and ``k`` (``start_batch`` resumes exactly, with
-no image read for the skipped batches). Host ``shard_index`` of ``num_shards``
-reads only its contiguous share of the split (plus the light metadata of the
-split's first ``FRACTION_SAMPLE`` images, from which all hosts derive the same
-bucket of each step).
+no image read for the skipped batches). The split is cut into contiguous data
+shards, one per device of the run; each shard has its own passes and fills its
+device's share of every batch, and host ``shard_index`` of ``num_shards``
+reads (metadata included) only the examples of its ``shards_per_host``
+shards. So a global batch depends on the device count, never on how the
+devices are spread over processes: 2 processes x 2 devices train on exactly
+what 1 process x 4 devices does. All hosts follow one sequence of buckets,
+from the bucket shares of the whole split, summed over the hosts by
+``all_hosts``.
 
 Eval: every decodable image of the split exactly once over all hosts, unflipped,
-in one-bucket batches; each host reads the metadata of the whole split (so all
-hosts agree on the plan) and decodes only its own images; the last batch of
-each bucket is filled with ``valid=False`` slots.
+in one-bucket batches; each host reads and decodes only its contiguous share of
+the split, and the hosts agree (through ``all_hosts``) on how many batches
+each bucket takes; slots past a host's images are ``valid=False``.
+
+``all_hosts`` maps this host's ``[k]`` array to the ``[num_hosts, k]`` stack of
+every host's, in host order (``runtime.all_processes`` in a JAX run); the
+default is a run of one host.
 
 Every repair and drop is logged, one line per reason, and counted in the
 iterator's ``stats``.
 """
 
 import logging
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from libra_jax.data import geometry, images, metadata, records, sources, targets
 from libra_jax.data.config import check_data_config
-from libra_jax.data.plan import PlannedBatch, TrainPlan, eval_plan
+from libra_jax.data.plan import PlannedBatch, TrainPlan, eval_batch_counts, eval_plan
 from libra_jax.data.report import Report, stats
 from libra_jax.data.tf_runtime import tf
 from libra_jax.errors import ConfigError, DataError
@@ -40,9 +49,14 @@ from libra_jax.errors import ConfigError, DataError
 DatasetInfo = sources.DatasetInfo
 dataset_info = sources.dataset_info
 
-# Hosts agree on each step's bucket from the bucket shares of the split's first images.
-FRACTION_SAMPLE = 4096
 PREFETCH_BATCHES = 2
+
+AllHosts = Callable[[np.ndarray], np.ndarray]
+
+
+def one_host(values: np.ndarray) -> np.ndarray:
+  """``all_hosts`` of a run with one host: ``[k] -> [1, k]``."""
+  return np.asarray(values)[None]
 
 _log = logging.getLogger("libra_jax.data")
 
@@ -105,10 +119,15 @@ def _image_stream(builder, table, plan, height, width, data_config, batch_size) 
   mean, std = tuple(data_config.mean), tuple(data_config.std)
 
   def preprocess(element):
-    encoded = features.deserialize_example(element["serialized"],
-                                           decoders={"image": tfds.decode.SkipDecoding()})["image"]
-    image = images.preprocess(images.decode(encoded), element["height"], element["width"], element["flip"],
-                              element["bucket_height"], element["bucket_width"], mean, std)
+    def decoded():
+      encoded = features.deserialize_example(element["serialized"],
+                                             decoders={"image": tfds.decode.SkipDecoding()})["image"]
+      return images.preprocess(images.decode(encoded), element["height"], element["width"], element["flip"],
+                               element["bucket_height"], element["bucket_width"], mean, std)
+
+    # A padding slot (valid=False) decodes nothing: its image is zeros of the bucket's shape.
+    padding = lambda: tf.zeros(tf.stack([element["bucket_height"], element["bucket_width"], 3]), tf.float32)
+    image = tf.cond(element["valid"], decoded, padding)
     return {"image": image, "row": element["row"], "flip": element["flip"], "valid": element["valid"]}
 
   dataset = tf.data.Dataset.from_generator(planned_batches, output_signature=signature).unbatch()
@@ -181,34 +200,31 @@ def _rows_by_bucket(table: metadata.ImageTable, rows: np.ndarray, data_config) -
   return [rows[bucket == b] for b in range(len(data_config.buckets))]
 
 
-def _bucket_fractions(builder, split: str, first: int, last: int, table: metadata.ImageTable, start: int,
-                      data_config) -> np.ndarray:
-  """Share of each bucket among the usable images of examples ``first..`` (at most ``FRACTION_SAMPLE``).
+def _shard_range(first: int, last: int, shard: int, num_shards: int) -> Tuple[int, int]:
+  """Examples ``[start, stop)`` of data shard ``shard`` of ``num_shards`` contiguous shards of ``first..last-1``."""
+  return first + (last - first) * shard // num_shards, first + (last - first) * (shard + 1) // num_shards
 
-  ``first..last`` is the configured split range, the same on all hosts; this
-  host's table starts at ``start``.
-  """
-  size = min(last - first, FRACTION_SAMPLE)
-  sample = table.head(size) if start == first and len(table) >= size else \
-      metadata.load(builder, split, first, first + size)
-  usable = np.flatnonzero(_trainable(sample, data_config, Report(sample.report.source)))
-  counts = np.array([len(rows) for rows in _rows_by_bucket(sample, usable, data_config)], np.float64)
-  if not counts.sum():
-    raise DataError(f"none of the first {size} images of {builder.info.full_name} {data_config.train_split} can "
-                    f"be used for training (see the log for why)")
-  return counts / counts.sum()
+
+def _interleave(plans: Sequence[TrainPlan], start_batch: int) -> Iterator[PlannedBatch]:
+  """The host's batches: shard by shard, each shard's batch of the same step (all plans share one bucket sequence)."""
+  for parts in zip(*(plan.batches(start_batch) for plan in plans)):
+    yield PlannedBatch(rows=np.concatenate([p.rows for p in parts]), flips=np.concatenate([p.flips for p in parts]),
+                       valid=np.concatenate([p.valid for p in parts]), bucket=parts[0].bucket)
 
 
 def train_batches(data_config, batch_size: int, seed: int, start_batch: int = 0, shard_index: int = 0,
-                  num_shards: int = 1) -> Batches:
+                  num_shards: int = 1, shards_per_host: int = 1, all_hosts: AllHosts = one_host) -> Batches:
   """This host's endless training batches, from batch ``start_batch`` on.
 
   Args:
     data_config: ``config.data``.
-    batch_size: images per batch on this host.
+    batch_size: images per batch on this host (a multiple of ``shards_per_host``).
     seed: fixes every pass's order and every flip.
     start_batch: index of the first batch to yield (a resumed run's step).
-    shard_index, num_shards: this host's share of the split.
+    shard_index, num_shards: this host and the number of hosts.
+    shards_per_host: data shards per host (the run's devices per process);
+      each fills ``batch_size // shards_per_host`` slots of every batch.
+    all_hosts: gathers an array from every host (see the module docstring).
 
   Returns:
     A ``Batches`` iterator; every batch has one bucket's shape.
@@ -217,49 +233,64 @@ def train_batches(data_config, batch_size: int, seed: int, start_batch: int = 0,
   _check_shard(batch_size, shard_index, num_shards)
   if start_batch < 0:
     raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+  if shards_per_host < 1 or batch_size % shards_per_host:
+    raise ValueError(f"batch_size {batch_size} must be a multiple of shards_per_host {shards_per_host}")
   builder = sources.prepared_builder(data_config)
   split, first, last = _split_range(builder, data_config.train_split)
-  start = first + (last - first) * shard_index // num_shards
-  stop = first + (last - first) * (shard_index + 1) // num_shards
+  shards = range(shard_index * shards_per_host, (shard_index + 1) * shards_per_host)
+  total_shards = num_shards * shards_per_host
+  start = _shard_range(first, last, shards[0], total_shards)[0]
+  stop = _shard_range(first, last, shards[-1], total_shards)[1]
   table = metadata.load(builder, split, start, stop)
   selection = Report(f"{table.report.source} training", images=len(table))
   rows = np.flatnonzero(_trainable(table, data_config, selection))
   selection.totals["instances"] = int(table.num_instances()[rows].sum())
   _count_truncated(table, rows, data_config.max_instances, selection)
-  rows_by_bucket = _rows_by_bucket(table, rows, data_config)
-  fractions = _bucket_fractions(builder, split, first, last, table, start, data_config)
+  counts = np.array([len(r) for r in _rows_by_bucket(table, rows, data_config)], np.int64)
+  counts = all_hosts(counts).sum(0)
+  if not counts.sum():
+    raise DataError(f"none of the images of {builder.info.full_name} {data_config.train_split} can be used for "
+                    f"training (see the log for why)")
   reports = _preparation_report(builder, split) + [table.report, selection]
   for report in reports:
     report.log()
-  for bucket, (fraction, bucket_rows) in enumerate(zip(fractions, rows_by_bucket)):
-    if fraction == 0 and len(bucket_rows):
-      _log.warning("%s: %d images fall in bucket %s but none of the split's first %d do, so no step uses them",
-                   selection.source, len(bucket_rows), tuple(data_config.buckets[bucket]), FRACTION_SAMPLE)
-  plan = TrainPlan(rows_by_bucket, fractions, batch_size, seed, shard_index, data_config.flip_prob)
-  return Batches(builder, table, plan.batches(start_batch), data_config, batch_size, reports, None, len(rows))
+  plans = []
+  for shard in shards:
+    shard_start, shard_stop = _shard_range(first, last, shard, total_shards)
+    mine = rows[(rows >= shard_start - start) & (rows < shard_stop - start)]
+    plans.append(TrainPlan(_rows_by_bucket(table, mine, data_config), counts / counts.sum(),
+                           batch_size // shards_per_host, seed, shard, data_config.flip_prob))
+  return Batches(builder, table, _interleave(plans, start_batch), data_config, batch_size, reports, None, len(rows))
 
 
-def eval_batches(data_config, batch_size: int, shard_index: int = 0, num_shards: int = 1) -> Batches:
+def eval_batches(data_config, batch_size: int, shard_index: int = 0, num_shards: int = 1,
+                 all_hosts: AllHosts = one_host) -> Batches:
   """Every decodable image of the eval split once over all hosts, in batches of one bucket each.
 
-  Images are neither flipped nor skipped for lacking boxes. Slots past the
-  end of a bucket's images have ``valid=False`` (and no ground truth); all
-  hosts yield the same number of batches with the same shapes in turn.
+  Host ``shard_index`` of ``num_shards`` reads its contiguous share of the
+  split. Images are neither flipped nor skipped for lacking boxes. Slots past
+  the end of a host's images of a bucket have ``valid=False`` (and no ground
+  truth); all hosts yield the same number of batches with the same shapes in
+  turn (``all_hosts`` gathers each host's batch counts).
   """
   check_data_config(data_config)
   _check_shard(batch_size, shard_index, num_shards)
   builder = sources.prepared_builder(data_config)
   split, first, last = _split_range(builder, data_config.eval_split)
-  table = metadata.load(builder, split, first, last)
+  table = metadata.load(builder, split, *_shard_range(first, last, shard_index, num_shards))
   rows = np.flatnonzero(table.decodable)
   selection = Report(f"{table.report.source} evaluation", instances=int(table.num_instances()[rows].sum()))
   _count_truncated(table, rows, data_config.max_instances, selection)
   reports = _preparation_report(builder, split) + [table.report, selection]
   for report in reports:
     report.log()
-  plan = eval_plan(_rows_by_bucket(table, rows, data_config), batch_size, shard_index, num_shards)
-  mine = sum(int(batch.valid.sum()) for batch in plan)
-  return Batches(builder, table, plan, data_config, batch_size, reports, len(plan), mine)
+  rows_by_bucket = _rows_by_bucket(table, rows, data_config)
+  agreed = all_hosts(eval_batch_counts(rows_by_bucket, batch_size)).max(0)
+  if agreed.sum() and not len(table):
+    raise DataError(f"host {shard_index} of {num_shards} has no example of {data_config.eval_split} to evaluate; "
+                    f"evaluate on a larger split or with fewer processes")
+  plan = eval_plan(rows_by_bucket, batch_size, agreed)
+  return Batches(builder, table, plan, data_config, batch_size, reports, len(plan), len(rows))
 
 
 def first_bucket_image(data_config) -> np.ndarray:

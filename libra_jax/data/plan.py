@@ -3,7 +3,7 @@
 Training: ``TrainPlan.batches(start)`` gives batch ``k`` as a pure function
 of the seed and ``k``, so a run resumed at batch ``k`` yields exactly what the
 uninterrupted one would, and skipping costs no image reads. Evaluation:
-``eval_plan`` puts every image in exactly one batch of one host.
+``eval_plan`` puts every image of a host in exactly one of its batches.
 """
 
 import dataclasses
@@ -109,24 +109,31 @@ class TrainPlan:
         counts[bucket] += 1
 
 
-def eval_plan(rows_by_bucket: Sequence[np.ndarray], batch_size: int, shard_index: int, num_shards: int
-              ) -> List[PlannedBatch]:
-  """Every row in exactly one valid slot of one host's batches.
+def eval_batch_counts(rows_by_bucket: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+  """``[num_buckets]`` int64: batches of ``batch_size`` that one host's rows of each bucket fill."""
+  return np.array([-(-len(rows) // batch_size) for rows in rows_by_bucket], np.int64)
 
-  Per bucket, rows are taken in order in global batches of ``batch_size *
-  num_shards``; host ``shard_index`` gets slots ``[shard_index * batch_size,
-  (shard_index + 1) * batch_size)`` of each. Slots past the end repeat the
-  global batch's first row with ``valid=False``, so every host has the same
-  number of batches, with the same bucket at each position.
+
+def eval_plan(rows_by_bucket: Sequence[np.ndarray], batch_size: int, batches_per_bucket: Sequence[int]
+              ) -> List[PlannedBatch]:
+  """Every row of one host in exactly one valid slot, in the batch count all hosts agreed on.
+
+  Per bucket, the host's rows are taken in order in batches of ``batch_size``;
+  ``batches_per_bucket[b]`` (the most any host needs: the maximum of the hosts'
+  ``eval_batch_counts``) batches are made, slots past the host's rows holding
+  row 0 with ``valid=False`` (nothing is decoded for them), so every host has
+  the same number of batches with the same bucket at each position.
   """
+  rows_by_bucket = [np.asarray(rows, np.int64) for rows in rows_by_bucket]
+  needed = eval_batch_counts(rows_by_bucket, batch_size)
+  if np.any(needed > np.asarray(batches_per_bucket)):
+    raise ValueError(f"the agreed batches per bucket {list(batches_per_bucket)} do not hold this host's "
+                     f"{list(needed)}")
   plan = []
-  global_size = batch_size * num_shards
-  for bucket, rows in enumerate(rows_by_bucket):
-    rows = np.asarray(rows, np.int64)
-    for first in range(0, len(rows), global_size):
-      chunk = rows[first:first + global_size]
-      mine = chunk[shard_index * batch_size:(shard_index + 1) * batch_size]
+  for bucket, (rows, count) in enumerate(zip(rows_by_bucket, batches_per_bucket)):
+    for first in range(0, int(count) * batch_size, batch_size):
+      mine = rows[first:first + batch_size]
       valid = np.arange(batch_size) < len(mine)
-      plan.append(PlannedBatch(rows=np.concatenate([mine, np.full(batch_size - len(mine), chunk[0])]),
+      plan.append(PlannedBatch(rows=np.concatenate([mine, np.zeros(batch_size - len(mine), np.int64)]),
                                flips=np.zeros(batch_size, bool), valid=valid, bucket=bucket))
   return plan

@@ -64,17 +64,26 @@ class CocoAccumulator:
     """
     for i in np.flatnonzero(np.asarray(batch["valid"])):
       image_id = int(batch["image_id"][i])
-      if image_id in self.image_ids:
-        raise ValueError(f"image {image_id} was evaluated twice")
-      if image_id not in self._known:
-        raise DataError(f"image {image_id} is not in the ground truth: the annotation file does not describe the "
-                        f"prepared dataset (prepare it again)")
-      self.image_ids.add(image_id)
+      self._claim(image_id)
       scale, size = batch["scale"][i], _original_size(batch["image_shape"][i], batch["scale"][i])
       kept = np.flatnonzero(np.asarray(detections.valid[i]))
       for row, box in zip(kept, _to_original_xywh(detections.boxes[i][kept], scale, size)):
         self.results.append({"image_id": image_id, "category_id": self.category_ids[int(detections.classes[i][row])],
                              "bbox": [float(v) for v in box], "score": float(detections.scores[i][row])})
+
+  def extend(self, results: Sequence[Dict[str, Any]], image_ids: Sequence[int]) -> None:
+    """Adds what another accumulator collected (its ``results`` and ``image_ids``), e.g. another process's."""
+    for image_id in image_ids:
+      self._claim(int(image_id))
+    self.results.extend(results)
+
+  def _claim(self, image_id: int) -> None:
+    if image_id in self.image_ids:
+      raise ValueError(f"image {image_id} was evaluated twice")
+    if image_id not in self._known:
+      raise DataError(f"image {image_id} is not in the ground truth: the annotation file does not describe the "
+                      f"prepared dataset (prepare it again)")
+    self.image_ids.add(image_id)
 
   def missing_images(self) -> int:
     """Ground-truth images not evaluated (unreadable, or outside the evaluated slice)."""

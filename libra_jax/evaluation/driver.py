@@ -13,7 +13,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from libra_jax import convert, runtime
@@ -58,33 +57,33 @@ def checked_model(config, mesh) -> Tuple[pipeline.DatasetInfo, object]:
 
 
 def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator:
-  """Runs ``predict`` over the evaluation split (every image once); returns the detections, ready for COCOeval.
+  """Runs ``predict`` over the evaluation split (every image once); returns all detections, ready for COCOeval.
 
-  Batch ``k + 1`` is dispatched before batch ``k``'s detections are fetched
-  and converted, so the host work overlaps the device's.
+  Each process reads its share of the split and converts the detections of
+  its own rows (``runtime.to_local``, matched to the batch it fed in); the
+  processes' results are gathered at the end, so every process returns the
+  same accumulator. Batch ``k + 1`` is dispatched before batch ``k``'s
+  detections are fetched and converted, so the host work overlaps the
+  device's.
   """
   per_host = config.eval_batch_size // jax.process_count()
   batches = pipeline.eval_batches(config.data, per_host, shard_index=jax.process_index(),
-                                  num_shards=jax.process_count())
-  accumulator = CocoAccumulator(
-      ground_truth.eval_ground_truth(config.data, batches.table, info.category_ids, info.class_names),
-      info.category_ids)
-  keys = ("image_id", "image_shape", "scale", "valid")
-
-  def collect(batch, detections):
-    gathered = multihost_utils.process_allgather({"meta": {k: batch[k] for k in keys}, "det": detections},
-                                                 tiled=True)
-    accumulator.add(gathered["meta"], jax.tree.map(np.asarray, gathered["det"]))
-
+                                  num_shards=jax.process_count(), all_hosts=runtime.all_processes)
+  truth = ground_truth.eval_ground_truth(config.data, batches.table, info.category_ids, info.class_names,
+                                         gather=runtime.gather_objects)
+  mine = CocoAccumulator(truth, info.category_ids)
   pending = None
   for batch in batches:
     detections = predict(variables, runtime.to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
     if pending is not None:
-      collect(*pending)
+      mine.add(pending[0], runtime.to_local(pending[1]))
     pending = batch, detections
   if pending is not None:
-    collect(*pending)
-  return accumulator
+    mine.add(pending[0], runtime.to_local(pending[1]))
+  everything = CocoAccumulator(truth, info.category_ids)
+  for results, image_ids in runtime.gather_objects((mine.results, sorted(mine.image_ids))):
+    everything.extend(results, image_ids)
+  return everything
 
 
 def score_detections(accumulator: CocoAccumulator, workdir=None, step: int = -1) -> Dict[str, float]:

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import pathlib
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -80,13 +80,28 @@ def from_annotation_file(path, category_ids: Sequence[int], class_names: Sequenc
   return {"images": images, "annotations": annotations, "categories": _categories(category_ids, class_names)}
 
 
-def eval_ground_truth(data_config, table: ImageTable, category_ids: Sequence[int],
-                      class_names: Sequence[str]) -> GroundTruth:
-  """The ground truth to evaluate ``data_config.eval_split`` against (``table``: its metadata)."""
+def merge(parts: Sequence[GroundTruth]) -> GroundTruth:
+  """One ground truth from those of disjoint sets of images (e.g. each process's share of a split).
+
+  Annotation ids are numbered afresh, 1 upwards, in the order of ``parts``.
+  """
+  images = [image for part in parts for image in part["images"]]
+  annotations = [dict(a, id=i + 1) for i, a in enumerate(a for part in parts for a in part["annotations"])]
+  return {"images": images, "annotations": annotations, "categories": parts[0]["categories"]}
+
+
+def eval_ground_truth(data_config, table: ImageTable, category_ids: Sequence[int], class_names: Sequence[str],
+                      gather: Callable[[GroundTruth], List[GroundTruth]] = lambda part: [part]) -> GroundTruth:
+  """The ground truth to evaluate ``data_config.eval_split`` against.
+
+  ``table`` is this process's share of the split's metadata; ``gather``
+  collects every process's part (``runtime.gather_objects`` in a run of
+  several) when the ground truth is built from the tables.
+  """
   if data_config.dataset == "coco_folder":
     split = data_config.eval_split.split("[")[0]
     return from_annotation_file(data_config[FOLDER_ANNOTATIONS[split]], category_ids, class_names)
-  return from_table(table, category_ids, class_names)
+  return merge(gather(from_table(table, category_ids, class_names)))
 
 
 def _readable_box(bbox) -> bool:

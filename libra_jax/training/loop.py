@@ -86,8 +86,10 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
   schedule = optim.schedule_from_config(config.optim, config.global_batch_size, config.steps_per_epoch)
   train_step = make_train_step(model, optimizer, mesh, skip_nonfinite=config.skip_nonfinite)
   predict = driver.make_predict_step(model, mesh)
-  batches: Iterator = pipeline.train_batches(config.data, per_host, seed=config.seed, start_batch=start,
-                                              shard_index=jax.process_index(), num_shards=jax.process_count())
+  batches: Iterator = pipeline.train_batches(
+      config.data, per_host, seed=config.seed, start_batch=start, shard_index=jax.process_index(),
+      num_shards=jax.process_count(), shards_per_host=mesh.size // jax.process_count(),
+      all_hosts=runtime.all_processes)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   known_nonfinite = int(jax.device_get(state.skipped_steps))
   eval_metrics: Dict[str, float] = {}

@@ -17,3 +17,29 @@ def small_config(dataset: str, **overrides):
   config.max_instances = TEST_MAX_INSTANCES
   config.update(overrides)
   return config
+
+
+def as_hosts(count: int, make):
+  """Runs ``make(host, all_hosts)`` for ``count`` hosts at once, in threads; returns their results in host order.
+
+  ``all_hosts`` is the collective the pipeline takes: each host's array -> the
+  stack of all of them, exchanged between the threads.
+  """
+  import concurrent.futures
+  import threading
+
+  import numpy as np
+
+  barrier, slots = threading.Barrier(count), [None] * count
+
+  def host(index):
+    def all_hosts(values):
+      slots[index] = np.asarray(values)
+      barrier.wait()
+      stacked = np.stack(slots)
+      barrier.wait()
+      return stacked
+    return make(index, all_hosts)
+
+  with concurrent.futures.ThreadPoolExecutor(count) as pool:
+    return list(pool.map(host, range(count)))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from libra_jax.data.plan import TrainPlan, eval_plan
+from libra_jax.data.plan import TrainPlan, eval_batch_counts, eval_plan
 
 
 def _plan(seed=0, shard_index=0, batch_size=4, flip_prob=0.5):
@@ -59,15 +59,20 @@ def test_a_bucket_in_the_schedule_without_rows_is_an_error():
     TrainPlan([np.arange(5), np.array([], np.int64)], [0.5, 0.5], 2, 0, 3, 0.5)
 
 
-def test_eval_covers_every_row_once_over_shards_with_equal_batch_counts():
-  rows_by_bucket = [np.arange(7), np.array([10])]
-  plans = [eval_plan(rows_by_bucket, 2, shard, 2) for shard in range(2)]
-  # Global batches of 4: landscape 7 rows -> 2, portrait 1 row -> 1; each host gets 3 batches.
-  assert [len(p) for p in plans] == [3, 3]
-  assert [b.bucket for b in plans[0]] == [b.bucket for b in plans[1]] == [0, 0, 1]
+def test_eval_covers_every_row_once_over_hosts_with_equal_batch_counts():
+  # Host 0 has rows 0..4 (landscape), host 1 rows 5, 6 (landscape) and 10 (portrait); batches of 2.
+  hosts = [[np.arange(5), np.array([], np.int64)], [np.array([5, 6]), np.array([10])]]
+  counts = np.stack([eval_batch_counts(rows, 2) for rows in hosts])
+  np.testing.assert_array_equal(counts, [[3, 0], [1, 1]])
+  plans = [eval_plan(rows, 2, counts.max(0)) for rows in hosts]
+  assert [len(p) for p in plans] == [4, 4]
+  assert [b.bucket for b in plans[0]] == [b.bucket for b in plans[1]] == [0, 0, 0, 1]
   valid = np.concatenate([b.rows[b.valid] for p in plans for b in p])
   np.testing.assert_array_equal(np.sort(valid), [0, 1, 2, 3, 4, 5, 6, 10])
-  # Host 1's last landscape batch holds row 6 and one padding slot; its portrait batch is all padding.
-  np.testing.assert_array_equal(plans[1][1].valid, [True, False])
-  np.testing.assert_array_equal(plans[1][2].valid, [False, False])
+  # Host 0's third landscape batch holds row 4 and a padding slot; its portrait batch is padding only.
+  np.testing.assert_array_equal(plans[0][2].valid, [True, False])
+  np.testing.assert_array_equal(plans[0][3].valid, [False, False])
+  np.testing.assert_array_equal(plans[1][1].valid, [False, False])
   assert not any(b.flips.any() for p in plans for b in p)
+  with pytest.raises(ValueError, match="agreed"):
+    eval_plan(hosts[0], 2, [2, 0])

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from data_support import as_hosts
 from libra_jax.data import pipeline
 
 VAL_IDS = [501, 502, 503, 504, 505]
@@ -19,6 +20,7 @@ def test_every_image_comes_once_unflipped_with_padding_marked(folder_config):
   assert last["image"].shape == (2, 128, 96, 3)
   np.testing.assert_array_equal(last["valid"], [True, False])
   assert last["image_id"][1] == -1 and (last["labels"][1] == -1).all() and not last["boxes"][1].any()
+  assert not last["image"][1].any()  # nothing decoded for a padding slot
   for batch in collected:
     slot = np.flatnonzero(batch["image_id"] == 501)
     if len(slot):
@@ -36,8 +38,8 @@ def test_images_without_boxes_are_kept(folder_config):
 
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_shards_partition_the_images_and_agree_on_shapes(folder_config, num_shards):
-  shards = [list(pipeline.eval_batches(folder_config(), 2, shard_index=i, num_shards=num_shards))
-            for i in range(num_shards)]
+  shards = as_hosts(num_shards, lambda i, all_hosts: list(pipeline.eval_batches(
+      folder_config(), 2, shard_index=i, num_shards=num_shards, all_hosts=all_hosts)))
   assert len({len(s) for s in shards}) == 1
   for step in zip(*shards):
     assert len({b["image"].shape for b in step}) == 1

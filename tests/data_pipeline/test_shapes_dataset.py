@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_support import as_hosts
 from libra_jax.data import default_data_config, pipeline, shapes
 
 
@@ -41,11 +42,13 @@ def test_shapes_prepares_on_first_use_and_feeds_the_default_pipeline(shapes_dir)
     assert ((batch["labels"] >= 0).sum(1) >= 1).all()
 
 
-def test_two_shards_partition_the_training_images_and_step_together(shapes_dir):
+def test_two_hosts_partition_the_training_images_and_step_together(shapes_dir):
   data = default_data_config("shapes")
   data.tfds_data_dir = shapes_dir
-  streams = [pipeline.train_batches(data, 40, seed=0, shard_index=i, num_shards=2) for i in range(2)]
-  assert [s.num_images for s in streams] == [1000, 1000]
+  streams = as_hosts(2, lambda i, all_hosts: pipeline.train_batches(data, 40, seed=0, shard_index=i, num_shards=2,
+                                                                    all_hosts=all_hosts))
+  # Each host read the metadata of its own 1000 images only.
+  assert [s.num_images for s in streams] == [len(s.table) for s in streams] == [1000, 1000]
   ids = [set(), set()]
   # 36 steps of 40 images cover each host's 1000 images (about 60% landscape, 40% portrait) at least once.
   for _ in range(36):
@@ -55,6 +58,19 @@ def test_two_shards_partition_the_training_images_and_step_together(shapes_dir):
       ids[shard] |= set(batch["image_id"].tolist())
   assert not ids[0] & ids[1]
   assert ids[0] | ids[1] == set(range(1, 2001))
+
+
+def test_the_devices_not_the_processes_fix_each_global_batch(shapes_dir):
+  """1 host with 2 data shards (2 devices) and 2 hosts with one each yield the same global batches."""
+  data = default_data_config("shapes")
+  data.tfds_data_dir = shapes_dir
+  alone = pipeline.train_batches(data, 8, seed=3, start_batch=5, shards_per_host=2)
+  pair = as_hosts(2, lambda i, all_hosts: pipeline.train_batches(data, 4, seed=3, start_batch=5, shard_index=i,
+                                                                 num_shards=2, all_hosts=all_hosts))
+  for _ in range(3):
+    whole, parts = next(alone), [next(s) for s in pair]
+    for key in ("image_id", "image", "boxes", "labels"):
+      np.testing.assert_array_equal(whole[key], np.concatenate([p[key] for p in parts]))
 
 
 def test_shapes_evaluation_sees_every_image_once(shapes_dir):

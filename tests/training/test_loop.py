@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from support import assert_drawn_where_detected
+from support import assert_drawn_where_detected, tiny_train_overrides
 from libra_jax import convert, diagnostics, predict
 from libra_jax.evaluation import driver
 from libra_jax.models.detectors import build_detector
@@ -23,19 +23,6 @@ pytestmark = pytest.mark.slow  # training runs, in this process and as train.py
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "train.py")
 CONFIG = str(ROOT / "configs" / "shapes_libra_faster_rcnn.py")
-
-
-def tiny_overrides(tfds_dir, cache_dir, **extra):
-  values = {
-      "data.tfds_data_dir": tfds_dir, "data.eval_split": "validation[:16]", "compilation_cache_dir": cache_dir,
-      "model.backbone.base_channels": 8, "model.neck.out_channels": 16, "model.rpn.feat_channels": 16,
-      "model.rcnn.fc_channels": 32, "model.train.rcnn.sampler.num": 64, "global_batch_size": 4,
-      "eval_batch_size": 4, "log_every": 2, "checkpoint_every": 4, "eval_every": 1000,
-      # One square bucket holds both orientations of the shapes images: one compilation per step function.
-      "data.buckets": ((192, 192),),
-  }
-  values.update(extra)
-  return values
 
 
 def apply_overrides(config, values):
@@ -67,7 +54,7 @@ def records(workdir, kind="train"):
 @pytest.fixture(scope="module")
 def trained(dirs, tmp_path_factory):
   """A 40-step run of the tiny model, trained in this process: ``(overrides, config, workdir, final metrics)``."""
-  overrides = tiny_overrides(*dirs, total_steps=40, log_every=1,
+  overrides = tiny_train_overrides(*dirs, total_steps=40, log_every=1,
                              **{"optim.warmup_steps": 5, "optim.lr_per_16": 0.08})
   config = load_config(**overrides)
   workdir = tmp_path_factory.mktemp("trained")
@@ -118,7 +105,7 @@ def test_loss_goes_down_and_metrics_are_written(trained):
 
 
 def test_nonfinite_loss_stops_the_run_or_is_skipped(tmp_path, dirs):
-  config = load_config(**tiny_overrides(*dirs, total_steps=6))
+  config = load_config(**tiny_train_overrides(*dirs, total_steps=6))
   config.optim.update(lr_per_16=1e12, warmup_steps=0)
   with pytest.raises(loop.NonFiniteLossError, match="non-finite loss at or before step"):
     loop.train_and_evaluate(config, tmp_path / "stop")

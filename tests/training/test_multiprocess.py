@@ -1,0 +1,116 @@
+"""Several processes, one mesh: train.py as 2 processes x 2 CPU devices (gloo) against 1 process x 4 devices.
+
+The data of a step depends on the device count only (``pipeline``), so the two
+topologies train on the same batches: their losses, detections and COCO
+metrics agree to float rounding, and a checkpoint written by either one is
+continued by the other.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from support import tiny_train_overrides
+
+pytestmark = pytest.mark.slow  # six train.py processes, each compiling the tiny detector
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(workdir: pathlib.Path, overrides, processes: int, devices_per_process: int):
+  """Starts train.py as ``processes`` processes of ``devices_per_process`` CPU devices each; returns them."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices_per_process}")
+  args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/shapes_libra_faster_rcnn.py'}",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  if processes > 1:
+    args += ["--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{free_port()}",
+             f"--config.num_processes={processes}"]
+  started = []
+  for index in range(processes):
+    log = open(f"{workdir}.{index}.log", "w")
+    started.append(subprocess.Popen(args + ([f"--config.process_id={index}"] if processes > 1 else []), env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+  return started
+
+
+def finish(runs):
+  for workdir, processes in runs.items():
+    for index, process in enumerate(processes):
+      assert process.wait(timeout=900) == 0, pathlib.Path(f"{workdir}.{index}.log").read_text()[-3000:]
+
+
+def records(workdir, kind):
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(workdir):
+  return {r["step"]: [r[k] for k in sorted(r) if k.startswith("loss")] for r in records(workdir, "train")}
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory, shapes_tfds_dir):
+  """``one``, ``two``: 3 steps on 1 x 4 and 2 x 2 devices; ``two_from_one``, ``one_from_two``: step 4 from the other's checkpoint."""
+  base = tmp_path_factory.mktemp("multiprocess")
+  dirs = {name: base / name for name in ("one", "two", "two_from_one", "one_from_two")}
+  overrides = tiny_train_overrides(shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"], total_steps=3,
+                                   log_every=1, checkpoint_every=2)
+  finish({dirs["one"]: launch(dirs["one"], overrides, 1, 4), dirs["two"]: launch(dirs["two"], overrides, 2, 2)})
+  for source, target in (("one", "two_from_one"), ("two", "one_from_two")):
+    shutil.copytree(dirs[source] / "checkpoints", dirs[target] / "checkpoints")
+  overrides["total_steps"] = 4
+  finish({dirs["two_from_one"]: launch(dirs["two_from_one"], overrides, 2, 2),
+          dirs["one_from_two"]: launch(dirs["one_from_two"], overrides, 1, 4)})
+  return dirs
+
+
+def test_two_processes_log_the_losses_of_one(workdirs):
+  one, two = losses(workdirs["one"]), losses(workdirs["two"])
+  assert sorted(one) == sorted(two) == [1, 2, 3]
+  for step in one:
+    np.testing.assert_allclose(two[step], one[step], rtol=2e-5, err_msg=f"step {step}")
+
+
+def test_two_processes_detect_and_score_like_one(workdirs):
+  # Every process converts the detections of its own images, and process 0 writes the gathered results: each
+  # image gets the same detections as on one process (a mix-up between images and detections would show here).
+  def by_image(workdir):
+    results = json.loads((workdir / "results_3.json").read_text())
+    images = {}
+    for r in results:
+      images.setdefault(r["image_id"], []).append((r["category_id"], r["score"], *r["bbox"]))
+    return {image: np.array(sorted(rows)) for image, rows in images.items()}
+
+  one, two = by_image(workdirs["one"]), by_image(workdirs["two"])
+  assert len(one) == 16 and sorted(one) == sorted(two)
+  for image in one:
+    assert one[image].shape == two[image].shape
+    np.testing.assert_allclose(two[image], one[image], rtol=1e-3, atol=1e-3, err_msg=f"image {image}")
+  [score_one], [score_two] = records(workdirs["one"], "eval"), records(workdirs["two"], "eval")
+  assert score_one.keys() == score_two.keys()
+  for name in score_one:
+    assert score_two[name] == pytest.approx(score_one[name], abs=1e-3), name
+
+
+def test_a_checkpoint_moves_between_one_and_two_processes(workdirs):
+  # Each run resumed at step 3 from the other topology's checkpoint and took step 4 on the same batch.
+  forward, backward = losses(workdirs["two_from_one"]), losses(workdirs["one_from_two"])
+  assert sorted(forward) == sorted(backward) == [4]
+  np.testing.assert_allclose(forward[4], backward[4], rtol=2e-5)
+  assert sorted(int(p.name) for p in (workdirs["two_from_one"] / "checkpoints").iterdir()) == [2, 3, 4]

@@ -31,6 +31,9 @@ def run_config(config: ml_collections.ConfigDict, train_images: int, epochs: int
   config.keep = 3
   config.skip_nonfinite = False
   config.compilation_cache_dir = ""
+  # Fine-tuning: a fresh run starts from this whole detector (.pth, .safetensors or .npz state dict, or an orbax
+  # work directory) instead of config.backbone_checkpoint; a resumed run reads its own checkpoints.
+  config.init_checkpoint = ""
   # Several processes (TPU pods, multi-node GPU, local CPU processes over gloo): libra_jax/distributed.py.
   # With distributed=True alone, JAX detects the topology on Cloud TPU, SLURM and Open MPI.
   config.distributed = False

@@ -8,6 +8,8 @@
   flag, key or file and says what to do, and the command exits with status 1
   (2 for a usage error). ``--verbose``, or ``LIBRA_JAX_VERBOSE=1`` in the
   environment, shows the traceback instead.
+- A run stopped by a signal after saving (``errors.Stopped``) prints one
+  ``stopped:`` line saying where, and exits with status 0.
 
 A command builds its flags with :class:`ArgumentParser` and runs its
 ``main(argv)`` through :func:`run`.
@@ -133,6 +135,9 @@ def run(main: Callable[[Sequence[str]], Optional[int]], argv: Optional[Sequence[
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
+  except errors.Stopped as stopped:
+    print(f"stopped: {errors.message(stopped)}", file=sys.stderr)
+    sys.exit(0)
   except Exception as error:  # pylint: disable=broad-except
     if verbose_requested(argv):
       raise

@@ -173,6 +173,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                f"config.{key} must be a positive integer, got {value!r}; set --config.{key}=N with N >= 1")
   if "total_steps" in config:
     _require(config.total_steps >= 0, f"config.total_steps must be >= 0, got {config.total_steps}")
+  if config.get("init_checkpoint"):
+    _require(pathlib.Path(config.init_checkpoint).exists(),
+             f"config.init_checkpoint={config.init_checkpoint} does not exist; pass a detector's weights file "
+             f"(.pth, .safetensors, .npz) or a training run's work directory")
   if "optim" in config:
     _check_optim(config.optim)
   if "data" in config:

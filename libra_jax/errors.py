@@ -17,6 +17,10 @@ class DataError(UserError, ValueError):
   """A dataset or weights file that cannot be read as what it claims to be."""
 
 
+class Stopped(Exception):
+  """A run that stopped early on request (SIGTERM, SIGINT) after saving; the message says where. Exit status 0."""
+
+
 def message(error: BaseException) -> str:
   """An exception's text on one line (a ``KeyError``'s without the quotes ``str`` adds)."""
   text = error.args[0] if isinstance(error, KeyError) and error.args else error

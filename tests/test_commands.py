@@ -57,6 +57,10 @@ def cases(tmp: pathlib.Path, shapes_dir: str):
       "truncated_npz": (shapes_eval + [f"--checkpoint={truncated_copy(tmp / 'whole.npz', tmp / 'cut.npz')}"],
                         "cut.npz: cannot read it as a .npz state dict"),
       "checkpoint_in_train_mode": (train + [f"--checkpoint={tmp / 'whole.npz'}"], "--checkpoint goes with --mode=eval"),
+      "init_checkpoint_in_eval_mode": (shapes_eval + [f"--config.init_checkpoint={tmp / 'whole.npz'}"],
+                                       "--config.init_checkpoint goes with --mode=train"),
+      "init_checkpoint_missing": (train + [f"--config.init_checkpoint={tmp / 'absent.npz'}"],
+                                  "config.init_checkpoint="),
       "predict_missing_workdir": (["-m", "libra_jax.predict", f"--config={SHAPES}", f"--workdir={tmp / 'absent'}",
                                    "--out=o", "x.png"], "absent does not exist"),
       "inspect_bad_value": (["-m", "libra_jax.data.inspect", f"--config={SHAPES}", "--config.data.flip_prob=2.0"],
@@ -88,6 +92,7 @@ def outcomes(tmp_path_factory, shapes_tfds_dir):
 NAMES = [
     "unknown_key", "missing_config", "zero_batch", "negative_batch", "zero_log_every", "workdir_is_a_file",
     "distributed_without_coordinator", "annotations_not_json", "truncated_npz", "checkpoint_in_train_mode",
+    "init_checkpoint_in_eval_mode", "init_checkpoint_missing",
     "predict_missing_workdir", "inspect_bad_value", "summary_missing_config",
     "diagnostics_config_alone", "ablation_unknown_loss", "bench_input_bad_batches"]
 

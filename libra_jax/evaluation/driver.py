@@ -12,7 +12,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from libra_jax import convert, runtime
@@ -21,10 +20,8 @@ from libra_jax.errors import ConfigError, UserError
 from libra_jax.evaluation import ground_truth
 from libra_jax.evaluation.coco_eval import CocoAccumulator
 from libra_jax.models.detectors import abstract_variables, build_detector
-from libra_jax.training import optim
 from libra_jax.training.checkpoint import Checkpointer
 from libra_jax.training.metrics import MetricWriter
-from libra_jax.training.step import new_train_state
 
 _log = logging.getLogger(__name__)
 
@@ -110,35 +107,31 @@ def format_metrics(metrics: Dict[str, float]) -> str:
   return " ".join(f"{n:>7}" for n in names) + "\n" + " ".join(f"{metrics[n]:7.3f}" for n in names)
 
 
-def abstract_train_state(config, model, mesh=None):
-  """Shape structs of the ``TrainState`` that ``config`` trains (replicated over ``mesh`` when given)."""
+def load_trained_variables(config, model, workdir, checkpoint: Optional[str] = None, mesh: Optional[Mesh] = None):
+  """``{"params", "batch_stats"}`` from a weights file or the newest readable checkpoint of an orbax work directory.
+
+  ``checkpoint``: a ``.pth``, ``.safetensors`` or ``.npz`` state dict, or a
+  training run's work directory; None reads ``workdir``'s own checkpoints.
+  Arrays land replicated on ``mesh`` (default: all devices).
+  """
+  mesh = runtime.make_mesh() if mesh is None else mesh
   target = abstract_variables(model, pipeline.first_bucket_image(config.data))
-  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
-                                   target["params"], config.model.backbone.frozen_stages)
-  abstract = jax.eval_shape(lambda v: new_train_state(v, optimizer, jax.random.key(0)), target)
-  if mesh is None:
-    return abstract
-  sharding = runtime.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract)
-
-
-def load_trained_variables(config, model, workdir, checkpoint: Optional[str] = None):
-  """``{"params", "batch_stats"}`` from a weights ``checkpoint`` file or the latest checkpoint of ``workdir``."""
-  if checkpoint:
-    target = abstract_variables(model, pipeline.first_bucket_image(config.data))
+  if checkpoint and not pathlib.Path(checkpoint).is_dir():
     variables, report = convert.import_detector(convert.load_state_dict(checkpoint), target)
     _log.info("weights from %s: %s", checkpoint, report)
-    return variables
-  checkpointer = Checkpointer(workdir, config.keep)
+    return jax.device_put(variables, runtime.replicated(mesh))
+  source = pathlib.Path(checkpoint or workdir)
+  checkpointer = Checkpointer(source, config.keep)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise UserError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}; train there first, or pass "
-                      f"--checkpoint=FILE")
-    state, _ = checkpointer.restore(step, abstract_train_state(config, model, runtime.make_mesh()))
+    found = checkpointer.restore_latest_model(jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=runtime.replicated(mesh)), target))
   finally:
     checkpointer.close()
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  if found is None:
+    raise UserError(f"no readable checkpoint in {source / 'checkpoints'}; train there first, or pass a weights "
+                    f"file (.pth, .safetensors or .npz)")
+  _log.info("weights of step %d from %s", found[0], source)
+  return found[1]
 
 
 def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Dict[str, float]:
@@ -148,7 +141,7 @@ def evaluate_checkpoint(config, workdir, checkpoint: Optional[str] = None) -> Di
   runtime.enable_compilation_cache(config, workdir)
   mesh = runtime.make_mesh()
   info, model = checked_model(config, mesh)
-  variables = jax.device_put(load_trained_variables(config, model, workdir, checkpoint), runtime.replicated(mesh))
+  variables = load_trained_variables(config, model, workdir, checkpoint, mesh)
   metrics = evaluate(make_predict_step(model, mesh), variables, config, mesh, info, workdir)
   MetricWriter(workdir, enabled=jax.process_index() == 0).write(-1, metrics, kind="eval")
   return metrics

@@ -1,12 +1,23 @@
 """``train_and_evaluate``: the training loop, readable top to bottom.
 
 Builds the model, optimizer, mesh and input pipeline from the config,
-restores the latest checkpoint of ``workdir`` if there is one (the input
-position is the step: batch ``k`` is a pure function of the seed and ``k``),
-then trains, logs, checkpoints and evaluates; an evaluation's COCOeval runs in
-a background thread while training goes on. A non-finite loss stops the run
-(the last good checkpoint stays as it is) unless ``config.skip_nonfinite``
-asks to skip such steps and count them.
+restores the newest readable checkpoint of ``workdir`` if there is one (the
+input position is the step: batch ``k`` is a pure function of the seed and
+``k``), then trains, logs, checkpoints and evaluates; an evaluation's COCOeval
+runs in a background thread while training goes on.
+
+What keeps a run safe:
+- the work directory is locked for the run (``workdir.WorkdirLock``) and
+  records its config; a restart with a config that changes shapes, the
+  schedule or the data order is refused unless allowed;
+- every step's loss is checked for finiteness while the next step runs, and
+  always before a save or an evaluation: a non-finite loss stops the run
+  before its weights are saved or evaluated, unless ``config.skip_nonfinite``
+  asks to skip such steps and count them;
+- a failed background save stops the run at the next step;
+- SIGTERM or SIGINT stops the run after the step in progress with a
+  synchronous checkpoint (``preemption.StopRequest``; the same step on every
+  process), and ``errors.Stopped`` says where.
 
 The train step runs under JAX's transfer guard (``disallow``): every value the
 loop reads from the devices is fetched with an explicit ``jax.device_get``.
@@ -19,7 +30,7 @@ import concurrent.futures
 import logging
 import pathlib
 import time
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -27,13 +38,15 @@ import tqdm
 
 from libra_jax import convert, runtime
 from libra_jax.data import pipeline
-from libra_jax.errors import NonFiniteLossError
+from libra_jax.errors import NonFiniteLossError, Stopped, UserError
 from libra_jax.evaluation import driver
 from libra_jax.models.detectors import abstract_variables, jitted_init
 from libra_jax.training import optim
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 from libra_jax.training.metrics import MetricWriter
+from libra_jax.training.preemption import StopRequest
 from libra_jax.training.step import TrainState, make_train_step, new_train_state
+from libra_jax.training.workdir import WorkdirLock, check_and_record_config
 
 LOSS_PREFIX = "loss"
 
@@ -54,33 +67,85 @@ def load_backbone(config, variables):
   return variables
 
 
-def _initial_state(config, model, optimizer, mesh, image) -> TrainState:
-  """Step 0: fresh variables (and the backbone's ImageNet weights, if configured) on every device."""
-  variables = jitted_init(model)(jax.random.key(config.seed), image)
-  variables = load_backbone(config, jax.tree.map(np.asarray, variables))
-  state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
+def _initial_state(config, model, optimizer, mesh, image, fine_tune: bool) -> TrainState:
+  """Step 0 on every device: with ``fine_tune``, the weights of ``config.init_checkpoint``; otherwise fresh
+  variables, with the backbone's ImageNet weights if configured."""
+  if fine_tune:
+    variables = driver.load_trained_variables(config, model, None, config.init_checkpoint, mesh)
+    _log.info("fine-tuning from %s", config.init_checkpoint)
+  else:
+    variables = jitted_init(model)(jax.random.key(config.seed), image)
+    variables = load_backbone(config, jax.tree.map(np.asarray, variables))
+  state = new_train_state(jax.device_get(variables), optimizer,
+                          jax.random.fold_in(jax.random.key(config.seed), 1))
   return jax.device_put(state, runtime.replicated(mesh))
 
 
-def train_and_evaluate(config, workdir) -> Dict[str, float]:
-  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the final metrics."""
+def _lock_on_every_process(lock: WorkdirLock) -> None:
+  """Process 0 takes the work directory's lock; every process stops with its message if that failed."""
+  refusal = ""
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except UserError as error:
+      refusal = str(error)
+  refusal = runtime.gather_objects(refusal)[0]
+  if refusal:
+    raise UserError(refusal)
+
+
+def train_and_evaluate(config, workdir, allow_config_change: bool = False) -> Dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming from its newest readable checkpoint); returns the final metrics.
+
+  ``allow_config_change`` lets a restart proceed with a config that differs
+  from the recorded one. Raises ``errors.Stopped`` after saving when a
+  SIGTERM or SIGINT arrives.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  lock = WorkdirLock(workdir)
+  _lock_on_every_process(lock)
+  stop = StopRequest().install()
+  try:
+    return _train(config, workdir, allow_config_change, stop)
+  finally:
+    stop.uninstall()
+    lock.release()
+
+
+def _check_finite(config, step: int, metrics, checkpointer: Checkpointer) -> None:
+  """Raises ``NonFiniteLossError`` if step ``step``'s loss was not finite (unless such steps are skipped)."""
+  if config.skip_nonfinite or jax.device_get(metrics["finite"]):
+    return
+  losses = {k: float(v) for k, v in jax.device_get(metrics).items() if k.startswith(LOSS_PREFIX)}
+  latest = checkpointer.latest_step()
+  kept = f"the checkpoint of step {latest} is the last good one" if latest else "no checkpoint was saved yet"
+  raise NonFiniteLossError(
+      f"non-finite loss at step {step} ({losses}); stopped before saving or evaluating it, and {kept}. Check the "
+      f"data or lower the learning rate, or set --config.skip_nonfinite=True to skip such steps")
+
+
+def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopRequest) -> Dict[str, float]:
   runtime.enable_compilation_cache(config, workdir)
   mesh = runtime.make_mesh()
   info, model = driver.checked_model(config, mesh)
+  checkpointer = Checkpointer(workdir, config.keep)
+  check_and_record_config(config, workdir, checkpointer.latest_step(), allow_config_change,
+                          write=jax.process_index() == 0)
   per_host = config.global_batch_size // jax.process_count()
 
   image = pipeline.first_bucket_image(config.data)
   optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
                                    abstract_variables(model, image)["params"],
                                    config.model.backbone.frozen_stages)
-  state = _initial_state(config, model, optimizer, mesh, image)
-  checkpointer = Checkpointer(workdir, config.keep)
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, meta = checkpointer.restore(start, abstract_like(state))
-    _log.info("resumed from step %d (input position %d)", start, meta["input_position"])
+  fine_tune = bool(config.get("init_checkpoint")) and checkpointer.latest_step() is None
+  if config.get("init_checkpoint") and not fine_tune:
+    _log.info("resuming from %s's own checkpoints; config.init_checkpoint is not read", workdir)
+  state = _initial_state(config, model, optimizer, mesh, image, fine_tune)
+  restored = checkpointer.restore_latest(abstract_like(state))
+  if restored is not None:
+    step, state, meta = restored
+    _log.info("resumed from step %d (input position %d)", step, meta["input_position"])
   start = int(jax.device_get(state.step))
 
   schedule = optim.schedule_from_config(config.optim, config.global_batch_size, config.steps_per_epoch)
@@ -90,8 +155,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
       config.data, per_host, seed=config.seed, start_batch=start, shard_index=jax.process_index(),
       num_shards=jax.process_count(), shards_per_host=mesh.size // jax.process_count(),
       all_hosts=runtime.all_processes)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  known_nonfinite = int(jax.device_get(state.skipped_steps))
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0, keep_until=start)
   eval_metrics: Dict[str, float] = {}
   progress = tqdm.tqdm(total=config.total_steps, initial=start, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
@@ -99,6 +163,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
   # COCOeval of an evaluation runs in this thread while training goes on; its metrics are logged when ready.
   scoring = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cocoeval")
   scored: List[Tuple[int, concurrent.futures.Future]] = []
+  unchecked: Optional[Tuple[int, Dict]] = None  # the step whose finiteness is checked while the next one runs
 
   def log_scored(wait: bool) -> None:
     nonlocal eval_metrics
@@ -120,31 +185,37 @@ def train_and_evaluate(config, workdir) -> Dict[str, float]:
         writer.write(step, {"first_step_seconds": first_step_seconds,
                             "train_step_compilations": train_step._cache_size()}, kind="compile")
         _log.info("first step (compilation included): %.1f s", first_step_seconds)
+      if unchecked is not None:
+        _check_finite(config, *unchecked, checkpointer)
+      unchecked = step, metrics
+      checkpointer.check_for_errors(step)
       progress.update(1)
       log_scored(wait=False)
       boundary = step == config.total_steps
-      if step % config.log_every == 0 or step % config.checkpoint_every == 0 or boundary:
-        nonfinite = int(jax.device_get(state.skipped_steps))
-        if nonfinite > known_nonfinite and not config.skip_nonfinite:
-          losses = {k: float(v) for k, v in jax.device_get(metrics).items() if k.startswith(LOSS_PREFIX)}
-          raise NonFiniteLossError(
-              f"non-finite loss at or before step {step} (losses at step {step}: {losses}); stopping. The last "
-              f"good checkpoint (step {checkpointer.latest_step()}) is kept; check the data or lower the "
-              f"learning rate, or set --config.skip_nonfinite=True to skip such steps")
-        known_nonfinite = nonfinite
-      if step % config.log_every == 0 or boundary:
+      stopping = not boundary and stop.reached(step)
+      logging_step = step % config.log_every == 0 or boundary
+      saving = step % config.checkpoint_every == 0 or boundary or stopping
+      evaluating = (step % config.eval_every == 0 or boundary) and not stopping
+      if logging_step or saving or evaluating:
+        _check_finite(config, step, metrics, checkpointer)
+        unchecked = None
+      if logging_step:
         now = time.perf_counter()
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        scalars.update(lr=float(schedule(step - 1)), skipped_steps=known_nonfinite,
+        scalars.update(lr=float(schedule(step - 1)), skipped_steps=int(jax.device_get(state.skipped_steps)),
                        train_step_compilations=train_step._cache_size(),
                        images_per_sec=(step - last_step) * config.global_batch_size / (now - last_time))
         last_time, last_step = now, step
         writer.write(step, scalars)
         progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
                              img_s=f"{scalars['images_per_sec']:.1f}")
-      if step % config.checkpoint_every == 0 or boundary:
-        checkpointer.save(step, state, {"input_position": step})
-      if step % config.eval_every == 0 or boundary:
+      if saving:
+        checkpointer.save(step, state, {"input_position": step}, wait=stopping)
+      if stopping:
+        reason = stop.signal_name or "a preemption notice"
+        raise Stopped(f"{reason} received: saved the checkpoint of step {step} in {checkpointer.directory}; run "
+                      f"the same command to resume")
+      if evaluating:
         log_scored(wait=True)
         detections = driver.detect_eval_split(predict, {"params": state.params, "batch_stats": state.batch_stats},
                                               config, mesh, info)

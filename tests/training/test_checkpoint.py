@@ -1,11 +1,17 @@
 """Tests of libra_jax.training.checkpoint: exact round trips and retention."""
 
+import logging
+import resource
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from libra_jax import runtime
 from libra_jax.training import step as step_lib
+from libra_jax.errors import UserError
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 
 
@@ -22,8 +28,7 @@ def test_round_trip_is_exact_and_lands_on_the_mesh(tmp_path):
   mesh = runtime.make_mesh()
   state = jax.device_put(example_state(3), runtime.replicated(mesh))
   checkpointer = Checkpointer(tmp_path, keep=2)
-  checkpointer.save(3, state, {"input_position": 3})
-  checkpointer.wait()
+  checkpointer.save(3, state, {"input_position": 3}, wait=True)
   restored, meta = checkpointer.restore(3, abstract_like(state))
   checkpointer.close()
   assert meta == {"input_position": 3}
@@ -34,8 +39,7 @@ def test_round_trip_is_exact_and_lands_on_the_mesh(tmp_path):
 def test_keeps_the_last_steps_and_finds_the_latest(tmp_path):
   checkpointer = Checkpointer(tmp_path, keep=2)
   for step in (10, 20, 30):
-    checkpointer.save(step, example_state(step), {"input_position": step})
-  checkpointer.wait()
+    checkpointer.save(step, example_state(step), {"input_position": step}, wait=step == 30)
   assert checkpointer.latest_step() == 30 and sorted(checkpointer.all_steps()) == [20, 30]
   checkpointer.close()
   reopened = Checkpointer(tmp_path, keep=2)
@@ -43,3 +47,54 @@ def test_keeps_the_last_steps_and_finds_the_latest(tmp_path):
   reopened.close()
   assert int(restored.step) == 30
   np.testing.assert_array_equal(restored.params["head"]["bias"], example_state(30).params["head"]["bias"])
+
+
+def largest_file(directory):
+  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_an_unreadable_latest_checkpoint_is_set_aside_for_the_one_before(tmp_path, caplog):
+  checkpointer = Checkpointer(tmp_path, keep=3)
+  for step in (10, 20):
+    checkpointer.save(step, example_state(step), {"input_position": step}, wait=True)
+  data = largest_file(tmp_path / "checkpoints" / "20" / "state")
+  data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])
+  with caplog.at_level(logging.WARNING):
+    step, restored, meta = checkpointer.restore_latest(abstract_like(example_state(0)))
+  assert step == 10 and meta == {"input_position": 10} and int(restored.step) == 10
+  assert "the checkpoint of step 20" in caplog.text and "cannot be read" in caplog.text
+  assert checkpointer.all_steps() == [10] and (tmp_path / "unreadable_checkpoints" / "20").is_dir()
+  # The run goes on and saves step 20 again where the unreadable one was.
+  checkpointer.save(20, example_state(20), {"input_position": 20}, wait=True)
+  assert sorted(checkpointer.all_steps()) == [10, 20]
+  checkpointer.close()
+
+
+def test_the_model_alone_is_read_whatever_the_optimizer(tmp_path):
+  checkpointer = Checkpointer(tmp_path, keep=1)
+  state = example_state(7)
+  checkpointer.save(7, state, {"input_position": 7}, wait=True)
+  target = abstract_like({"params": state.params, "batch_stats": state.batch_stats})
+  step, variables = checkpointer.restore_latest_model(target)
+  checkpointer.close()
+  assert step == 7 and sorted(variables) == ["batch_stats", "params"]
+  jax.tree.map(np.testing.assert_array_equal, variables["params"], state.params)
+
+
+def test_a_failed_background_save_stops_with_a_clear_error(tmp_path):
+  # A file-size limit makes every large write fail as on a full disk ("File too large"), even for root.
+  checkpointer = Checkpointer(tmp_path, keep=1)
+  big = example_state(1).replace(params={"w": jnp.asarray(np.random.default_rng(0).random((512, 512)), jnp.float32)},
+                                 opt_state=())
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+  try:
+    checkpointer.save(1, big, {"input_position": 1})
+    with pytest.raises(UserError, match=r"saving a checkpoint to .*checkpoints failed .*File too large.*stopped at "
+                                        r"step \d+. Free space there"):
+      for step in range(2, 600):  # the loop checks after every step; here a step is 50 ms
+        checkpointer.check_for_errors(step)
+        time.sleep(0.05)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  checkpointer.manager.close()

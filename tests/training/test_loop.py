@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -104,46 +105,143 @@ def test_loss_goes_down_and_metrics_are_written(trained):
   assert confident == {name: [d for d in dets if d["score"] >= threshold] for name, dets in found.items()}
 
 
-def test_nonfinite_loss_stops_the_run_or_is_skipped(tmp_path, dirs):
-  config = load_config(**tiny_train_overrides(*dirs, total_steps=6))
+def test_nonfinite_loss_stops_the_run_at_that_step_or_is_skipped(tmp_path, dirs):
+  config = load_config(**tiny_train_overrides(*dirs, total_steps=6, log_every=1000))
   config.optim.update(lr_per_16=1e12, warmup_steps=0)
-  with pytest.raises(loop.NonFiniteLossError, match="non-finite loss at or before step"):
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step \d+ .*no checkpoint was saved yet") as stop:
     loop.train_and_evaluate(config, tmp_path / "stop")
+  stopped_at = int(re.search(r"at step (\d+)", str(stop.value)).group(1))
+  # Nothing of the bad weights was saved or evaluated, although step 4 saves and step 6 evaluates.
+  assert not list((tmp_path / "stop").glob("eval_*.json")) and not list((tmp_path / "stop" / "checkpoints").iterdir())
   config.skip_nonfinite = True
+  config.log_every = 1
   loop.train_and_evaluate(config, tmp_path / "skip")
+  # The same run, skipping instead of stopping, flags its first non-finite loss at the step named above.
+  flags = {r["step"]: r["finite"] for r in records(tmp_path / "skip")}
+  assert stopped_at == min(step for step, finite in flags.items() if finite == 0.0)
   assert records(tmp_path / "skip")[-1]["skipped_steps"] > 0
 
 
-def run_train(workdir, overrides, wait=True):
-  args = [sys.executable, TRAIN, f"--config={CONFIG}", f"--workdir={workdir}"]
+def run_train(workdir, overrides, wait=True, flags=(), **popen):
+  args = [sys.executable, TRAIN, f"--config={CONFIG}", f"--workdir={workdir}", *flags]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   if wait:
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
-  return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, **popen)
+  return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def summary_steps(workdir, tag):
+  import tensorflow as tf
+  steps = []
+  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      steps += [event.step for value in event.summary.value if value.tag == tag]
+  return steps
+
+
+def largest_file(directory):
+  return max((p for p in pathlib.Path(directory).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def wait_for(condition, process, seconds=600):
+  deadline = time.time() + seconds
+  while time.time() < deadline and not condition():
+    assert process.poll() is None, "the run ended early: " + process.stderr.read()[-2000:]
+    time.sleep(0.5)
+  assert condition()
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, trained):
   overrides, _, straight_dir, _ = trained
   killed_dir = tmp_path / "killed"
   process = run_train(killed_dir, overrides, wait=False)
-  deadline = time.time() + 600
-  while time.time() < deadline and not list((killed_dir / "checkpoints").glob("8")):
-    time.sleep(0.5)
-  assert process.poll() is None, "the run ended before it could be killed"
+  wait_for(lambda: (killed_dir / "checkpoints" / "8").is_dir(), process)
   process.send_signal(signal.SIGKILL)
   process.wait()
+  # The newest checkpoint is damaged too (as by a save cut short): the restart warns, sets it aside and resumes
+  # from step 4; the lock the killed run left is taken over.
+  data = largest_file(killed_dir / "checkpoints" / "8" / "state")
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
   resumed = run_train(killed_dir, overrides)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  # train.py, killed after its checkpoint of step 8 and started again, logs the losses of the same run in this
-  # process, step for step, and scores the same AP.
+  assert "the checkpoint of step 8" in resumed.stderr and "cannot be read" in resumed.stderr
+  assert "resumed from step 4" in resumed.stderr and "took over" in resumed.stderr
+  assert (killed_dir / "unreadable_checkpoints" / "8").is_dir()
+  # train.py, killed and started again, logs the losses of the same run in this process, step for step, each
+  # step once (the steps after 4 that the killed run had logged are replaced), and scores the same AP.
   expected = {r["step"]: r["loss"] for r in records(straight_dir)}
-  got = {r["step"]: r["loss"] for r in records(killed_dir)}
-  assert set(got) == set(range(1, 41)) and all(got[step] == expected[step] for step in got)
+  steps = [r["step"] for r in records(killed_dir)]
+  assert steps == list(range(1, 41)) and summary_steps(killed_dir, "train/loss") == steps
+  assert all(r["loss"] == expected[r["step"]] for r in records(killed_dir))
   assert records(killed_dir, "eval")[-1]["AP"] == records(straight_dir, "eval")[-1]["AP"]
-  # Started again with another model, the run stops at once and names the first array that differs.
+  # Started again with another model, the run stops at once and names what changed in the config ...
   changed = run_train(killed_dir, dict(overrides, **{"model.rcnn.fc_channels": 48}))
   assert changed.returncode == 1 and "Traceback" not in changed.stderr
   last = changed.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: the run in {killed_dir} was started with another config: ")
+  assert "model.rcnn.fc_channels was 32, now 48" in last and "--allow_config_change" in last
+  # ... and, allowed to go on, is stopped by the checkpoint itself, which names the first array that differs.
+  forced = run_train(killed_dir, dict(overrides, **{"model.rcnn.fc_channels": 48}), flags=["--allow_config_change"])
+  assert forced.returncode == 1 and "Traceback" not in forced.stderr
+  last = forced.stderr.strip().splitlines()[-1]
   assert last.startswith("error: the checkpoint of step 40 in ") and "was saved by a different model" in last
   assert "params/roi_head/" in last and "32" in last and "48" in last and "more differences" in last
+
+
+def test_sigterm_saves_and_stops_and_the_restart_logs_the_same_losses(tmp_path, trained):
+  overrides, _, straight_dir, _ = trained
+  overrides = dict(overrides, checkpoint_every=1000)
+  workdir = tmp_path / "preempted"
+  process = run_train(workdir, overrides, wait=False)
+  # Once it holds the directory (before it compiles), a second run there stops at once and names it.
+  wait_for(lambda: (workdir / "lock").exists() and (workdir / "lock").read_text(), process)
+  second = run_train(workdir, overrides)
+  assert second.returncode == 1
+  assert f"is in use by another run (pid {process.pid} on host" in second.stderr.strip().splitlines()[-1]
+  wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(records(workdir)) >= 3, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-2000:]
+  last = stderr.strip().splitlines()[-1]
+  stopped_at = int(last.split("checkpoint of step ")[1].split()[0])
+  assert last == (f"stopped: SIGTERM received: saved the checkpoint of step {stopped_at} in "
+                  f"{workdir / 'checkpoints'}; run the same command to resume")
+  assert 3 <= stopped_at < 40 and (workdir / "checkpoints" / str(stopped_at)).is_dir()
+  resumed = run_train(workdir, overrides)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed from step {stopped_at}" in resumed.stderr
+  expected = {r["step"]: r["loss"] for r in records(straight_dir)}
+  assert [r["step"] for r in records(workdir)] == list(range(1, 41))
+  assert all(r["loss"] == expected[r["step"]] for r in records(workdir))
+
+
+def test_fine_tuning_starts_from_a_whole_detector(tmp_path, trained):
+  # The trained weights, from the run's work directory and from an mmdetection-named file, start a new run:
+  # its first loss is that of the trained model on batch 0, by both routes, far below a fresh model's.
+  overrides, config, straight_dir, _ = trained
+  model = build_detector(config.model)
+  weights = tmp_path / "trained.npz"
+  np.savez(weights, **convert.export_detector(jax.device_get(driver.load_trained_variables(config, model,
+                                                                                            straight_dir))))
+  runs = {source: run_train(tmp_path / name, dict(overrides, total_steps=1, init_checkpoint=source), wait=False)
+          for name, source in (("from_dir", straight_dir), ("from_file", weights))}
+  for process in runs.values():
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-2000:]
+  first = [records(tmp_path / name)[0]["loss"] for name in ("from_dir", "from_file")]
+  assert first[0] == first[1] < 0.8 * records(straight_dir)[0]["loss"]
+
+
+def test_a_failed_save_stops_the_run_with_one_line(tmp_path, trained):
+  # A file-size limit makes the checkpoint's writes fail as on a full disk ("File too large"), even for root.
+  import resource
+  overrides, _, _, _ = trained
+  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, resource.RLIM_INFINITY))
+  result = run_train(tmp_path / "full", dict(overrides, total_steps=8, checkpoint_every=2), preexec_fn=limit)
+  # Orbax and TensorStore print their own reports of the failed writes (some as the process exits); the run's
+  # own word is one line.
+  assert result.returncode == 1
+  [last] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert last.startswith(f"error: saving a checkpoint to {tmp_path / 'full' / 'checkpoints'} failed ")
+  assert "File too large" in last and "Free space there" in last

@@ -11,9 +11,11 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -114,3 +116,25 @@ def test_a_checkpoint_moves_between_one_and_two_processes(workdirs):
   assert sorted(forward) == sorted(backward) == [4]
   np.testing.assert_allclose(forward[4], backward[4], rtol=2e-5)
   assert sorted(int(p.name) for p in (workdirs["two_from_one"] / "checkpoints").iterdir()) == [2, 3, 4]
+
+
+def test_a_signal_to_one_process_stops_all_at_one_step_with_a_checkpoint(tmp_path, shapes_tfds_dir):
+  # Ctrl-C on process 1 goes through JAX's preemption service, as a SIGTERM would: both processes finish the
+  # same step, save it together and exit 0.
+  workdir = tmp_path / "preempted"
+  overrides = tiny_train_overrides(shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"], total_steps=60,
+                                   log_every=1, checkpoint_every=1000)
+  processes = launch(workdir, overrides, 2, 2)
+  deadline = time.time() + 600
+  while time.time() < deadline and not ((workdir / "metrics.jsonl").exists() and
+                                        len(records(workdir, "train")) >= 2):
+    assert all(p.poll() is None for p in processes), pathlib.Path(f"{workdir}.0.log").read_text()[-3000:]
+    time.sleep(0.5)
+  processes[1].send_signal(signal.SIGINT)
+  finish({workdir: processes})
+  lines = [pathlib.Path(f"{workdir}.{i}.log").read_text().strip().splitlines()[-1] for i in range(2)]
+  steps = {int(line.split("checkpoint of step ")[1].split()[0]) for line in lines}
+  assert len(steps) == 1 and all(line.startswith("stopped: ") for line in lines), lines
+  [step] = steps
+  assert lines[1].startswith("stopped: SIGINT received") and step < 60
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [step]

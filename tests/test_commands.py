@@ -13,7 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # about 20 commands, each starting Python, JAX and often TensorFlow
+from support import tiny_train_overrides
+
+pytestmark = pytest.mark.slow  # about 20 commands, each starting Python, JAX and often TensorFlow; one trains
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = "configs/shapes_libra_faster_rcnn.py"
@@ -116,3 +118,20 @@ def test_verbose_shows_the_traceback(tmp_path):
                            "--config.log_every=0", "--verbose"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_a_failed_checkpoint_save_stops_training_with_one_line(tmp_path, shapes_tfds_dir):
+  # A file-size limit makes the checkpoint's writes fail as on a full disk ("File too large"), even for root.
+  import resource
+  overrides = tiny_train_overrides(shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"], total_steps=8,
+                                   checkpoint_every=2)
+  limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, resource.RLIM_INFINITY))
+  result = subprocess.run([sys.executable, "train.py", f"--config={SHAPES}", f"--workdir={tmp_path / 'full'}"] +
+                          [f"--config.{k}={v}" for k, v in overrides.items()], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"), preexec_fn=limit)
+  # Orbax and TensorStore print their own reports of the failed writes (some as the process exits); the run's
+  # own word is one line.
+  assert result.returncode == 1, result.stderr[-2000:]
+  [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert line.startswith(f"error: saving a checkpoint to {tmp_path / 'full' / 'checkpoints'} failed ")
+  assert "File too large" in line and "Free space there" in line

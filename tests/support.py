@@ -108,3 +108,32 @@ def tiny_train_overrides(tfds_dir, cache_dir, **extra):
   }
   values.update(extra)
   return values
+
+
+def apply_overrides(config, values):
+  """Sets ``config[a][b] = value`` for each ``"a.b" -> value`` of ``values``; returns ``config``."""
+  for path, value in values.items():
+    node = config
+    *parents, key = path.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[key] = value
+  return config
+
+
+def summary_steps(workdir, tag):
+  """The steps of the TensorBoard scalars named ``tag`` in ``workdir``'s event files, in file order."""
+  import pathlib
+
+  import tensorflow as tf
+  steps = []
+  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      steps += [event.step for value in event.summary.value if value.tag == tag]
+  return steps
+
+
+def largest_file(directory):
+  """The biggest file under ``directory`` (a checkpoint's array data)."""
+  import pathlib
+  return max((p for p in pathlib.Path(directory).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)

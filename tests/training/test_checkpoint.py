@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from support import largest_file
 from libra_jax import runtime
 from libra_jax.training import step as step_lib
 from libra_jax.errors import UserError
@@ -47,10 +48,6 @@ def test_keeps_the_last_steps_and_finds_the_latest(tmp_path):
   reopened.close()
   assert int(restored.step) == 30
   np.testing.assert_array_equal(restored.params["head"]["bias"], example_state(30).params["head"]["bias"])
-
-
-def largest_file(directory):
-  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 def test_an_unreadable_latest_checkpoint_is_set_aside_for_the_one_before(tmp_path, caplog):

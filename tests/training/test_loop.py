@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from support import assert_drawn_where_detected, tiny_train_overrides
+from support import (apply_overrides, assert_drawn_where_detected, largest_file, summary_steps,
+                     tiny_train_overrides)
 from libra_jax import convert, diagnostics, predict
 from libra_jax.evaluation import driver
 from libra_jax.models.detectors import build_detector
@@ -24,16 +25,6 @@ pytestmark = pytest.mark.slow  # training runs, in this process and as train.py
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "train.py")
 CONFIG = str(ROOT / "configs" / "shapes_libra_faster_rcnn.py")
-
-
-def apply_overrides(config, values):
-  for path, value in values.items():
-    node = config
-    *parents, key = path.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[key] = value
-  return config
 
 
 @pytest.fixture(scope="module")
@@ -129,19 +120,6 @@ def run_train(workdir, overrides, wait=True, flags=(), **popen):
   if wait:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, **popen)
   return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
-
-
-def summary_steps(workdir, tag):
-  import tensorflow as tf
-  steps = []
-  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      steps += [event.step for value in event.summary.value if value.tag == tag]
-  return steps
-
-
-def largest_file(directory):
-  return max((p for p in pathlib.Path(directory).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 def wait_for(condition, process, seconds=600):

@@ -9,6 +9,7 @@ import textwrap
 import ml_collections
 import pytest
 
+from support import apply_overrides, summary_steps
 from libra_jax.errors import UserError
 from libra_jax.training.metrics import MetricWriter
 from libra_jax.training.workdir import WorkdirLock, check_and_record_config, config_differences, flat_config
@@ -47,13 +48,7 @@ def run_config(**changes):
   config = ml_collections.ConfigDict({"global_batch_size": 4, "log_every": 50, "seed": 0,
                                       "data": {"buckets": ((96, 128), (128, 96)), "tfds_data_dir": "/a"},
                                       "model": {"num_classes": 3}})
-  for key, value in changes.items():
-    node = config
-    *parents, last = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[last] = value
-  return config
+  return apply_overrides(config, changes)
 
 
 def test_differences_list_what_changes_shapes_schedule_or_data_and_nothing_else():
@@ -77,15 +72,6 @@ def test_a_restart_with_another_config_is_refused_unless_allowed(tmp_path, caplo
   assert "resuming at step 10 with a changed config: global_batch_size was 4, now 8" in caplog.text
   assert json.loads((tmp_path / "config.until_step_10.json").read_text())["global_batch_size"] == 4
   assert json.loads((tmp_path / "config.json").read_text())["global_batch_size"] == 8
-
-
-def summary_steps(workdir, tag):
-  import tensorflow as tf
-  steps = []
-  for path in sorted(workdir.glob("events.out.tfevents.*")):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      steps += [event.step for value in event.summary.value if value.tag == tag]
-  return steps
 
 
 def test_a_resumed_run_keeps_each_step_once(tmp_path):

@@ -59,8 +59,8 @@ def gt_masks(batch):
   return real & ~crowd, real & crowd
 
 
-def _anchors(features, anchor_cfg, image_shape):
-  """Anchors of every level, the concatenation, and each image's validity ``[B, N]``."""
+def feature_anchors(features, anchor_cfg, image_shape):
+  """Anchors of every level of ``features``, their concatenation ``[N, 4]``, and each image's validity ``[B, N]``."""
   shapes = [tuple(f.shape[1:3]) for f in features]
   per_level = anchor_ops.anchor_grid(shapes, anchor_cfg["strides"], anchor_cfg["scales"], anchor_cfg["ratios"])
   num_base = len(anchor_cfg["scales"]) * len(anchor_cfg["ratios"])
@@ -69,6 +69,38 @@ def _anchors(features, anchor_cfg, image_shape):
     return jnp.concatenate(anchor_ops.valid_anchor_mask(one_image_shape, shapes, anchor_cfg["strides"], num_base))
 
   return per_level, jnp.concatenate(per_level), jax.vmap(image_valid)(image_shape)
+
+
+def batch_proposals(logits, deltas, anchors_per_level, anchor_valid, image_shape, proposal_cfg) -> Any:
+  """Each image's RPN proposals (``[B, P]`` ``Proposals``) from the head's ``logits [B, N]`` and ``deltas [B, N, 4]``.
+
+  No gradient flows into the head through the proposals.
+  """
+  propose = functools.partial(rpn_proposals, anchors_per_level=anchors_per_level, **proposal_cfg)
+  return jax.vmap(propose)(logits=jax.lax.stop_gradient(logits), deltas=jax.lax.stop_gradient(deltas),
+                           anchor_valid=anchor_valid, image_shape=image_shape)
+
+
+def batch_sample_rois(keys, proposals, batch, num_classes: int, rcnn_train_cfg) -> Any:
+  """Each image's sampled RoIs and their targets (``[B, S]`` ``SampledRoIs``); ``keys [B]``."""
+  gt_valid, ignore_valid = gt_masks(batch)
+  sample = functools.partial(sample_rois, num_classes=num_classes, cfg=rcnn_train_cfg)
+  return jax.vmap(sample)(key=keys, proposals=proposals.boxes, proposal_valid=proposals.valid,
+                          gt_boxes=batch["boxes"], gt_labels=batch["labels"], gt_valid=gt_valid,
+                          ignore_boxes=batch["boxes"], ignore_valid=ignore_valid)
+
+
+def align_rois(features, rois, rcnn_cfg) -> jnp.ndarray:
+  """RoIAlign of ``rois [B, R, 4]`` on the RoI levels of ``features``: ``[B, R, S, S, C]`` (no gradient to ``rois``)."""
+  align = functools.partial(multilevel_roi_align, output_size=rcnn_cfg["roi_size"], strides=rcnn_cfg["roi_strides"],
+                            sampling_ratio=rcnn_cfg["sampling_ratio"], finest_scale=rcnn_cfg["finest_scale"])
+  return jax.vmap(align)(features=features[:len(rcnn_cfg["roi_strides"])], rois=jax.lax.stop_gradient(rois))
+
+
+def stage_keys(keys):
+  """The per-example keys ``[B]`` of a training forward -> (RPN sampler keys ``[B]``, R-CNN sampler keys ``[B]``)."""
+  split = jax.vmap(jax.random.split)(keys)
+  return split[:, 0], split[:, 1]
 
 
 def _check_keys(keys, batch):
@@ -95,22 +127,20 @@ class FasterRCNN(nn.Module):
   cfg: Mapping[str, Any]
 
   def _rois(self, features, rois):
-    rcnn = self.cfg["rcnn"]
-    align = functools.partial(multilevel_roi_align, output_size=rcnn["roi_size"], strides=rcnn["roi_strides"],
-                              sampling_ratio=rcnn["sampling_ratio"], finest_scale=rcnn["finest_scale"])
-    batch, num = rois.shape[:2]
-    pooled = jax.vmap(align)(features=features[:len(rcnn["roi_strides"])], rois=jax.lax.stop_gradient(rois))
+    return self.box_head(align_rois(features, rois, self.cfg["rcnn"]))
+
+  def box_head(self, pooled):
+    """The R-CNN head on RoI features ``[B, R, S, S, C]``: class logits ``[B, R, C + 1]``, deltas ``[B, R, 4C]``."""
+    batch, num = pooled.shape[:2]
     logits, deltas = self.roi_head(pooled.reshape((batch * num,) + pooled.shape[2:]))
     return logits.reshape(batch, num, -1), deltas.reshape(batch, num, -1)
 
   def _first_stage(self, batch, train: bool):
     features = self.neck(self.backbone(batch["image"]))
     logits, deltas = self.rpn_head(features)
-    per_level, anchors, anchor_valid = _anchors(features, self.cfg["anchors"], batch["image_shape"])
+    per_level, anchors, anchor_valid = feature_anchors(features, self.cfg["anchors"], batch["image_shape"])
     stage = self.cfg["train"] if train else self.cfg["test"]
-    propose = functools.partial(rpn_proposals, anchors_per_level=per_level, **stage["rpn_proposal"])
-    proposals = jax.vmap(propose)(logits=jax.lax.stop_gradient(logits), deltas=jax.lax.stop_gradient(deltas),
-                                  anchor_valid=anchor_valid, image_shape=batch["image_shape"])
+    proposals = batch_proposals(logits, deltas, per_level, anchor_valid, batch["image_shape"], stage["rpn_proposal"])
     return features, logits, deltas, anchors, anchor_valid, proposals
 
   def layers(self, image: jnp.ndarray):
@@ -140,14 +170,10 @@ class FasterRCNN(nn.Module):
     return self._detect(features, proposals, batch["image_shape"])
 
   def _losses(self, keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals):
-    stage_keys = jax.vmap(jax.random.split)(keys)
-    rpn_keys, rcnn_keys = stage_keys[:, 0], stage_keys[:, 1]
+    rpn_keys, rcnn_keys = stage_keys(keys)
     gt_valid, ignore_valid = gt_masks(batch)
     example_valid = batch["valid"].astype(jnp.float32)
-    sample = functools.partial(sample_rois, num_classes=self.roi_head.num_classes, cfg=self.cfg["train"]["rcnn"])
-    sampled = jax.vmap(sample)(key=rcnn_keys, proposals=proposals.boxes, proposal_valid=proposals.valid,
-                               gt_boxes=batch["boxes"], gt_labels=batch["labels"], gt_valid=gt_valid,
-                               ignore_boxes=batch["boxes"], ignore_valid=ignore_valid)
+    sampled = batch_sample_rois(rcnn_keys, proposals, batch, self.roi_head.num_classes, self.cfg["train"]["rcnn"])
 
     cls_logits, reg_deltas = self._rois(features, sampled.rois)
 
@@ -193,7 +219,7 @@ class RetinaNet(nn.Module):
     del keys
     features = self.neck(self.backbone(batch["image"]))
     cls_logits, deltas = self.bbox_head(features)
-    per_level, anchors, anchor_valid = _anchors(features, self.cfg["anchors"], batch["image_shape"])
+    per_level, anchors, anchor_valid = feature_anchors(features, self.cfg["anchors"], batch["image_shape"])
     if not train:
       detect = functools.partial(retina_detections, anchors_per_level=per_level, **self.cfg["test"])
       return jax.vmap(detect)(cls_logits=cls_logits, deltas=deltas, anchor_valid=anchor_valid,

@@ -1,0 +1,233 @@
+"""Where a Faster R-CNN train step's time goes: each stage timed alone, forward and backward.
+
+    python benchmarks/profile_step.py --config=configs/libra_faster_rcnn_r50_fpn_1x_coco.py \
+        [--height 800 --width 1344 --batch 1] [--repeats 3] [--json] [--trace DIR]
+
+Stages, in the step's order (the functions the detector itself calls, from
+``libra_jax.models.detectors``):
+
+  backbone_neck   ResNet and FPN (and the balanced feature pyramid): forward, backward to the parameters
+  rpn_head        the RPN convolutions: forward, backward to the parameters and the features
+  rpn_loss        anchor assignment, anchor sampling and the RPN losses: forward, backward to the head's outputs
+  proposals       decode, per-level top-k, NMS (no gradient flows through them)
+  rcnn_sampling   proposal assignment and R-CNN sampling (no gradient)
+  roi_align       multi-level RoIAlign: forward, backward to the features
+  rcnn_head       the box head's fully connected layers: forward, backward to the parameters and RoI features
+  rcnn_loss       the R-CNN losses: forward, backward to the head's outputs
+  optimizer       the SGD update of every parameter
+
+and ``step``, the whole train step (``make_train_step`` on one device).
+
+Method. The inputs of each stage are what the step would give it: the stages
+before it, run once on a synthetic batch (``benchmarks.run.synthetic_batch``:
+random images, 8 boxes each) with randomly initialized parameters. Each stage
+is its own jitted function; its time is the median of ``--repeats`` calls
+after a warm-up call (which compiles). The backward time is that of the
+jitted forward-and-backward (``jax.vjp`` with a cotangent of ones) minus the
+forward's. Stages timed alone need not add up to the step: in the step XLA
+fuses across their borders and skips gradients nobody uses (the frozen stem
+and layer1), so ``stages_sum_s`` is printed beside ``step_s``.
+
+``non_conv_fraction`` = 1 - (backbone_neck + rpn_head + rcnn_head, forward and
+backward) / ``step_s``: the share of the step spent outside the convolutions
+and the box head's matmuls (clipped to [0, 1]).
+
+The staged losses are checked against the model's own on the same batch and
+keys (``staged_loss``, ``model_loss``): the stages are the step's.
+
+``--json`` prints one JSON object (``step_s``, ``stages``: name -> seconds,
+forward plus backward; ``forward``, ``backward``: name -> seconds;
+``non_conv_fraction``, ...). ``--trace DIR`` also records two whole steps
+with ``jax.profiler`` into DIR (TensorBoard's profile plugin and Perfetto read
+it). Run it with the cores to itself.
+"""
+
+import json
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from libra_jax import cli  # noqa: E402
+
+STAGES = ("backbone_neck", "rpn_head", "rpn_loss", "proposals", "rcnn_sampling", "roi_align", "rcnn_head",
+          "rcnn_loss", "optimizer")
+CONV_STAGES = ("backbone_neck", "rpn_head", "rcnn_head")
+
+
+def median_seconds(function: Callable, args: Sequence[Any], repeats: int) -> float:
+  """Median wall time of ``function(*args)``, waited for, over ``repeats`` calls after one warm-up call."""
+  import jax
+  jax.block_until_ready(function(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(function(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def forward_and_backward(function: Callable) -> Callable:
+  """``function(*args)`` -> a jitted ``(*args) -> gradients of every arg`` under a cotangent of ones."""
+  import jax
+  import jax.numpy as jnp
+
+  def both(*args):
+    out, pullback = jax.vjp(function, *args)
+    return pullback(jax.tree.map(jnp.ones_like, out))
+
+  return jax.jit(both)
+
+
+def profile(config, height: int, width: int, batch_size: int, repeats: int, trace_dir=None) -> Dict[str, Any]:
+  """Times the stages of ``config``'s train step on a ``batch_size x height x width`` batch; see the module doc."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from benchmarks.run import synthetic_batch
+  from libra_jax import runtime
+  from libra_jax.models import detectors
+  from libra_jax.models.roi_head import rcnn_loss
+  from libra_jax.models.rpn import rpn_loss
+  from libra_jax.training import optim
+  from libra_jax.training.step import make_train_step, new_train_state
+
+  if config.model.type != "faster_rcnn":
+    raise cli.UsageError(f"--config: profile_step times the stages of a two-stage detector (model.type "
+                         f"'faster_rcnn'); this config's model.type is {config.model.type!r}")
+  model = detectors.build_detector(config.model)
+  cfg = model.cfg
+  batch = jax.tree.map(jnp.asarray, synthetic_batch(height, width, batch_size, config.data.max_instances))
+  variables = detectors.jitted_init(model)(jax.random.key(config.seed), batch["image"])
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  keys = jax.random.split(jax.random.key(1), batch_size)
+  rpn_keys, rcnn_keys = detectors.stage_keys(keys)
+  gt_valid, ignore_valid = detectors.gt_masks(batch)
+  example_valid = batch["valid"].astype(jnp.float32)
+
+  def part(names, method):
+    """``(params of the named children, x) -> method(module, x)`` with the model's BatchNorm statistics."""
+    return lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, method=method), \
+        {name: params[name] for name in names}
+
+  backbone_neck, backbone_params = part(("backbone", "neck"), lambda m, image: m.neck(m.backbone(image)))
+  rpn_head, rpn_params = part(("rpn_head",), lambda m, features: m.rpn_head(features))
+  box_head, box_params = part(("roi_head",), lambda m, pooled: m.box_head(pooled))
+
+  features = jax.jit(backbone_neck)(backbone_params, batch["image"])
+  logits, deltas = jax.jit(rpn_head)(rpn_params, features)
+  per_level, anchors, anchor_valid = detectors.feature_anchors(features, cfg["anchors"], batch["image_shape"])
+
+  def rpn_losses(logits, deltas):
+    losses = rpn_loss(rpn_keys, logits, deltas, anchors, anchor_valid, batch["boxes"], gt_valid, ignore_valid,
+                      example_valid, train_cfg=cfg["train"]["rpn"], loss_cfg=cfg["rpn"])
+    return losses["loss_rpn_cls"] + losses["loss_rpn_bbox"]
+
+  def proposals_of(logits, deltas):
+    return detectors.batch_proposals(logits, deltas, per_level, anchor_valid, batch["image_shape"],
+                                     cfg["train"]["rpn_proposal"])
+
+  proposals = jax.jit(proposals_of)(logits, deltas)
+
+  def sampling(proposals):
+    return detectors.batch_sample_rois(rcnn_keys, proposals, batch, model.roi_head.num_classes,
+                                       cfg["train"]["rcnn"])
+
+  sampled = jax.jit(sampling)(proposals)
+  align = lambda features: detectors.align_rois(features, sampled.rois, cfg["rcnn"])
+  pooled = jax.jit(align)(features)
+  cls_logits, reg_deltas = jax.jit(box_head)(box_params, pooled)
+
+  def rcnn_losses(cls_logits, reg_deltas):
+    losses = rcnn_loss(cls_logits, reg_deltas, sampled, example_valid, cfg=cfg["rcnn"])
+    return losses["loss_cls"] + losses["loss_bbox"]
+
+  optimizer = optim.make_optimizer(config.optim, batch_size, config.steps_per_epoch, params,
+                                   config.model.backbone.frozen_stages)
+  opt_state = optimizer.init(params)
+  update = jax.jit(lambda grads, state, p: optax.apply_updates(p, optimizer.update(grads, state, p)[0]))
+
+  timed = {  # name -> (forward function, its arguments, whether it has a backward pass)
+      "backbone_neck": (backbone_neck, (backbone_params, batch["image"]), True),
+      "rpn_head": (rpn_head, (rpn_params, features), True),
+      "rpn_loss": (rpn_losses, (logits, deltas), True),
+      "proposals": (proposals_of, (logits, deltas), False),
+      "rcnn_sampling": (sampling, (proposals,), False),
+      "roi_align": (align, (features,), True),
+      "rcnn_head": (box_head, (box_params, pooled), True),
+      "rcnn_loss": (rcnn_losses, (cls_logits, reg_deltas), True),
+  }
+  forward, backward = {}, {}
+  for name, (function, args, differentiable) in timed.items():
+    forward[name] = median_seconds(jax.jit(function), args, repeats)
+    backward[name] = max(median_seconds(forward_and_backward(function), args, repeats) - forward[name], 0.0) \
+        if differentiable else 0.0
+  forward["optimizer"], backward["optimizer"] = median_seconds(update, (params, opt_state, params), repeats), 0.0
+
+  staged_loss = float(rpn_losses(logits, deltas) + rcnn_losses(cls_logits, reg_deltas))
+  model_loss = float(jax.jit(lambda v, b, k: model.apply(v, b, train=True, keys=k)["loss"])(variables, batch, keys))
+  # The train step donates its state, which starts from these very arrays: it comes last.
+  mesh = runtime.make_mesh(jax.devices()[:1])
+  train_step = make_train_step(model, optimizer, mesh)
+  state = jax.device_put(new_train_state(variables, optimizer, jax.random.key(2)), runtime.replicated(mesh))
+  global_batch = runtime.to_global(jax.device_get(batch), mesh)
+
+  def one_step():
+    nonlocal state
+    state, metrics = train_step(state, global_batch)
+    return metrics
+
+  step_s = median_seconds(lambda: one_step(), (), repeats)
+  if trace_dir:
+    with jax.profiler.trace(str(trace_dir)):
+      for _ in range(2):
+        jax.block_until_ready(one_step())
+
+  stages = {name: forward[name] + backward[name] for name in STAGES}
+  conv = sum(stages[name] for name in CONV_STAGES)
+  return {"config_model": config.model.type, "depth": config.model.backbone.depth, "height": height, "width": width,
+          "batch": batch_size, "repeats": repeats, "device": jax.devices()[0].platform, "jax": jax.__version__,
+          "step_s": step_s, "stages": stages, "forward": forward, "backward": backward,
+          "stages_sum_s": sum(stages.values()), "non_conv_fraction": min(max(1.0 - conv / step_s, 0.0), 1.0),
+          "staged_loss": staged_loss, "model_loss": model_loss}
+
+
+def format_table(result: Dict[str, Any]) -> str:
+  lines = [f"{result['config_model']} R-{result['depth']}, {result['height']}x{result['width']} batch "
+           f"{result['batch']}, {result['device']}, median of {result['repeats']}",
+           f"{'stage':<15}{'forward s':>11}{'backward s':>12}{'total s':>10}{'of step':>9}"]
+  for name in STAGES:
+    total = result["stages"][name]
+    lines.append(f"{name:<15}{result['forward'][name]:>11.3f}{result['backward'][name]:>12.3f}{total:>10.3f}"
+                 f"{total / result['step_s']:>9.1%}")
+  lines.append(f"{'stages, summed':<38}{result['stages_sum_s']:>10.3f}{result['stages_sum_s'] / result['step_s']:>9.1%}")
+  lines.append(f"{'step':<38}{result['step_s']:>10.3f}")
+  lines.append(f"non_conv_fraction {result['non_conv_fraction']:.3f}; staged loss {result['staged_loss']:.6f}, "
+               f"model loss {result['model_loss']:.6f}")
+  return "\n".join(lines)
+
+
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python benchmarks/profile_step.py", description=__doc__.split("\n")[0])
+  parser.add_argument("--height", type=int, default=800, help="padded image height in pixels")
+  parser.add_argument("--width", type=int, default=1344, help="padded image width in pixels")
+  parser.add_argument("--batch", type=int, default=1, help="images per step")
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls per stage (the median is reported)")
+  parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
+  parser.add_argument("--trace", metavar="DIR", help="also write a jax.profiler trace of two whole steps to DIR")
+  args = parser.parse_args(argv)
+  for flag in ("height", "width", "batch", "repeats"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be at least 1")
+  result = profile(args.config, args.height, args.width, args.batch, args.repeats, args.trace)
+  print(json.dumps(result) if args.json else format_table(result))
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)

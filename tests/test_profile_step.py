@@ -1,0 +1,40 @@
+"""benchmarks/profile_step.py: every stage of the train step timed, and the stages are the step's own."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from benchmarks import profile_step
+from libra_jax import cli
+
+pytestmark = pytest.mark.slow  # about twenty small programs compiled
+
+SHAPES = "configs/shapes_libra_faster_rcnn.py"
+TINY = ["--config.model.backbone.depth=18", "--config.model.backbone.base_channels=8",
+        "--config.model.neck.out_channels=16", "--config.model.rpn.feat_channels=16",
+        "--config.model.rcnn.fc_channels=32", "--config.model.train.rcnn.sampler.num=64"]
+
+
+def test_every_stage_is_timed_and_the_staged_losses_are_the_models(tmp_path, capsys):
+  argv = [f"--config={SHAPES}", *TINY, "--height=96", "--width=128", "--batch=2", "--repeats=1", "--json",
+          f"--trace={tmp_path / 'trace'}"]
+  assert profile_step.main(argv) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert tuple(result["stages"]) == profile_step.STAGES
+  for name in profile_step.STAGES:
+    assert result["forward"][name] > 0, name
+    assert result["stages"][name] == result["forward"][name] + result["backward"][name]
+  assert all(result["backward"][name] == 0 for name in ("proposals", "rcnn_sampling", "optimizer"))
+  conv = sum(result["stages"][name] for name in profile_step.CONV_STAGES)
+  assert result["step_s"] > 0 and result["non_conv_fraction"] == pytest.approx(min(max(1 - conv / result["step_s"],
+                                                                                       0), 1))
+  # The stages, compiled one by one, compute the loss of the model's own forward pass (to float rounding).
+  np.testing.assert_allclose(result["staged_loss"], result["model_loss"], rtol=1e-4)
+  assert list(pathlib.Path(tmp_path / "trace").rglob("*.xplane.pb"))
+
+
+def test_a_one_stage_detector_is_refused_in_one_line():
+  with pytest.raises(cli.UsageError, match="this config's model.type is 'retinanet'"):
+    profile_step.main(["--config=configs/retinanet_r50_fpn_1x_coco.py", "--repeats=1"])

@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from libra_jax.ops import conv as conv_ops
+
 Initializer = Callable[..., Any]
 
 
@@ -67,13 +69,15 @@ def conv2d(features: int, kernel_size: int, strides: int = 1, use_bias: bool = T
   """``nn.Conv`` padded symmetrically by ``kernel_size // 2`` like PyTorch.
 
   Flax's ``"SAME"`` pads stride-2 convolutions asymmetrically, which shifts the
-  output by a pixel relative to weights trained in PyTorch.
+  output by a pixel relative to weights trained in PyTorch. The filter gradient
+  is computed by matmuls on the CPU (``libra_jax.ops.conv``).
   """
   pad = kernel_size // 2
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
                  padding=((pad, pad), (pad, pad)), use_bias=use_bias, name=name,
                  feature_group_count=feature_group_count, kernel_init=kernel_init,
-                 bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32)
+                 bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32,
+                 conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 def resize_nearest(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:

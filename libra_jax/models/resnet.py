@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from libra_jax.ops import conv as conv_ops
+
 # depth -> (block kind, blocks per stage).
 STAGE_BLOCKS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -81,7 +83,7 @@ def _conv(features: int, kernel: int, stride: int, dtype, name: str, groups: int
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  feature_group_count=groups, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=_conv_init, name=name)
+                 kernel_init=_conv_init, name=name, conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 def _bn(dtype, name: str) -> nn.BatchNorm:

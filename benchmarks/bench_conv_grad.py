@@ -1,0 +1,134 @@
+"""Convolution filter gradients on this backend: XLA's own against matmuls (``libra_jax.ops.conv``), in one run.
+
+    python benchmarks/bench_conv_grad.py [--config=FILE] [--height 512 --width 512 --batch 2] [--repeats 3] [--json]
+
+Two parts, each pair measured in this one process, one after the other:
+
+1. Layers: convolutions of the shapes a ResNet-50 FPN has at 800 x 1344
+   (stride-4 and stride-8 maps, 1x1 and 3x3 filters, a stride-2 3x3): the
+   forward pass, XLA's filter gradient and the matmul filter gradient, each the
+   median of ``--repeats`` jitted calls, as seconds and GFLOP/s (2 x output
+   positions x C_in x C_out x k^2 FLOPs).
+2. The whole train step of ``--config`` (default: Libra Faster R-CNN R-50) at
+   ``--height x --width``, batch ``--batch``, on one device: with XLA's filter
+   gradients (``MATMUL_FILTER_GRADIENT_PLATFORMS`` emptied while it is traced)
+   and with the matmul ones; ``speedup`` is the first time over the second.
+"""
+
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from libra_jax import cli  # noqa: E402
+
+# (height, width, C_in, C_out, kernel, stride) of ResNet-50 FPN convolutions at 800 x 1344.
+LAYERS = ((200, 336, 256, 64, 1, 1), (200, 336, 64, 256, 1, 1), (200, 336, 64, 64, 3, 1),
+          (200, 336, 256, 256, 3, 1), (100, 168, 128, 128, 3, 1), (200, 336, 128, 128, 3, 2))
+
+
+def layer_rows(repeats: int):
+  """One row per ``LAYERS`` shape: forward, XLA filter gradient and matmul filter gradient times."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+
+  from benchmarks.profile_step import median_seconds
+  from libra_jax.ops import conv
+
+  rows = []
+  for height, width, c_in, c_out, kernel, stride in LAYERS:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(1, height, width, c_in)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, c_in, c_out)), jnp.float32)
+    padding = ((kernel // 2, kernel // 2),) * 2
+    forward = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                                            dimension_numbers=conv.NHWC))
+    g = jnp.ones_like(forward(x, w))
+    xla = jax.jit(lambda x, w, g: jax.vjp(lambda w: forward(x, w), w)[1](g)[0])
+    matmuls = jax.jit(lambda x, g: conv.filter_gradient(x, g, (kernel, kernel), (stride, stride), padding))
+    flops = 2 * g.shape[1] * g.shape[2] * c_in * c_out * kernel * kernel
+    times = {"forward_s": median_seconds(forward, (x, w), repeats),
+             "xla_filter_gradient_s": median_seconds(xla, (x, w, g), repeats),
+             "matmul_filter_gradient_s": median_seconds(matmuls, (x, g), repeats)}
+    rows.append(dict(layer=f"{height}x{width} {c_in}->{c_out} {kernel}x{kernel}/{stride}", flops=flops, **times,
+                     speedup=times["xla_filter_gradient_s"] / times["matmul_filter_gradient_s"]))
+  return rows
+
+
+def step_seconds(config, height: int, width: int, batch_size: int, repeats: int, matmul: bool) -> float:
+  """Median seconds of ``config``'s train step on one device, with matmul or XLA filter gradients."""
+  import jax
+
+  from benchmarks.profile_step import median_seconds
+  from benchmarks.run import synthetic_batch
+  from libra_jax import runtime
+  from libra_jax.models.detectors import build_detector, jitted_init
+  from libra_jax.ops import conv
+  from libra_jax.training import optim
+  from libra_jax.training.step import make_train_step, new_train_state
+
+  model = build_detector(config.model)
+  mesh = runtime.make_mesh(jax.devices()[:1])
+  batch = runtime.to_global(synthetic_batch(height, width, batch_size, config.data.max_instances), mesh)
+  variables = jax.device_get(jitted_init(model)(jax.random.key(0), batch["image"]))
+  optimizer = optim.make_optimizer(config.optim, batch_size, config.steps_per_epoch, variables["params"],
+                                   config.model.backbone.frozen_stages)
+  state = jax.device_put(new_train_state(variables, optimizer, jax.random.key(1)), runtime.replicated(mesh))
+  platforms = conv.MATMUL_FILTER_GRADIENT_PLATFORMS
+  conv.MATMUL_FILTER_GRADIENT_PLATFORMS = platforms if matmul else ()
+  try:
+    step = make_train_step(model, optimizer, mesh)
+    compiled = step.lower(state, batch).compile()
+  finally:
+    conv.MATMUL_FILTER_GRADIENT_PLATFORMS = platforms
+
+  def one_step():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    return metrics
+
+  return median_seconds(one_step, (), repeats)
+
+
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python benchmarks/bench_conv_grad.py", description=__doc__.split("\n")[0],
+                              config="optional", default_config=str(ROOT / "configs/libra_faster_rcnn_r50_fpn_1x_coco.py"))
+  parser.add_argument("--height", type=int, default=512)
+  parser.add_argument("--width", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--skip_layers", action="store_true", help="only the whole train step")
+  parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
+  args = parser.parse_args(argv)
+  for flag in ("height", "width", "batch", "repeats"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be at least 1")
+  import jax
+  layers = [] if args.skip_layers else layer_rows(args.repeats)
+  xla = step_seconds(args.config, args.height, args.width, args.batch, args.repeats, matmul=False)
+  ours = step_seconds(args.config, args.height, args.width, args.batch, args.repeats, matmul=True)
+  result = {"device": jax.devices()[0].platform, "jax": jax.__version__, "layers": layers,
+            "step": {"model": args.config.model.type, "depth": args.config.model.backbone.depth,
+                     "height": args.height, "width": args.width, "batch": args.batch,
+                     "xla_filter_gradient_s": xla, "matmul_filter_gradient_s": ours, "speedup": xla / ours}}
+  if args.json:
+    print(json.dumps(result))
+    return 0
+  if layers:
+    print(f"{'layer (800x1344 input)':<28}{'forward':>16}{'XLA filter grad':>18}{'matmul filter grad':>20}{'speedup':>9}")
+    for row in layers:
+      rate = lambda s: f"{s * 1e3:7.1f} ms {row['flops'] / s / 1e9:4.0f} GF/s"
+      print(f"{row['layer']:<28}{rate(row['forward_s']):>16}{rate(row['xla_filter_gradient_s']):>18}"
+            f"{rate(row['matmul_filter_gradient_s']):>20}{row['speedup']:>8.2f}x")
+  step = result["step"]
+  print(f"train step, {step['model']} R-{step['depth']} {step['height']}x{step['width']} batch {step['batch']}: "
+        f"XLA filter gradients {xla:.3f} s, matmul filter gradients {ours:.3f} s: {step['speedup']:.2f}x")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,97 @@
+"""2-D convolution whose filter gradient is computed as matmuls, for backends where that is faster.
+
+XLA:CPU computes a convolution's filter (weight) gradient about 5x slower
+than the convolution itself or its input gradient (measured with
+``benchmarks/bench_conv_grad.py``: 8-10 GFLOP/s for 1x1 and 30-45 GFLOP/s
+for 3x3 filter gradients, against 40-240 for the forward pass); at COCO's
+input size the filter gradients are about half of the whole train step.
+The filter gradient of a ``kh x kw`` convolution is ``kh * kw`` matrix
+products: tap ``(i, j)`` is the input window shifted by ``(i, j)`` (strided
+like the convolution), contracted with the output gradient over batch and
+positions, ``dW[i, j] = sum_bhw x[b, s*h + i, s*w + j, :]^T g[b, h, w, :]``.
+For a 1x1 convolution that is one matmul.
+
+:func:`conv_general_dilated` has the signature of ``lax.conv_general_dilated``
+(what ``flax.linen.Conv`` calls) and computes the same forward pass and input
+gradient with XLA's own convolution; it takes the matmul filter gradient on the
+platforms in ``MATMUL_FILTER_GRADIENT_PLATFORMS`` (the CPU: accelerators keep
+XLA's, which is their fast path), for ungrouped, undilated NHWC convolutions.
+The gradient is the same sum in another order: it agrees with XLA's to float
+rounding (tests/ops/test_conv.py).
+"""
+
+import functools
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MATMUL_FILTER_GRADIENT_PLATFORMS = ("cpu",)
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_filter_gradient(x, w, strides, padding):
+  return _xla_conv(x, w, strides, padding)
+
+
+def _forward(x, w, strides, padding):
+  return _xla_conv(x, w, strides, padding), (x, w)
+
+
+def filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, int],
+                    padding: Sequence[Tuple[int, int]]):
+  """``dL/dW [kh, kw, C_in, C_out]`` of an NHWC convolution from its input ``x`` and output gradient ``g``, by matmuls."""
+  (top, bottom), (left, right) = padding
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out_h, out_w = g.shape[1:3]
+  taps = []
+  for i in range(kernel_size[0]):
+    for j in range(kernel_size[1]):
+      window = lax.slice(padded, (0, i, j, 0),
+                         (padded.shape[0], i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1,
+                          padded.shape[3]), (1, strides[0], strides[1], 1))
+      taps.append(jnp.einsum("bhwc,bhwo->co", window, g))
+  return jnp.stack(taps).reshape(kernel_size + taps[0].shape)
+
+
+def _backward(strides, padding, residuals, g):
+  x, w = residuals
+  _, input_gradient = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
+  return input_gradient(g)[0], filter_gradient(x, g, w.shape[:2], strides, padding).astype(w.dtype)
+
+
+_conv_matmul_filter_gradient.defvjp(_forward, _backward)
+
+
+def _vary_alike(value, other):
+  """``value`` marked varying over the mesh axes ``other`` varies over (inside ``shard_map``; else unchanged).
+
+  A replicated filter convolved with a per-device input has a per-device
+  filter gradient; marking the filter varying first lets ``shard_map`` sum
+  that gradient over devices, as it does for XLA's own convolution.
+  """
+  missing = tuple(sorted(jax.typeof(other).mat.varying - jax.typeof(value).mat.varying))
+  return lax.pcast(value, missing, to="varying") if missing else value
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+  """``lax.conv_general_dilated``, with the matmul filter gradient where it applies (see the module docstring)."""
+  plain = (feature_group_count == 1 and batch_group_count == 1 and precision is None
+           and preferred_element_type is None and lhs.ndim == 4 and not isinstance(padding, str)
+           and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+           and jax.default_backend() in MATMUL_FILTER_GRADIENT_PLATFORMS)
+  if plain:
+    lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
+    return _conv_matmul_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+  return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                  feature_group_count, batch_group_count, precision, preferred_element_type)

@@ -33,13 +33,13 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir: pathlib.Path, overrides, processes: int, devices_per_process: int):
-  """Starts train.py as ``processes`` processes of ``devices_per_process`` CPU devices each; returns them."""
+def launch(workdir: pathlib.Path, overrides, processes: int, devices_per_process: int, arguments=()):
+  """Starts train.py (with ``arguments``) as ``processes`` processes of ``devices_per_process`` CPU devices each."""
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices_per_process}")
   args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/shapes_libra_faster_rcnn.py'}",
-          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+          f"--workdir={workdir}", *arguments] + [f"--config.{k}={v}" for k, v in overrides.items()]
   if processes > 1:
     args += ["--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{free_port()}",
              f"--config.num_processes={processes}"]
@@ -63,22 +63,35 @@ def records(workdir, kind):
 
 
 def losses(workdir):
-  return {r["step"]: [r[k] for k in sorted(r) if k.startswith("loss")] for r in records(workdir, "train")}
+  return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss")} for r in records(workdir, "train")}
+
+
+def assert_same_losses(got, want, step):
+  """Step 1 (the same weights) to float rounding. Later steps: the RPN losses to float rounding (their targets
+  do not depend on the weights), the R-CNN ones to 1e-3 (their RoIs come from the proposals, where a near tie
+  between two scores, resolved differently after the devices' gradients were summed in another order, may
+  swap a proposal)."""
+  for name in want:
+    close = step == 1 or name.startswith("loss_rpn")
+    np.testing.assert_allclose(got[name], want[name], rtol=2e-5 if close else 1e-3, err_msg=f"{name} step {step}")
 
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory, shapes_tfds_dir):
-  """``one``, ``two``: 3 steps on 1 x 4 and 2 x 2 devices; ``two_from_one``, ``one_from_two``: step 4 from the other's checkpoint."""
+  """``one``, ``two``: 3 steps on 1 x 4 and 2 x 2 devices; ``two_from_one``, ``one_from_two``: step 4 from the
+  other's checkpoint; ``two_evaluate_one``: 2 x 2 devices evaluate ``one``'s weights."""
   base = tmp_path_factory.mktemp("multiprocess")
-  dirs = {name: base / name for name in ("one", "two", "two_from_one", "one_from_two")}
+  dirs = {name: base / name for name in ("one", "two", "two_from_one", "one_from_two", "two_evaluate_one")}
   overrides = tiny_train_overrides(shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"], total_steps=3,
                                    log_every=1, checkpoint_every=2)
   finish({dirs["one"]: launch(dirs["one"], overrides, 1, 4), dirs["two"]: launch(dirs["two"], overrides, 2, 2)})
   for source, target in (("one", "two_from_one"), ("two", "one_from_two")):
     shutil.copytree(dirs[source] / "checkpoints", dirs[target] / "checkpoints")
+  evaluate = ["--mode=eval", f"--checkpoint={dirs['one']}"]
   overrides["total_steps"] = 4
   finish({dirs["two_from_one"]: launch(dirs["two_from_one"], overrides, 2, 2),
-          dirs["one_from_two"]: launch(dirs["one_from_two"], overrides, 1, 4)})
+          dirs["one_from_two"]: launch(dirs["one_from_two"], overrides, 1, 4),
+          dirs["two_evaluate_one"]: launch(dirs["two_evaluate_one"], overrides, 2, 2, evaluate)})
   return dirs
 
 
@@ -86,35 +99,35 @@ def test_two_processes_log_the_losses_of_one(workdirs):
   one, two = losses(workdirs["one"]), losses(workdirs["two"])
   assert sorted(one) == sorted(two) == [1, 2, 3]
   for step in one:
-    np.testing.assert_allclose(two[step], one[step], rtol=2e-5, err_msg=f"step {step}")
+    assert_same_losses(two[step], one[step], step)
 
 
 def test_two_processes_detect_and_score_like_one(workdirs):
-  # Every process converts the detections of its own images, and process 0 writes the gathered results: each
-  # image gets the same detections as on one process (a mix-up between images and detections would show here).
-  def by_image(workdir):
-    results = json.loads((workdir / "results_3.json").read_text())
+  # The same weights evaluated by 2 processes: each converts the detections of its own images, and process 0
+  # writes the gathered results. Each image gets the detections it gets on one process (a mix-up between
+  # images and detections would show here), and the COCO metrics are the same.
+  def by_image(path):
     images = {}
-    for r in results:
+    for r in json.loads(path.read_text()):
       images.setdefault(r["image_id"], []).append((r["category_id"], r["score"], *r["bbox"]))
     return {image: np.array(sorted(rows)) for image, rows in images.items()}
 
-  one, two = by_image(workdirs["one"]), by_image(workdirs["two"])
+  one, two = by_image(workdirs["one"] / "results_3.json"), by_image(workdirs["two_evaluate_one"] / "results_-1.json")
   assert len(one) == 16 and sorted(one) == sorted(two)
   for image in one:
-    assert one[image].shape == two[image].shape
-    np.testing.assert_allclose(two[image], one[image], rtol=1e-3, atol=1e-3, err_msg=f"image {image}")
-  [score_one], [score_two] = records(workdirs["one"], "eval"), records(workdirs["two"], "eval")
-  assert score_one.keys() == score_two.keys()
+    np.testing.assert_allclose(two[image], one[image], rtol=1e-4, atol=1e-4, err_msg=f"image {image}")
+  [score_one], [score_two] = records(workdirs["one"], "eval"), records(workdirs["two_evaluate_one"], "eval")
+  assert score_two["step"] == -1 and score_one.keys() == score_two.keys()
   for name in score_one:
-    assert score_two[name] == pytest.approx(score_one[name], abs=1e-3), name
+    if name not in ("step", "kind"):
+      assert score_two[name] == pytest.approx(score_one[name], abs=1e-6), name
 
 
 def test_a_checkpoint_moves_between_one_and_two_processes(workdirs):
   # Each run resumed at step 3 from the other topology's checkpoint and took step 4 on the same batch.
   forward, backward = losses(workdirs["two_from_one"]), losses(workdirs["one_from_two"])
   assert sorted(forward) == sorted(backward) == [4]
-  np.testing.assert_allclose(forward[4], backward[4], rtol=2e-5)
+  assert_same_losses(forward[4], backward[4], 4)
   assert sorted(int(p.name) for p in (workdirs["two_from_one"] / "checkpoints").iterdir()) == [2, 3, 4]
 
 

@@ -22,6 +22,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.profile_step import add_step_flags, parse_step_flags  # noqa: E402
 from libra_jax import cli  # noqa: E402
 
 # (height, width, C_in, C_out, kernel, stride) of ResNet-50 FPN convolutions at 800 x 1344.
@@ -97,16 +98,10 @@ def step_seconds(config, height: int, width: int, batch_size: int, repeats: int,
 def main(argv) -> int:
   parser = cli.ArgumentParser(prog="python benchmarks/bench_conv_grad.py", description=__doc__.split("\n")[0],
                               config="optional", default_config=str(ROOT / "configs/libra_faster_rcnn_r50_fpn_1x_coco.py"))
-  parser.add_argument("--height", type=int, default=512)
-  parser.add_argument("--width", type=int, default=512)
-  parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--repeats", type=int, default=3)
+  add_step_flags(parser, height=512, width=512, batch=2)
   parser.add_argument("--skip_layers", action="store_true", help="only the whole train step")
   parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
-  args = parser.parse_args(argv)
-  for flag in ("height", "width", "batch", "repeats"):
-    if getattr(args, flag) < 1:
-      parser.error(f"--{flag} must be at least 1")
+  args = parse_step_flags(parser, argv)
   import jax
   layers = [] if args.skip_layers else layer_rows(args.repeats)
   xla = step_seconds(args.config, args.height, args.width, args.batch, args.repeats, matmul=False)

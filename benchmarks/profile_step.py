@@ -212,18 +212,29 @@ def format_table(result: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv) -> int:
-  parser = cli.ArgumentParser(prog="python benchmarks/profile_step.py", description=__doc__.split("\n")[0])
-  parser.add_argument("--height", type=int, default=800, help="padded image height in pixels")
-  parser.add_argument("--width", type=int, default=1344, help="padded image width in pixels")
-  parser.add_argument("--batch", type=int, default=1, help="images per step")
-  parser.add_argument("--repeats", type=int, default=3, help="timed calls per stage (the median is reported)")
-  parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
-  parser.add_argument("--trace", metavar="DIR", help="also write a jax.profiler trace of two whole steps to DIR")
+def add_step_flags(parser: cli.ArgumentParser, height: int, width: int, batch: int) -> None:
+  """``--height``, ``--width``, ``--batch`` (with these defaults) and ``--repeats``: the step a benchmark times."""
+  parser.add_argument("--height", type=int, default=height, help="padded image height in pixels")
+  parser.add_argument("--width", type=int, default=width, help="padded image width in pixels")
+  parser.add_argument("--batch", type=int, default=batch, help="images per step")
+  parser.add_argument("--repeats", type=int, default=3, help="timed calls of each program (the median is reported)")
+
+
+def parse_step_flags(parser: cli.ArgumentParser, argv):
+  """``parser.parse_args(argv)``, with a usage error unless the ``add_step_flags`` values are at least 1."""
   args = parser.parse_args(argv)
   for flag in ("height", "width", "batch", "repeats"):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag} must be at least 1")
+  return args
+
+
+def main(argv) -> int:
+  parser = cli.ArgumentParser(prog="python benchmarks/profile_step.py", description=__doc__.split("\n")[0])
+  add_step_flags(parser, height=800, width=1344, batch=1)
+  parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of the table")
+  parser.add_argument("--trace", metavar="DIR", help="also write a jax.profiler trace of two whole steps to DIR")
+  args = parse_step_flags(parser, argv)
   result = profile(args.config, args.height, args.width, args.batch, args.repeats, args.trace)
   print(json.dumps(result) if args.json else format_table(result))
   return 0

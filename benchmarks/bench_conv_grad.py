@@ -64,34 +64,23 @@ def step_seconds(config, height: int, width: int, batch_size: int, repeats: int,
   """Median seconds of ``config``'s train step on one device, with matmul or XLA filter gradients."""
   import jax
 
-  from benchmarks.profile_step import median_seconds
+  from benchmarks.profile_step import compiled_train_step, median_seconds
   from benchmarks.run import synthetic_batch
-  from libra_jax import runtime
   from libra_jax.models.detectors import build_detector, jitted_init
   from libra_jax.ops import conv
   from libra_jax.training import optim
-  from libra_jax.training.step import make_train_step, new_train_state
 
   model = build_detector(config.model)
-  mesh = runtime.make_mesh(jax.devices()[:1])
-  batch = runtime.to_global(synthetic_batch(height, width, batch_size, config.data.max_instances), mesh)
+  batch = synthetic_batch(height, width, batch_size, config.data.max_instances)
   variables = jax.device_get(jitted_init(model)(jax.random.key(0), batch["image"]))
   optimizer = optim.make_optimizer(config.optim, batch_size, config.steps_per_epoch, variables["params"],
                                    config.model.backbone.frozen_stages)
-  state = jax.device_put(new_train_state(variables, optimizer, jax.random.key(1)), runtime.replicated(mesh))
   platforms = conv.MATMUL_FILTER_GRADIENT_PLATFORMS
   conv.MATMUL_FILTER_GRADIENT_PLATFORMS = platforms if matmul else ()
-  try:
-    step = make_train_step(model, optimizer, mesh)
-    compiled = step.lower(state, batch).compile()
+  try:  # the step is traced and compiled here, with the filter gradients chosen above
+    one_step = compiled_train_step(model, optimizer, variables, batch)
   finally:
     conv.MATMUL_FILTER_GRADIENT_PLATFORMS = platforms
-
-  def one_step():
-    nonlocal state
-    state, metrics = compiled(state, batch)
-    return metrics
-
   return median_seconds(one_step, (), repeats)
 
 

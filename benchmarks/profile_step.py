@@ -83,6 +83,29 @@ def forward_and_backward(function: Callable) -> Callable:
   return jax.jit(both)
 
 
+def compiled_train_step(model, optimizer, variables, batch) -> Callable[[], Any]:
+  """``make_train_step`` on one device, compiled now for ``batch`` (numpy): a call takes one step, returns its metrics.
+
+  The state starts from ``variables`` (whose arrays the first call donates) and carries from call to call.
+  """
+  import jax
+
+  from libra_jax import runtime
+  from libra_jax.training.step import make_train_step, new_train_state
+
+  mesh = runtime.make_mesh(jax.devices()[:1])
+  state = jax.device_put(new_train_state(variables, optimizer, jax.random.key(2)), runtime.replicated(mesh))
+  global_batch = runtime.to_global(batch, mesh)
+  compiled = make_train_step(model, optimizer, mesh).lower(state, global_batch).compile()
+
+  def one_step():
+    nonlocal state
+    state, metrics = compiled(state, global_batch)
+    return metrics
+
+  return one_step
+
+
 def profile(config, height: int, width: int, batch_size: int, repeats: int, trace_dir=None) -> Dict[str, Any]:
   """Times the stages of ``config``'s train step on a ``batch_size x height x width`` batch; see the module doc."""
   import jax
@@ -90,12 +113,10 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   import optax
 
   from benchmarks.run import synthetic_batch
-  from libra_jax import runtime
   from libra_jax.models import detectors
   from libra_jax.models.roi_head import rcnn_loss
   from libra_jax.models.rpn import rpn_loss
   from libra_jax.training import optim
-  from libra_jax.training.step import make_train_step, new_train_state
 
   if config.model.type != "faster_rcnn":
     raise cli.UsageError(f"--config: profile_step times the stages of a two-stage detector (model.type "
@@ -172,17 +193,8 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   staged_loss = float(rpn_losses(logits, deltas) + rcnn_losses(cls_logits, reg_deltas))
   model_loss = float(jax.jit(lambda v, b, k: model.apply(v, b, train=True, keys=k)["loss"])(variables, batch, keys))
   # The train step donates its state, which starts from these very arrays: it comes last.
-  mesh = runtime.make_mesh(jax.devices()[:1])
-  train_step = make_train_step(model, optimizer, mesh)
-  state = jax.device_put(new_train_state(variables, optimizer, jax.random.key(2)), runtime.replicated(mesh))
-  global_batch = runtime.to_global(jax.device_get(batch), mesh)
-
-  def one_step():
-    nonlocal state
-    state, metrics = train_step(state, global_batch)
-    return metrics
-
-  step_s = median_seconds(lambda: one_step(), (), repeats)
+  one_step = compiled_train_step(model, optimizer, variables, jax.device_get(batch))
+  step_s = median_seconds(one_step, (), repeats)
   if trace_dir:
     with jax.profiler.trace(str(trace_dir)):
       for _ in range(2):

@@ -137,3 +137,11 @@ def largest_file(directory):
   """The biggest file under ``directory`` (a checkpoint's array data)."""
   import pathlib
   return max((p for p in pathlib.Path(directory).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def records(workdir, kind="train"):
+  """The ``metrics.jsonl`` records of ``workdir`` of one ``kind`` (``"train"``, ``"eval"``, ``"compile"``)."""
+  import json
+  import pathlib
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r["kind"] == kind]

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from support import (apply_overrides, assert_drawn_where_detected, largest_file, summary_steps,
+from support import (apply_overrides, assert_drawn_where_detected, largest_file, records, summary_steps,
                      tiny_train_overrides)
 from libra_jax import convert, diagnostics, predict
 from libra_jax.evaluation import driver
@@ -36,11 +36,6 @@ def dirs(shapes_tfds_dir):
 def load_config(**values):
   from configs import shapes_libra_faster_rcnn
   return apply_overrides(shapes_libra_faster_rcnn.get_config(), values)
-
-
-def records(workdir, kind="train"):
-  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 @pytest.fixture(scope="module")

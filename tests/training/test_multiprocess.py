@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from support import tiny_train_overrides
+from support import records, tiny_train_overrides
 
 pytestmark = pytest.mark.slow  # six train.py processes, each compiling the tiny detector
 
@@ -55,11 +55,6 @@ def finish(runs):
   for workdir, processes in runs.items():
     for index, process in enumerate(processes):
       assert process.wait(timeout=900) == 0, pathlib.Path(f"{workdir}.{index}.log").read_text()[-3000:]
-
-
-def records(workdir, kind):
-  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def losses(workdir):

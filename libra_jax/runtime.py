@@ -77,11 +77,13 @@ def gather_objects(value: Any) -> List[Any]:
 
 
 def enable_compilation_cache(config, workdir) -> None:
-  """Turns on JAX's persistent compilation cache (``config.compilation_cache_dir`` or ``workdir/xla_cache``)."""
+  """Turns on JAX's persistent compilation cache (``config.compilation_cache_dir`` or ``workdir/xla_cache``).
+
+  Which programs it keeps follows JAX's settings (by default, those that took
+  at least a second to compile; ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``).
+  """
   directory = config.get("compilation_cache_dir") or str(pathlib.Path(workdir) / "xla_cache")
   jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def check_batch_sizes(config, mesh: Mesh) -> None:

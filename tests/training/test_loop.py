@@ -131,7 +131,10 @@ def checkpoint_steps(workdir):
 
 
 def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path, trained):
+  # The first 16 steps of the straight run: the learning rate's milestones are set in epochs, so total_steps
+  # does not change the steps themselves.
   overrides, _, straight_dir, _ = trained
+  overrides = dict(overrides, total_steps=16)
   workdir = tmp_path / "interrupted"
   # 1. Once a run holds the directory (before it compiles), a second run there stops at once and names it.
   process = run_train(workdir, overrides, wait=False)
@@ -148,7 +151,7 @@ def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path
   stopped_at = int(last.split("checkpoint of step ")[1].split()[0])
   assert last == (f"stopped: SIGTERM received: saved the checkpoint of step {stopped_at} in "
                   f"{workdir / 'checkpoints'}; run the same command to resume")
-  assert 3 <= stopped_at < 40 and stopped_at in checkpoint_steps(workdir)
+  assert 3 <= stopped_at < 16 and stopped_at in checkpoint_steps(workdir)
   # 3. Resumed, then killed outright once it has saved a later checkpoint; that newest checkpoint is damaged too
   # (as by a save cut short).
   process = run_train(workdir, overrides, wait=False)
@@ -166,12 +169,11 @@ def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path
   assert f"resumed from step {fallback}" in resumed.stderr and "took over" in resumed.stderr
   assert (workdir / "unreadable_checkpoints" / str(newest)).is_dir()
   # Through it all, train.py logs the losses of the uninterrupted run in this process, step for step, each step
-  # once (what the killed run logged after its last readable checkpoint is replaced), and scores the same AP.
+  # once (what the killed run logged after its last readable checkpoint is replaced).
   expected = {r["step"]: r["loss"] for r in records(straight_dir)}
   steps = [r["step"] for r in records(workdir)]
-  assert steps == list(range(1, 41)) and summary_steps(workdir, "train/loss") == steps
+  assert steps == list(range(1, 17)) and summary_steps(workdir, "train/loss") == steps
   assert all(r["loss"] == expected[r["step"]] for r in records(workdir))
-  assert records(workdir, "eval")[-1]["AP"] == records(straight_dir, "eval")[-1]["AP"]
   # 5. Started again with another model, the run stops at once and names what changed in the config ...
   changed = run_train(workdir, dict(overrides, **{"model.rcnn.fc_channels": 48}))
   assert changed.returncode == 1 and "Traceback" not in changed.stderr
@@ -182,23 +184,22 @@ def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path
   forced = run_train(workdir, dict(overrides, **{"model.rcnn.fc_channels": 48}), flags=["--allow_config_change"])
   assert forced.returncode == 1 and "Traceback" not in forced.stderr
   last = forced.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: the checkpoint of step 40 in ") and "was saved by a different model" in last
+  assert last.startswith("error: the checkpoint of step 16 in ") and "was saved by a different model" in last
   assert "params/roi_head/" in last and "32" in last and "48" in last and "more differences" in last
 
 
 def test_fine_tuning_starts_from_a_whole_detector(tmp_path, trained):
-  # The trained weights, from the run's work directory and from an mmdetection-named file, start a new run:
-  # its first loss is that of the trained model on batch 0, the same by both routes, and clearly below the fresh
-  # model's loss on that same batch (the straight run's first step).
+  # The trained weights, from an mmdetection-named file (train.py) and from the run's work directory (in this
+  # process), start a new run: its first loss is that of the trained model on batch 0, the same by both routes,
+  # and clearly below the fresh model's loss on that same batch (the straight run's first step).
   overrides, config, straight_dir, _ = trained
   model = build_detector(config.model)
   weights = tmp_path / "trained.npz"
   np.savez(weights, **convert.export_detector(jax.device_get(driver.load_trained_variables(config, model,
                                                                                             straight_dir))))
-  runs = {source: run_train(tmp_path / name, dict(overrides, total_steps=1, init_checkpoint=source), wait=False)
-          for name, source in (("from_dir", straight_dir), ("from_file", weights))}
-  for process in runs.values():
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-2000:]
+  from_file = run_train(tmp_path / "from_file", dict(overrides, total_steps=1, init_checkpoint=weights))
+  assert from_file.returncode == 0, from_file.stderr[-2000:]
+  loop.train_and_evaluate(load_config(**dict(overrides, total_steps=1, init_checkpoint=str(straight_dir))),
+                          tmp_path / "from_dir")
   first = [records(tmp_path / name)[0]["loss"] for name in ("from_dir", "from_file")]
   assert first[0] == first[1] < 0.9 * records(straight_dir)[0]["loss"]

@@ -21,14 +21,21 @@ def filter_gradient_by_loops(x, g, kernel, stride, pad):
   return out
 
 
+@pytest.fixture
+def matmuls_for_every_filter(monkeypatch):
+  """Small test filters take the matmul filter gradient too (by default only 1x1 ones and large ones do)."""
+  monkeypatch.setattr(conv, "MATMUL_MIN_CHANNEL_PRODUCT", 0)
+
+
 @pytest.mark.parametrize("kernel,stride", [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2)])
-def test_values_and_gradients_equal_xlas(kernel, stride):
+def test_values_and_gradients_equal_xlas(kernel, stride, matmuls_for_every_filter):
   rng = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, 11, 13, 3)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
   padding = ((kernel // 2, kernel // 2),) * 2
   ours = lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=conv.NHWC)
   xlas = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=conv.NHWC)
+  assert "custom_vjp" in str(jax.make_jaxpr(ours)(x, w))
   np.testing.assert_array_equal(ours(x, w), xlas(x, w))
   g = jnp.asarray(rng.normal(size=xlas(x, w).shape), jnp.float32)
   dx, dw = jax.vjp(ours, x, w)[1](g)
@@ -39,7 +46,17 @@ def test_values_and_gradients_equal_xlas(kernel, stride):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_convolutions_are_xlas_own():
+@pytest.mark.parametrize("kernel,channels,matmuls", [(1, 16, True), (1, 2048, True), (3, 16, False),
+                                                     (3, 128, False), (3, 256, True), (3, 512, True)])
+def test_matmul_filter_gradients_where_they_are_faster(kernel, channels, matmuls):
+  x = jax.ShapeDtypeStruct((2, 32, 32, channels), jnp.float32)
+  w = jax.ShapeDtypeStruct((kernel, kernel, channels, channels), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((kernel // 2,) * 2,) * 2,
+                                                                dimension_numbers=conv.NHWC))(x, w)
+  assert ("custom_vjp" in str(jaxpr)) == matmuls
+
+
+def test_grouped_convolutions_are_xlas_own(matmuls_for_every_filter):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, 6, 6, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)

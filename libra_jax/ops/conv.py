@@ -1,24 +1,25 @@
-"""2-D convolution whose filter gradient is computed as matmuls, for backends where that is faster.
+"""2-D convolution as matmuls where XLA:CPU's convolution kernels are slow.
 
-XLA:CPU computes a convolution's filter (weight) gradient about 5x slower
-than the convolution itself or its input gradient (measured with
-``benchmarks/bench_conv_grad.py``: 8-10 GFLOP/s for 1x1 and 30-45 GFLOP/s
-for 3x3 filter gradients, against 40-240 for the forward pass); at COCO's
-input size the filter gradients are about half of the whole train step.
-The filter gradient of a ``kh x kw`` convolution is ``kh * kw`` matrix
-products: tap ``(i, j)`` is the input window shifted by ``(i, j)`` (strided
-like the convolution), contracted with the output gradient over batch and
-positions, ``dW[i, j] = sum_bhw x[b, s*h + i, s*w + j, :]^T g[b, h, w, :]``.
-For a 1x1 convolution that is one matmul.
+XLA:CPU runs a 1x1 convolution well below its matmul rate (35-140 GFLOP/s
+against 55-210 for the same product as a matmul, at ResNet-50 FPN's shapes for
+an 800x1344 image: ``benchmarks/bench_conv_grad.py``), and computes a larger
+convolution's filter (weight) gradient about 5x slower than the convolution
+itself or its input gradient. So, on the platforms in ``MATMUL_PLATFORMS``
+(the CPU; accelerators keep XLA's convolutions, which are their fast path):
+
+* a 1x1 convolution is a matmul over the positions (after a strided slice
+  when it has a stride), so its forward pass and both gradients are matmuls;
+* a ``kh x kw`` convolution keeps XLA's forward pass and input gradient, and
+  its filter gradient becomes ``kh * kw`` matmuls where that is faster
+  (:func:`matmul_filter_gradient_is_faster`): tap ``(i, j)`` is the input
+  window shifted by ``(i, j)`` (strided like the convolution), contracted with
+  the output gradient over batch and positions,
+  ``dW[i, j] = sum_bhw x[b, s*h + i, s*w + j, :]^T g[b, h, w, :]``.
 
 :func:`conv_general_dilated` has the signature of ``lax.conv_general_dilated``
-(what ``flax.linen.Conv`` calls) and computes the same forward pass and input
-gradient with XLA's own convolution; it takes the matmul filter gradient on the
-platforms in ``MATMUL_FILTER_GRADIENT_PLATFORMS`` (the CPU: accelerators keep
-XLA's, which is their fast path), for ungrouped, undilated NHWC convolutions
-where the matmuls are the faster way (:func:`matmul_filter_gradient_is_faster`).
-The gradient is the same sum in another order: it agrees with XLA's to float
-rounding (tests/ops/test_conv.py).
+(what ``flax.linen.Conv`` calls) and applies this to ungrouped, undilated NHWC
+convolutions. Each is the same sum in another order: it agrees with XLA's to
+float rounding (tests/ops/test_conv.py).
 """
 
 import functools
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-MATMUL_FILTER_GRADIENT_PLATFORMS = ("cpu",)
+MATMUL_PLATFORMS = ("cpu",)
 # Larger filters take the matmul filter gradient from this C_in * C_out on (see matmul_filter_gradient_is_faster).
 MATMUL_MIN_CHANNEL_PRODUCT = 256 * 256
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -47,6 +48,13 @@ def matmul_filter_gradient_is_faster(filter_shape: Sequence[int]) -> bool:
   """
   kh, kw, c_in, c_out = filter_shape
   return kh * kw == 1 or c_in * c_out >= MATMUL_MIN_CHANNEL_PRODUCT
+
+
+def pointwise_conv(x, w, strides: Tuple[int, int]):
+  """A 1x1 NHWC convolution without padding as a matmul: ``x [B, H, W, C_in]``, ``w [1, 1, C_in, C_out]``."""
+  if strides != (1, 1):
+    x = lax.slice(x, (0, 0, 0, 0), x.shape, (1,) + tuple(strides) + (1,))
+  return jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
 
 
 def _xla_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
@@ -101,15 +109,16 @@ def _vary_alike(value, other):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
-  """``lax.conv_general_dilated``, with the matmul filter gradient where it applies (see the module docstring)."""
+  """``lax.conv_general_dilated``, with matmuls where they apply (see the module docstring)."""
   plain = (feature_group_count == 1 and batch_group_count == 1 and precision is None
            and preferred_element_type is None and lhs.ndim == 4 and not isinstance(padding, str)
            and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-           and jax.default_backend() in MATMUL_FILTER_GRADIENT_PLATFORMS
-           and matmul_filter_gradient_is_faster(rhs.shape))
-  if plain:
+           and jax.default_backend() in MATMUL_PLATFORMS)
+  if plain and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
+    return pointwise_conv(lhs, rhs, tuple(window_strides))
+  if plain and matmul_filter_gradient_is_faster(rhs.shape):
     lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
     return _conv_matmul_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,

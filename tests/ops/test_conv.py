@@ -23,11 +23,11 @@ def filter_gradient_by_loops(x, g, kernel, stride, pad):
 
 @pytest.fixture
 def matmuls_for_every_filter(monkeypatch):
-  """Small test filters take the matmul filter gradient too (by default only 1x1 ones and large ones do)."""
+  """Small test filters take the matmul filter gradient too (by default only large ones do)."""
   monkeypatch.setattr(conv, "MATMUL_MIN_CHANNEL_PRODUCT", 0)
 
 
-@pytest.mark.parametrize("kernel,stride", [(1, 1), (1, 2), (3, 1), (3, 2), (7, 2)])
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (7, 2)])
 def test_values_and_gradients_equal_xlas(kernel, stride, matmuls_for_every_filter):
   rng = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, 11, 13, 3)), jnp.float32)
@@ -46,14 +46,30 @@ def test_values_and_gradients_equal_xlas(kernel, stride, matmuls_for_every_filte
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel,channels,matmuls", [(1, 16, True), (1, 2048, True), (3, 16, False),
-                                                     (3, 128, False), (3, 256, True), (3, 512, True)])
-def test_matmul_filter_gradients_where_they_are_faster(kernel, channels, matmuls):
+@pytest.mark.parametrize("kernel,channels,path", [(1, 16, "pointwise"), (1, 2048, "pointwise"), (3, 16, "xla"),
+                                                  (3, 128, "xla"), (3, 256, "filter_gradient"),
+                                                  (3, 512, "filter_gradient")])
+def test_matmuls_where_they_are_faster(kernel, channels, path):
   x = jax.ShapeDtypeStruct((2, 32, 32, channels), jnp.float32)
   w = jax.ShapeDtypeStruct((kernel, kernel, channels, channels), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((kernel // 2,) * 2,) * 2,
-                                                                dimension_numbers=conv.NHWC))(x, w)
-  assert ("custom_vjp" in str(jaxpr)) == matmuls
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((kernel // 2,) * 2,) * 2,
+                                                                    dimension_numbers=conv.NHWC))(x, w))
+  assert ("conv_general_dilated" in jaxpr) == (path != "pointwise")
+  assert ("custom_vjp" in jaxpr) == (path == "filter_gradient")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_convolutions_are_matmuls_with_xlas_values_and_gradients(stride):
+  rng = np.random.default_rng(stride)
+  x = jnp.asarray(rng.normal(size=(2, 11, 13, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(1, 1, 6, 5)), jnp.float32)
+  ours = lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=conv.NHWC)
+  xlas = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=conv.NHWC)
+  assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, w))
+  np.testing.assert_allclose(ours(x, w), xlas(x, w), rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=xlas(x, w).shape), jnp.float32)
+  for got, want in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(xlas, x, w)[1](g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_convolutions_are_xlas_own(matmuls_for_every_filter):

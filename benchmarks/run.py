@@ -17,17 +17,22 @@ Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
     with targets, loss backward, SGD step) and ``infer`` (eval mode, no grad),
     when torch and torchvision import (``pip install -e .[bench]``). They run
     on the CPU, built as ``fasterrcnn_resnet50_fpn`` /
-    ``retinanet_resnet50_fpn(weights=None, weights_backbone=None)`` build them
-    (the same construction for any ResNet depth; a test compares it with the
-    builders at depth 50) with our 80 COCO classes: without
-    weights, torchvision trains every backbone layer with batch-statistics
-    BatchNorm, where ours (as mmdetection) freezes the stem and layer1 and
-    uses frozen BatchNorm, so torchvision's train step does somewhat more
-    work. Its transform's ``min_size``/``max_size`` are set so that images are
-    not resized; ``ran_height``/``ran_width`` report the padded size it ran
-    at. Its default proposal counts (2,000 after NMS when training) also
-    differ from the reference's 1,000. Our rows get ``ratio_vs_torchvision``:
-    ours / torchvision images per second for the same model, mode and shape.
+    ``retinanet_resnet50_fpn`` build them (the same construction for any
+    ResNet depth; a test compares it with the builders at depth 50) with our
+    80 COCO classes and random weights, in two setups:
+      - ``torchvision``: the setup the builders choose for training from
+        ImageNet weights (``weights_backbone=...``), which is also ours and
+        mmdetection's: FrozenBatchNorm2d everywhere, the stem and layer1
+        frozen (``trainable_backbone_layers=3``). The fair comparison.
+      - ``torchvision_plain`` (train only): what they build without any
+        weights: batch-statistics BatchNorm, every layer trained, so somewhat
+        more work per step. (In eval mode both setups compute the same.)
+    Its transform's ``min_size``/``max_size`` are set so that images are not
+    resized; ``ran_height``/``ran_width`` report the padded size it ran at.
+    Its default proposal counts (2,000 after NMS when training) differ from
+    the reference's 1,000. Our rows get ``ratio_vs_torchvision`` (ours /
+    torchvision's images per second, same model, mode and shape, fair setup)
+    and, for training, ``ratio_vs_torchvision_plain``.
 
 Shapes: 800 x 1344 batch 1 (COCO's 1333 x 800 bucket) and 512 x 512 batch 2.
 Inputs are synthetic batches in the input contract (random images, 8 real
@@ -45,13 +50,13 @@ machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 shape. ``peak_rss_mb``: the row's process's peak resident memory.
 
 The full run: ResNet-50, both shapes, 3 timed steps per row, the Libra-part
-rows at 512 x 512 batch 2 only; 23 rows with torchvision.
+rows at 512 x 512 batch 2 only; 27 rows with torchvision.
 
 ``--quick`` checks that everything works: ResNet-18 instead of ResNet-50
 (ours and torchvision's; every other setting unchanged), one shape, 256 x 256
 batch 1, 2 timed steps, and only the rows Libra Faster R-CNN train, the
-baseline train and infer, and torchvision's Faster R-CNN train and infer (no
-Libra-part rows, no RetinaNet). Each of our rows still initializes the model
+baseline train and infer, and torchvision's Faster R-CNN train and infer
+(both setups for train; no Libra-part rows, no RetinaNet). Each of our rows still initializes the model
 and compiles its step twice (25 to 70 s cold on 2 cores), so it takes 3 to 4
 minutes on a 2-core CPU (3 min 18 s on 2026-11-28, with another job on the
 same cores part of the time).
@@ -84,6 +89,8 @@ CONFIGS = {"libra_faster_rcnn": "configs/libra_faster_rcnn_r50_fpn_1x_coco.py",
            "faster_rcnn": "configs/faster_rcnn_r50_fpn_1x_coco.py",
            "retinanet": "configs/retinanet_r50_fpn_1x_coco.py"}
 LIBRA_PARTS = ("bfp", "iou_sampling", "balanced_l1")
+# torchvision's setups (see the docstring) -> the field of our rows that compares with them.
+TORCHVISION_SETUPS = {"torchvision": "ratio_vs_torchvision", "torchvision_plain": "ratio_vs_torchvision_plain"}
 # Classes of our COCO configs; torchvision's Faster R-CNN counts the background as one more.
 NUM_CLASSES = 80
 BOXES_PER_IMAGE = 8
@@ -121,8 +128,10 @@ def plan(quick: bool, with_torchvision: bool) -> List[Dict[str, Any]]:
       rows.append(dict(shape, framework="libra_jax", config="faster_rcnn", part=part, mode="train",
                        model=model_name("faster_rcnn", depth, part), baseline=baseline))
     if with_torchvision:
-      rows += [dict(shape, framework="torchvision", family=family, mode=mode, model=model_name(family, depth))
-               for family in setting["torchvision"] for mode in ("train", "infer")]
+      rows += [dict(shape, framework=framework, family=family, mode=mode, model=model_name(family, depth))
+               for family in setting["torchvision"]
+               for framework, mode in (("torchvision", "train"), ("torchvision_plain", "train"),
+                                       ("torchvision", "infer"))]
   return rows
 
 
@@ -252,21 +261,25 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
               flops_per_step=flops, flops_per_sec=flops / seconds, peak_rss_mb=peak_rss_mb())
 
 
-def torchvision_detector(family: str, depth: int, height: int, width: int):
+def torchvision_detector(family: str, depth: int, height: int, width: int, pretrained_setup: bool):
   """torchvision's detector with a ResNet-``depth`` FPN, random weights, for ``height x width`` inputs.
 
   The construction of ``fasterrcnn_resnet50_fpn`` / ``retinanet_resnet50_fpn``
-  with ``weights=None, weights_backbone=None`` (plain BatchNorm, every layer
-  trainable), for any ResNet depth; our class counts. ``min_size`` and
-  ``max_size`` are the shorter and longer input side, so the transform keeps
-  images at their size.
+  for any ResNet depth, with our class counts. ``pretrained_setup``: as they
+  build it with ImageNet backbone weights (FrozenBatchNorm2d, stem and layer1
+  frozen), else as without weights (BatchNorm2d, every layer trainable).
+  ``min_size`` and ``max_size`` are the shorter and longer input side, so the
+  transform keeps images at their size.
   """
   import torch
   from torchvision.models import detection
   from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+  from torchvision.ops import FrozenBatchNorm2d
   from torchvision.ops.feature_pyramid_network import LastLevelP6P7
   size = dict(min_size=min(height, width), max_size=max(height, width))
-  backbone = dict(backbone_name=f"resnet{depth}", weights=None, norm_layer=torch.nn.BatchNorm2d, trainable_layers=5)
+  backbone = dict(backbone_name=f"resnet{depth}", weights=None,
+                  norm_layer=FrozenBatchNorm2d if pretrained_setup else torch.nn.BatchNorm2d,
+                  trainable_layers=3 if pretrained_setup else 5)
   if family == "faster_rcnn":
     return detection.FasterRCNN(resnet_fpn_backbone(**backbone), num_classes=NUM_CLASSES + 1, **size)
   return detection.RetinaNet(resnet_fpn_backbone(**backbone, returned_layers=[2, 3, 4],
@@ -280,7 +293,8 @@ def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
   import torchvision
   torch.manual_seed(0)
   height, width, batch = row["height"], row["width"], row["batch"]
-  model = torchvision_detector(row["family"], row["depth"], height, width)
+  model = torchvision_detector(row["family"], row["depth"], height, width,
+                               pretrained_setup=row["framework"] == "torchvision")
   boxes, labels = synthetic_targets(height, width, batch)
   # Faster R-CNN's class 0 is the background; RetinaNet has none.
   labels = labels + (1 if row["family"] == "faster_rcnn" else 0)
@@ -329,27 +343,30 @@ def run_isolated(function: Callable, *args):
 
 
 def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
-  """Fills in ``flops_fraction``, ``ratio_vs_torchvision`` and ``extra_s_per_step`` where they apply.
+  """Fills in ``flops_fraction``, ``ratio_vs_torchvision[_plain]`` and ``extra_s_per_step`` where they apply.
 
-  ``ratio_vs_torchvision``: a libra_jax row's images/s over the torchvision
-  row of the same model, mode, shape and device kind. ``extra_s_per_step``: a
-  row's step time minus that of its ``baseline`` row (same mode and shape).
-  Rows with an ``error`` are left as they are and match nothing.
+  ``ratio_vs_torchvision`` (``_plain``): a libra_jax row's images/s over the
+  ``torchvision`` (``torchvision_plain``) row of the same model, mode, shape
+  and device kind. ``extra_s_per_step``: a row's step time minus that of its
+  ``baseline`` row (same mode and shape). Rows with an ``error`` are left as
+  they are and match nothing.
   """
   def key(row, model):
     return model, row["mode"], row["height"], row["width"], row["batch"]
 
   done = [row for row in rows if "error" not in row]
-  theirs = {key(r, r["model"]) + (r["device"],): r for r in done if r["framework"] == "torchvision"}
+  theirs = {(r["framework"],) + key(r, r["model"]) + (r["device"],): r for r in done
+            if r["framework"] in TORCHVISION_SETUPS}
   ours = {key(r, r["model"]): r for r in done if r["framework"] == "libra_jax"}
   for row in done:
     if row["flops_per_sec"] is not None:
       row["flops_fraction"] = row["flops_per_sec"] / matmul_rate
     if row["framework"] != "libra_jax":
       continue
-    other = theirs.get(key(row, row["model"]) + (row["device"],))
-    if other is not None:
-      row["ratio_vs_torchvision"] = row["images_per_sec"] / other["images_per_sec"]
+    for framework, field in TORCHVISION_SETUPS.items():
+      other = theirs.get((framework,) + key(row, row["model"]) + (row["device"],))
+      if other is not None:
+        row[field] = row["images_per_sec"] / other["images_per_sec"]
     baseline = ours.get(key(row, row.get("baseline")))
     if baseline is not None:
       row["extra_s_per_step"] = row["step_s"] - baseline["step_s"]
@@ -372,6 +389,7 @@ COLUMNS = (("model", lambda row: row["model"]), ("framework", lambda row: row["f
            ("peak MB", _number("peak_rss_mb", "{:.0f}")), ("GFLOP/s", _number("flops_per_sec", "{:.1f}", 1e-9)),
            ("of matmul", _number("flops_fraction", "{:.0%}")),
            ("vs tv", _number("ratio_vs_torchvision", "{:.2f}x")),
+           ("vs tv plain", _number("ratio_vs_torchvision_plain", "{:.2f}x")),
            ("extra s/step", _number("extra_s_per_step", "{:+.3f}")))
 TEXT_COLUMNS = 4
 
@@ -399,7 +417,7 @@ def torchvision_available() -> bool:
 def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """One row in its own process; a failure becomes the row with an ``error``."""
   try:
-    if row["framework"] == "torchvision":
+    if row["framework"] in TORCHVISION_SETUPS:
       return run_isolated(measure_torchvision, row)
     return run_isolated(measure_ours, row, cache_dir)
   except Exception as error:  # a crashed worker, an out-of-memory kill, an exception in the row

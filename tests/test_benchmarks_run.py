@@ -27,7 +27,7 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
     for row in rows:
       if "baseline" in row:
         assert (row["baseline"], "libra_jax", "train", row["height"], row["batch"]) in names
-      if row["framework"] == "torchvision":
+      if row["framework"] in run.TORCHVISION_SETUPS:
         assert (row["model"], "libra_jax", row["mode"], row["height"], row["batch"]) in names
     parts = [r["part"] for r in rows if r.get("part")]
     setting = run.QUICK if quick else run.FULL
@@ -35,9 +35,15 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
   full = run.plan(False, with_torchvision=True)
   assert {(r["height"], r["width"], r["batch"]) for r in full} == {(800, 1344, 1), (512, 512, 2)}
   assert {r["depth"] for r in full} == {50}
-  # Per shape: 6 rows of ours and 4 of torchvision; the 3 Libra-part rows at 512 x 512 only.
-  assert len(full) == 23 and len(run.plan(False, with_torchvision=False)) == 15
-  assert not any(r["framework"] == "torchvision" for r in run.plan(True, with_torchvision=False))
+  # Per shape: 6 rows of ours; 6 of torchvision (per model: train and infer in the fair setup, train in the plain
+  # one); the 3 Libra-part rows at 512 x 512 only.
+  assert len(full) == 27 and len(run.plan(False, with_torchvision=False)) == 15
+  tv = [(r["framework"], r["model"], r["mode"]) for r in run.plan(True, with_torchvision=True)
+        if r["framework"] != "libra_jax"]
+  assert sorted(tv) == [("torchvision", "faster_rcnn_r18_fpn", "infer"),
+                        ("torchvision", "faster_rcnn_r18_fpn", "train"),
+                        ("torchvision_plain", "faster_rcnn_r18_fpn", "train")]
+  assert all(r["framework"] == "libra_jax" for r in run.plan(True, with_torchvision=False))
 
 
 def test_each_part_changes_only_its_own_switches():
@@ -67,13 +73,16 @@ def test_comparisons_by_hand():
   rows = [result("faster_rcnn_r50_fpn", step_s=2.0),
           result("faster_rcnn_r50_fpn+bfp", step_s=2.5, baseline="faster_rcnn_r50_fpn"),
           result("faster_rcnn_r50_fpn", framework="torchvision", step_s=4.0),
+          result("faster_rcnn_r50_fpn", framework="torchvision_plain", step_s=5.0),
           result("faster_rcnn_r50_fpn", mode="infer", step_s=0.5),
           result("faster_rcnn_r50_fpn", framework="torchvision", mode="infer", batch=2, step_s=0.5),
           result("retinanet_r50_fpn", step_s=1.0, error="MemoryError: "),
           result("retinanet_r50_fpn", framework="torchvision", step_s=3.0)]
   run.add_comparisons(rows, matmul_rate=8e9)
-  train, part, theirs, infer, theirs_b2, failed, _ = rows
+  train, part, theirs, theirs_plain, infer, theirs_b2, failed, _ = rows
   assert train["ratio_vs_torchvision"] == pytest.approx((1 / 2.0) / (1 / 4.0))
+  assert train["ratio_vs_torchvision_plain"] == pytest.approx((1 / 2.0) / (1 / 5.0))
+  assert "ratio_vs_torchvision_plain" not in theirs and "ratio_vs_torchvision" not in theirs_plain
   assert train["flops_fraction"] == pytest.approx(0.25)
   assert part["extra_s_per_step"] == pytest.approx(0.5)
   assert "extra_s_per_step" not in train and "ratio_vs_torchvision" not in part
@@ -84,15 +93,16 @@ def test_comparisons_by_hand():
 
 def test_table_formatting():
   rows = [result("faster_rcnn_r50_fpn", step_s=2.0, compile_s=61.04, compile_cached_s=3.96, peak_rss_mb=2048.4,
-                 ratio_vs_torchvision=1.5, flops_fraction=0.125),
+                 ratio_vs_torchvision=1.5, ratio_vs_torchvision_plain=1.75, flops_fraction=0.125),
           result("faster_rcnn_r50_fpn", framework="torchvision", step_s=4.0, compile_s=None, peak_rss_mb=1000),
           result("retinanet_r50_fpn", mode="infer", error="BrokenProcessPool: killed")]
   lines = run.format_table(rows, "HEADER").splitlines()
   assert lines[0] == "HEADER"
   assert lines[1].split() == ["model", "framework", "mode", "shape", "img/s", "s/step", "compile", "s", "cached", "s",
-                              "peak", "MB", "GFLOP/s", "of", "matmul", "vs", "tv", "extra", "s/step"]
+                              "peak", "MB", "GFLOP/s", "of", "matmul", "vs", "tv", "vs", "tv", "plain", "extra",
+                              "s/step"]
   assert lines[2].split() == ["faster_rcnn_r50_fpn", "libra_jax", "train", "256x256", "b1", "0.500", "2.000",
-                              "61.0", "4.0", "2048", "2.0", "12%", "1.50x", "-"]
+                              "61.0", "4.0", "2048", "2.0", "12%", "1.50x", "1.75x", "-"]
   assert lines[3].split()[5:9] == ["0.250", "4.000", "-", "-"]
   assert lines[4] == "retinanet_r50_fpn infer 256x256 b1: failed: BrokenProcessPool: killed"
   assert len({len(line) for line in lines[1:4]}) == 1
@@ -141,16 +151,29 @@ print(json.dumps(dict(value=float(compiled(x).sum()), cold=cold, cached=cached, 
 @needs_torchvision
 def test_torchvision_construction_is_the_builders_at_depth_50():
   # In a fresh process: importing torch's compiler stack next to JAX and TensorFlow can crash the test process.
+  # Without weights the builders give the plain setup; the pretrained-training setup is theirs with ImageNet
+  # weights, which cannot be downloaded here: the same layers with FrozenBatchNorm2d for every BatchNorm2d, and
+  # only the stem (conv1, bn1) and layer1 frozen.
   script = """
+import torch
 from torchvision.models import detection
+from torchvision.ops import FrozenBatchNorm2d
 from benchmarks import run
 for family, build, classes in (("faster_rcnn", detection.fasterrcnn_resnet50_fpn, run.NUM_CLASSES + 1),
                                ("retinanet", detection.retinanet_resnet50_fpn, run.NUM_CLASSES)):
-  ours = run.torchvision_detector(family, 50, 512, 768)
+  plain = run.torchvision_detector(family, 50, 512, 768, pretrained_setup=False)
   theirs = build(weights=None, weights_backbone=None, num_classes=classes, min_size=512, max_size=768)
-  assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
-  assert str(ours) == str(theirs)
-  assert all(p.requires_grad for p in ours.parameters())
+  assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+  assert str(plain) == str(theirs)
+  assert all(p.requires_grad for p in plain.parameters())
+  fair = run.torchvision_detector(family, 50, 512, 768, pretrained_setup=True)
+  norms = lambda model, kind: [name for name, m in model.named_modules() if type(m) is kind]
+  assert norms(fair, FrozenBatchNorm2d) == norms(plain, torch.nn.BatchNorm2d) and not norms(fair, torch.nn.BatchNorm2d)
+  assert {k: v.shape for k, v in fair.state_dict().items()} == {
+      k: v.shape for k, v in plain.state_dict().items() if not k.endswith("num_batches_tracked")}
+  frozen = {n for n, p in fair.named_parameters() if not p.requires_grad}
+  assert frozen == {n for n, _ in fair.named_parameters() if n.startswith(("backbone.body.conv1.",
+                                                                           "backbone.body.layer1."))} != set()
 print("same")
 """
   out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=300,

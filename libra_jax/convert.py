@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import jax
 import numpy as np
 
+from libra_jax import torch_pickle
 from libra_jax.errors import DataError, UserError
 
 # Buffers that PyTorch keeps and Flax has no use for.
@@ -174,8 +175,9 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
   """Reads a state dict from ``.npz``, ``.safetensors`` or ``.pth`` / ``.pt``.
 
   mmdetection checkpoints keep the weights under ``"state_dict"`` (next to
-  ``"meta"`` and the optimizer); that entry is returned. ``.pth`` files need
-  torch (an optional extra) and are read with ``weights_only=True``.
+  ``"meta"`` and the optimizer); that entry is returned. ``.pth`` files are
+  read without PyTorch, by an unpickler that loads tensors and plain
+  containers only (``libra_jax.torch_pickle``).
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -188,6 +190,8 @@ def load_state_dict(path) -> Dict[str, np.ndarray]:
     return readers[suffix](path)
   except (ImportError, UserError):
     raise
+  except torch_pickle.UnsafePickleError as error:
+    raise DataError(str(error)) from error
   except Exception as error:  # noqa: BLE001  (every reader's own error for a damaged file)
     raise DataError(f"{path}: cannot read it as a {suffix} state dict ({type(error).__name__}: {error}); the file "
                     f"is truncated or not a {suffix} file: download or export it again") from error
@@ -207,16 +211,13 @@ def _read_safetensors(path: pathlib.Path) -> Dict[str, np.ndarray]:
 
 
 def _read_pth(path: pathlib.Path) -> Dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as error:
-    raise ImportError(f"reading {path.name} needs PyTorch: pip install torch (or convert it to .npz or "
-                      f".safetensors where torch is installed)") from error
-  checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+  checkpoint = torch_pickle.load(path)
   if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
     checkpoint = checkpoint["state_dict"]
-  return {name: tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
-          for name, tensor in checkpoint.items()}
+  if not (isinstance(checkpoint, Mapping) and all(isinstance(v, np.ndarray) for v in checkpoint.values())):
+    raise DataError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict (name -> tensor) or an "
+                    f"mmdetection checkpoint with a 'state_dict'")
+  return dict(checkpoint)
 
 
 def _collections(variables: Mapping[str, Any], part: str) -> Dict[str, Any]:

@@ -136,8 +136,8 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
     return lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, method=method), \
         {name: params[name] for name in names}
 
-  backbone_neck, backbone_params = part(("backbone", "neck"), lambda m, image: m.neck(m.backbone(image)))
-  rpn_head, rpn_params = part(("rpn_head",), lambda m, features: m.rpn_head(features))
+  backbone_neck, backbone_params = part(("backbone", "neck"), lambda m, image: m.features(image))
+  rpn_head, rpn_params = part(("rpn_head",), lambda m, features: m.rpn_outputs(features))
   box_head, box_params = part(("roi_head",), lambda m, pooled: m.box_head(pooled))
 
   features = jax.jit(backbone_neck)(backbone_params, batch["image"])

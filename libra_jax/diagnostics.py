@@ -87,7 +87,7 @@ def model_candidates(config, workdir, num_batches: int = 4) -> List[np.ndarray]:
     raise ConfigError(f"config.model.type={config.model.type!r}: the proposal diagnostics need a Faster R-CNN "
                       f"config (model.type='faster_rcnn')")
   variables = load_trained_variables(config, model, workdir)
-  propose = jax.jit(lambda v, b: model.apply(v, b, method=FasterRCNN.proposals))
+  propose = jax.jit(lambda v, b: model.apply(v, b, train=True, method=FasterRCNN.proposals))
   per_image = []
   for batch in itertools.islice(pipeline.eval_batches(config.data, config.eval_batch_size), num_batches):
     proposals = jax.tree.map(np.asarray, propose(variables, {k: v for k, v in batch.items() if k != "image_id"}))

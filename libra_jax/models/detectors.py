@@ -26,6 +26,7 @@ from libra_jax.models.bfp import BalancedFeaturePyramid
 from libra_jax.models.fpn import FPN
 from libra_jax.models.resnet import ResNet
 from libra_jax.models.retina_head import RetinaHead, retina_detections, retina_loss
+from libra_jax.models.postprocess import Detections
 from libra_jax.models.roi_head import RoIHead, detect_boxes, rcnn_loss, sample_rois
 from libra_jax.models.rpn import RPNHead, rpn_loss, rpn_proposals
 from libra_jax.ops import anchors as anchor_ops
@@ -126,7 +127,21 @@ class FasterRCNN(nn.Module):
   roi_head: nn.Module
   cfg: Mapping[str, Any]
 
-  def _rois(self, features, rois):
+  def features(self, image: jnp.ndarray):
+    """The neck's feature maps of ``image [B, H, W, 3]``: a tuple of ``[B, H / s, W / s, C]``, strides 4 to 64."""
+    return self.neck(self.backbone(image))
+
+  def rpn_outputs(self, features):
+    """The RPN head on ``features``: objectness logits ``[B, N]`` and deltas ``[B, N, 4]`` (raw, stds 1).
+
+    Rows follow ``libra_jax.ops.anchors.anchor_grid`` over the levels: per
+    level, for y, for x, for each base anchor.
+    """
+    return self.rpn_head(features)
+
+  def rcnn_outputs(self, features, rois):
+    """The R-CNN head on ``rois [B, R, 4]`` (xyxy pixels): class logits ``[B, R, C + 1]`` (C is background)
+    and class-specific deltas ``[B, R, 4C]`` (before the stds)."""
     return self.box_head(align_rois(features, rois, self.cfg["rcnn"]))
 
   def box_head(self, pooled):
@@ -136,8 +151,8 @@ class FasterRCNN(nn.Module):
     return logits.reshape(batch, num, -1), deltas.reshape(batch, num, -1)
 
   def _first_stage(self, batch, train: bool):
-    features = self.neck(self.backbone(batch["image"]))
-    logits, deltas = self.rpn_head(features)
+    features = self.features(batch["image"])
+    logits, deltas = self.rpn_outputs(features)
     per_level, anchors, anchor_valid = feature_anchors(features, self.cfg["anchors"], batch["image_shape"])
     stage = self.cfg["train"] if train else self.cfg["test"]
     proposals = batch_proposals(logits, deltas, per_level, anchor_valid, batch["image_shape"], stage["rpn_proposal"])
@@ -148,17 +163,33 @@ class FasterRCNN(nn.Module):
 
     What :func:`init_variables` runs instead of the whole forward pass.
     """
-    features = self.neck(self.backbone(image))
-    self.rpn_head(features)
+    features = self.features(image)
+    self.rpn_outputs(features)
     size = self.cfg["rcnn"]["roi_size"]
     return self.roi_head(jnp.zeros((1, size, size, features[0].shape[-1]), features[0].dtype))
 
-  def proposals(self, batch: Mapping[str, jnp.ndarray]):
-    """The RPN proposals the R-CNN stage samples from in training (``[B, P]`` ``Proposals``).
+  def proposals(self, batch: Mapping[str, jnp.ndarray], *, train: bool):
+    """The RPN proposals of ``batch`` (``[B, P]`` ``Proposals``), with the ``train`` or ``test`` settings.
 
-    Call with ``model.apply(variables, batch, method=FasterRCNN.proposals)``.
+    ``train=True`` gives what the R-CNN stage samples from in training,
+    ``train=False`` what detection starts from. Call with
+    ``model.apply(variables, batch, train=False, method=FasterRCNN.proposals)``.
     """
-    return self._first_stage(batch, train=True)[-1]
+    return self._first_stage(batch, train=train)[-1]
+
+  def detections_from_proposals(self, features, proposals, image_shape) -> Detections:
+    """The test-time second stage: the R-CNN head on ``proposals`` (``[B, P]`` ``Proposals``), softmax,
+    class-specific decoding clipped to ``image_shape [B, 2]``, score threshold, per-class NMS, the best
+    ``test.rcnn.max_per_img`` (``Detections`` with a leading batch axis)."""
+    rcnn, test = self.cfg["rcnn"], self.cfg["test"]["rcnn"]
+    cls_logits, reg_deltas = self.rcnn_outputs(features, proposals.boxes)
+    probs = jax.nn.softmax(cls_logits, axis=-1)[..., :-1]
+
+    def one_image(boxes, deltas, scores, valid, shape):
+      decoded = box_ops.decode_deltas(boxes, deltas, stds=rcnn["target_stds"], max_shape=shape)
+      return detect_boxes(decoded.reshape(boxes.shape[0], -1, 4), scores, valid, **test)
+
+    return jax.vmap(one_image)(proposals.boxes, reg_deltas, probs, proposals.valid, image_shape)
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, keys=None, axis_name=None):
@@ -167,7 +198,7 @@ class FasterRCNN(nn.Module):
     if train:
       _check_keys(keys, batch)
       return self._losses(keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals)
-    return self._detect(features, proposals, batch["image_shape"])
+    return self.detections_from_proposals(features, proposals, batch["image_shape"])
 
   def _losses(self, keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals):
     rpn_keys, rcnn_keys = stage_keys(keys)
@@ -175,7 +206,7 @@ class FasterRCNN(nn.Module):
     example_valid = batch["valid"].astype(jnp.float32)
     sampled = batch_sample_rois(rcnn_keys, proposals, batch, self.roi_head.num_classes, self.cfg["train"]["rcnn"])
 
-    cls_logits, reg_deltas = self._rois(features, sampled.rois)
+    cls_logits, reg_deltas = self.rcnn_outputs(features, sampled.rois)
 
     rpn = rpn_loss(rpn_keys, logits, deltas, anchors, anchor_valid, batch["boxes"], gt_valid, ignore_valid,
                    example_valid, train_cfg=self.cfg["train"]["rpn"], loss_cfg=self.cfg["rpn"], axis_name=axis_name)
@@ -184,17 +215,6 @@ class FasterRCNN(nn.Module):
     loss = rpn["loss_rpn_cls"] + rpn["loss_rpn_bbox"] + rcnn["loss_cls"] + rcnn["loss_bbox"]
     num_proposals = jnp.mean(jnp.sum(proposals.valid, axis=1).astype(jnp.float32))
     return {**rpn, **rcnn, "loss": loss, "num_proposals": num_proposals}
-
-  def _detect(self, features, proposals, image_shape):
-    rcnn, test = self.cfg["rcnn"], self.cfg["test"]["rcnn"]
-    cls_logits, reg_deltas = self._rois(features, proposals.boxes)
-    probs = jax.nn.softmax(cls_logits, axis=-1)[..., :-1]
-
-    def one_image(boxes, deltas, scores, valid, shape):
-      decoded = box_ops.decode_deltas(boxes, deltas, stds=rcnn["target_stds"], max_shape=shape)
-      return detect_boxes(decoded.reshape(boxes.shape[0], -1, 4), scores, valid, **test)
-
-    return jax.vmap(one_image)(proposals.boxes, reg_deltas, probs, proposals.valid, image_shape)
 
 
 class RetinaNet(nn.Module):

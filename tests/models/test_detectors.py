@@ -1,5 +1,6 @@
 """Tests of the composed detectors: full-size structure, tiny training and inference."""
 
+import copy
 import functools
 
 import jax
@@ -187,6 +188,34 @@ def test_retinanet_trains_and_detects(libra_retina):
   assert detections.boxes.shape == (2, 100, 4) and not np.asarray(detections.valid).any()
   grads = det.grads(variables["params"], variables, synthetic_batch(), jax.random.key(1))
   assert float(jnp.linalg.norm(grads["bbox_head"]["retina_reg"]["kernel"])) > 0
+
+
+def test_public_stages_compose_into_the_detections(libra_faster):
+  # The stages a researcher calls one by one (features, RPN outputs, test proposals, the R-CNN head on given RoIs,
+  # detections from given proposals) give the whole test-time forward's detections.
+  from libra_jax.models import FasterRCNN, build_detector as exported
+  assert exported is build_detector
+  det = libra_faster
+  cfg = copy.deepcopy(det.cfg)
+  cfg.test.rpn_proposal.max_per_img = 60  # test settings that differ from training's (100)
+  model = build_detector(cfg)
+
+  def staged(v, b):
+    stage = lambda method, *args, **kw: model.apply(v, *args, method=method, **kw)
+    features = stage(FasterRCNN.features, b["image"])
+    logits, deltas = stage(FasterRCNN.rpn_outputs, features)
+    test, train = stage(FasterRCNN.proposals, b, train=False), stage(FasterRCNN.proposals, b, train=True)
+    cls_logits, reg_deltas = stage(FasterRCNN.rcnn_outputs, features, test.boxes)
+    detections = stage(FasterRCNN.detections_from_proposals, features, test, b["image_shape"])
+    return logits, deltas, test, train, cls_logits, reg_deltas, detections, model.apply(v, b, train=False)
+
+  logits, deltas, test, train, cls_logits, reg_deltas, staged_dets, whole = jax.jit(staged)(det.variables,
+                                                                                          synthetic_batch())
+  assert logits.shape == deltas.shape[:2] and deltas.shape[2] == 4
+  assert test.boxes.shape == (2, 60, 4) and train.boxes.shape == (2, 100, 4)
+  assert cls_logits.shape == (2, 60, 4) and reg_deltas.shape == (2, 60, 12)
+  jax.tree.map(np.testing.assert_array_equal, staged_dets, whole)
+  assert np.asarray(whole.valid).any()
 
 
 @pytest.mark.parametrize("loss_bbox", [dict(name="giou", loss_weight=1.0), dict(name="smooth_l1", beta=1.0)])

@@ -69,8 +69,9 @@ def conv2d(features: int, kernel_size: int, strides: int = 1, use_bias: bool = T
   """``nn.Conv`` padded symmetrically by ``kernel_size // 2`` like PyTorch.
 
   Flax's ``"SAME"`` pads stride-2 convolutions asymmetrically, which shifts the
-  output by a pixel relative to weights trained in PyTorch. The filter gradient
-  is computed by matmuls on the CPU (``libra_jax.ops.conv``).
+  output by a pixel relative to weights trained in PyTorch. On the CPU, 1x1
+  convolutions and the filter gradients of large ones are matmuls
+  (``libra_jax.ops.conv``).
   """
   pad = kernel_size // 2
   return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),

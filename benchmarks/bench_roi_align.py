@@ -1,10 +1,12 @@
 """Timing of jitted multilevel RoIAlign on an FPN pyramid (P2..P5).
 
-Usage: ``python benchmarks/bench_roi_align.py``. The default case is one
-800 x 1216 image with 256-channel P2..P5 maps (strides 4..32) and 512 RoIs
-pooled to 7 x 7 with 2 x 2 samples per bin, as in the Faster R-CNN box head.
+Usage: ``python benchmarks/bench_roi_align.py``. The case is one 800 x 1216
+image with 256-channel P2..P5 maps (strides 4..32) and 512 RoIs pooled to
+7 x 7, as in the Faster R-CNN box head, with 2 x 2 samples per bin and with
+mmcv's adaptive grid (``sampling_ratio=0``); one JSON line per grid.
 """
 
+import json
 import time
 from typing import Dict, Sequence
 
@@ -51,7 +53,7 @@ def bench_roi_align(num_rois: int = 512, channels: int = 256, output_size: int =
     num_rois: RoIs per call.
     channels: feature channels of every level.
     output_size: bins per side.
-    sampling_ratio: samples per bin along each axis.
+    sampling_ratio: samples per bin along each axis; 0 for the adaptive grid.
     image_size: ``(H, W)`` of the image in pixels; level ``l`` is
       ``ceil(H / stride_l) x ceil(W / stride_l)``.
     strides: image pixels per map pixel of each level.
@@ -98,4 +100,5 @@ def bench_roi_align(num_rois: int = 512, channels: int = 256, output_size: int =
 
 
 if __name__ == "__main__":
-  print(bench_roi_align())
+  for ratio in (2, 0):
+    print(json.dumps(dict(sampling_ratio=ratio, **bench_roi_align(sampling_ratio=ratio))))

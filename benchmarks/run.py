@@ -13,6 +13,10 @@ Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
     IoU-balanced R-CNN sampler and the RPN sampler's ``neg_pos_ub=5``;
     ``+balanced_l1``: balanced L1 as the R-CNN box loss), and all three (the
     Libra row), as extra seconds per step over the baseline.
+  * The cost of mmcv's adaptive RoIAlign grid (``sampling_ratio=0``, the
+    configs' default): Libra Faster R-CNN with the fixed ``sampling_ratio=2``
+    (``+fixed_roi_grid``), train and infer at 800 x 1344, as seconds per step
+    over the Libra row (negative: the fixed grid is that much faster).
   * torchvision's Faster R-CNN and RetinaNet R50-FPN, ``train`` (train mode
     with targets, loss backward, SGD step) and ``infer`` (eval mode, no grad),
     when torch and torchvision import (``pip install -e .[bench]``). They run
@@ -50,7 +54,8 @@ machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 shape. ``peak_rss_mb``: the row's process's peak resident memory.
 
 The full run: ResNet-50, both shapes, 3 timed steps per row, the Libra-part
-rows at 512 x 512 batch 2 only; 27 rows with torchvision.
+rows at 512 x 512 batch 2 only, the fixed-grid rows at 800 x 1344 only; 29 rows
+with torchvision.
 
 ``--quick`` checks that everything works: ResNet-18 instead of ResNet-50
 (ours and torchvision's; every other setting unchanged), one shape, 256 x 256
@@ -99,10 +104,11 @@ MATMUL_SIZE = 2048
 FULL = dict(depth=50, shapes=((800, 1344, 1), (512, 512, 2)), steps=3,
             ours=(("libra_faster_rcnn", "train"), ("libra_faster_rcnn", "infer"), ("faster_rcnn", "train"),
                   ("faster_rcnn", "infer"), ("retinanet", "train"), ("retinanet", "infer")),
-            parts=LIBRA_PARTS, part_shapes=((512, 512, 2),), torchvision=("faster_rcnn", "retinanet"))
+            parts=LIBRA_PARTS, part_shapes=((512, 512, 2),), grid_shapes=((800, 1344, 1),),
+            torchvision=("faster_rcnn", "retinanet"))
 QUICK = dict(depth=18, shapes=((256, 256, 1),), steps=2,
              ours=(("libra_faster_rcnn", "train"), ("faster_rcnn", "train"), ("faster_rcnn", "infer")),
-             parts=(), part_shapes=(), torchvision=("faster_rcnn",))
+             parts=(), part_shapes=(), grid_shapes=(), torchvision=("faster_rcnn",))
 
 
 def model_name(family: str, depth: int, part: Optional[str] = None) -> str:
@@ -127,6 +133,10 @@ def plan(quick: bool, with_torchvision: bool) -> List[Dict[str, Any]]:
     for part in setting["parts"] if (height, width, batch) in setting["part_shapes"] else ():
       rows.append(dict(shape, framework="libra_jax", config="faster_rcnn", part=part, mode="train",
                        model=model_name("faster_rcnn", depth, part), baseline=baseline))
+    for mode in ("train", "infer") if (height, width, batch) in setting["grid_shapes"] else ():
+      rows.append(dict(shape, framework="libra_jax", config="libra_faster_rcnn", part="fixed_roi_grid", mode=mode,
+                       model=model_name("libra_faster_rcnn", depth, "fixed_roi_grid"),
+                       baseline=model_name("libra_faster_rcnn", depth)))
     if with_torchvision:
       rows += [dict(shape, framework=framework, family=family, mode=mode, model=model_name(family, depth))
                for family in setting["torchvision"]
@@ -180,7 +190,7 @@ def synthetic_batch(height: int, width: int, batch: int, max_instances: int, see
 
 
 def detector_config(row: Dict[str, Any]):
-  """The experiment config of a row: its config file, its backbone depth, and its Libra part (if any)."""
+  """The experiment config of a row: its config file, its backbone depth, and its part (if any)."""
   from configs import base_faster_rcnn
   from libra_jax.config_loader import load_config
   config = load_config(str(ROOT / CONFIGS[row["config"]]))
@@ -193,6 +203,8 @@ def detector_config(row: Dict[str, Any]):
     config.model.train.rpn.sampler.neg_pos_ub = libra.train.rpn.sampler.neg_pos_ub
   elif row["part"] == "balanced_l1":
     config.model.rcnn.loss_bbox = libra.rcnn.loss_bbox
+  elif row["part"] == "fixed_roi_grid":
+    config.model.rcnn.sampling_ratio = 2
   return config
 
 

@@ -27,7 +27,8 @@ def model_config(libra: bool = True, num_classes: int = 80, depth: int = 50) -> 
                    loss_cls=dict(name="sigmoid_cross_entropy", loss_weight=1.0),
                    loss_bbox=dict(name="l1", loss_weight=1.0))
   model.rcnn = dict(
-      fc_channels=1024, roi_size=7, sampling_ratio=2, roi_strides=(4, 8, 16, 32), finest_scale=56,
+      # sampling_ratio 0: mmcv's adaptive RoIAlign grid, as the reference; a fixed ratio (e.g. 2) is faster.
+      fc_channels=1024, roi_size=7, sampling_ratio=0, roi_strides=(4, 8, 16, 32), finest_scale=56,
       target_stds=(0.1, 0.1, 0.2, 0.2),
       loss_cls=dict(name="cross_entropy", loss_weight=1.0),
       loss_bbox=(dict(name="balanced_l1", alpha=0.5, gamma=1.5, beta=1.0, loss_weight=1.0) if libra

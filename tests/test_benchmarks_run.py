@@ -26,18 +26,19 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
     assert len(names) == len(rows)
     for row in rows:
       if "baseline" in row:
-        assert (row["baseline"], "libra_jax", "train", row["height"], row["batch"]) in names
+        assert (row["baseline"], "libra_jax", row["mode"], row["height"], row["batch"]) in names
       if row["framework"] in run.TORCHVISION_SETUPS:
         assert (row["model"], "libra_jax", row["mode"], row["height"], row["batch"]) in names
     parts = [r["part"] for r in rows if r.get("part")]
     setting = run.QUICK if quick else run.FULL
-    assert sorted(parts) == sorted(setting["parts"] * len(setting["part_shapes"]))
+    assert sorted(parts) == sorted(list(setting["parts"]) * len(setting["part_shapes"])
+                                   + ["fixed_roi_grid"] * 2 * len(setting["grid_shapes"]))
   full = run.plan(False, with_torchvision=True)
   assert {(r["height"], r["width"], r["batch"]) for r in full} == {(800, 1344, 1), (512, 512, 2)}
   assert {r["depth"] for r in full} == {50}
   # Per shape: 6 rows of ours; 6 of torchvision (per model: train and infer in the fair setup, train in the plain
-  # one); the 3 Libra-part rows at 512 x 512 only.
-  assert len(full) == 27 and len(run.plan(False, with_torchvision=False)) == 15
+  # one); the 3 Libra-part rows at 512 x 512 only; the 2 fixed-grid rows (train, infer) at 800 x 1344 only.
+  assert len(full) == 29 and len(run.plan(False, with_torchvision=False)) == 17
   tv = [(r["framework"], r["model"], r["mode"]) for r in run.plan(True, with_torchvision=True)
         if r["framework"] != "libra_jax"]
   assert sorted(tv) == [("torchvision", "faster_rcnn_r18_fpn", "infer"),
@@ -67,6 +68,10 @@ def test_each_part_changes_only_its_own_switches():
       get(model_back, path[:-1])[path[-1]] = get(baseline, path)
     assert model_back == json.loads(json.dumps(baseline))
   assert run.detector_config(dict(config="faster_rcnn", depth=18, part=None)).model.backbone.depth == 18
+  fixed = run.detector_config(dict(config="libra_faster_rcnn", depth=50, part="fixed_roi_grid")).model.to_dict()
+  assert (libra["rcnn"]["sampling_ratio"], fixed["rcnn"]["sampling_ratio"]) == (0, 2)
+  fixed["rcnn"]["sampling_ratio"] = 0
+  assert fixed == libra
 
 
 def test_comparisons_by_hand():

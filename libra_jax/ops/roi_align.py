@@ -1,7 +1,7 @@
 """RoIAlign on one feature map or on an FPN pyramid, as gathers.
 
-Semantics are those of the classic RoIAlign ("avg" mode of mmcv/torchvision)
-with a fixed ``sampling_ratio``: every output bin averages
+Semantics are those of the classic RoIAlign ("avg" mode of mmcv/torchvision).
+With a fixed ``sampling_ratio`` every output bin averages
 ``sampling_ratio ** 2`` bilinear samples placed on a regular grid inside the
 bin. Each sample reads its four neighbouring feature pixels by gathering rows
 of the flattened ``[H * W, C]`` map(s), so the cost is proportional to the
@@ -9,6 +9,10 @@ number of samples and never to the size of the map, and the gradient with
 respect to the features is a scatter-add. The RoIs also get a gradient,
 through the bilinear weights; mmcv's op gives them none, so callers that want
 its behaviour apply ``jax.lax.stop_gradient`` to them.
+
+``sampling_ratio=0`` is mmcv's adaptive grid (``ceil(bin size)`` samples per
+bin along each axis, chosen per RoI), implemented in ``adaptive_roi_align``;
+there the RoIs get no gradient.
 
 Boxes are xyxy in absolute image pixels (width ``x2 - x1``); feature maps are
 ``[H, W, C]`` (NHWC for one image; vmap for a batch). All shapes are static,
@@ -20,6 +24,8 @@ from typing import Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from libra_jax.ops.adaptive_roi_align import adaptive_roi_bins
 
 ArrayLike = Union[jnp.ndarray, np.ndarray]
 OutputSize = Union[int, Tuple[int, int]]
@@ -37,11 +43,9 @@ def _pair(output_size: OutputSize) -> Tuple[int, int]:
 
 
 def _check_sampling_ratio(sampling_ratio: int) -> int:
-  """``sampling_ratio`` as a Python int, which must be at least 1."""
-  if int(sampling_ratio) != sampling_ratio or sampling_ratio < 1:
-    raise ValueError(
-        f"sampling_ratio must be an int >= 1 (adaptive sampling is not supported), "
-        f"got {sampling_ratio}")
+  """``sampling_ratio`` as a Python int: at least 1, or 0 for the adaptive grid."""
+  if int(sampling_ratio) != sampling_ratio or sampling_ratio < 0:
+    raise ValueError(f"sampling_ratio must be an int >= 1, or 0 for mmcv's adaptive grid; got {sampling_ratio}")
   return int(sampling_ratio)
 
 
@@ -111,7 +115,8 @@ def _gather_roi_bins(flat_features, rois, heights, widths, row_offsets, spatial_
     spatial_scales: ``[K]`` float32 map pixels per image pixel of each RoI's
       map (1 / stride).
     output_size: ``(out_h, out_w)``.
-    sampling_ratio: samples per bin along each axis, >= 1.
+    sampling_ratio: samples per bin along each axis, >= 1; 0 for the
+      adaptive grid.
     aligned: shift by half a pixel (pixel centres at ``i + 0.5``).
 
   Returns:
@@ -121,6 +126,8 @@ def _gather_roi_bins(flat_features, rois, heights, widths, row_offsets, spatial_
   num_rois = rois.shape[0]
   offset = 0.5 if aligned else 0.0
   scaled = jnp.asarray(rois, jnp.float32) * spatial_scales[:, None] - offset
+  if sampling_ratio == 0:
+    return adaptive_roi_bins(flat_features, scaled, heights, widths, row_offsets, output_size, aligned)
   y_taps, y_weights = _axis_taps(scaled[:, 1], scaled[:, 3], heights, out_h,
                                  sampling_ratio, aligned)
   x_taps, x_weights = _axis_taps(scaled[:, 0], scaled[:, 2], widths, out_w,
@@ -167,7 +174,9 @@ def roi_align(features: ArrayLike, rois: ArrayLike, output_size: OutputSize,
     rois: ``[K, 4]`` float xyxy boxes in image pixels.
     output_size: bins per side, an int or an ``(out_h, out_w)`` pair.
     spatial_scale: map pixels per image pixel (1 / stride), e.g. 0.25.
-    sampling_ratio: samples per bin along each axis; a fixed int >= 1.
+    sampling_ratio: samples per bin along each axis, an int >= 1; 0 for
+      mmcv's adaptive grid, ``ceil(roi_size * spatial_scale / output_size)``
+      samples per bin along each axis for each RoI.
     aligned: shift the box by half a pixel so that pixel centres sit at
       ``i + 0.5`` (the detectron2/mmcv default); when False, RoIs are at least
       one map pixel wide and tall (the original RoIAlign).
@@ -177,7 +186,8 @@ def roi_align(features: ArrayLike, rois: ArrayLike, output_size: OutputSize,
     of bfloat16/float16 features are accumulated in float32).
 
   Raises:
-    ValueError: on a ``sampling_ratio`` below 1 or a bad ``output_size``.
+    ValueError: on a negative or non-integer ``sampling_ratio`` or a bad
+      ``output_size``.
   """
   output_size = _pair(output_size)
   sampling_ratio = _check_sampling_ratio(sampling_ratio)
@@ -234,7 +244,8 @@ def multilevel_roi_align(features: Sequence[ArrayLike], rois: ArrayLike,
     rois: ``[K, 4]`` float xyxy boxes in image pixels.
     output_size: bins per side, an int or an ``(out_h, out_w)`` pair.
     strides: image pixels per map pixel of each level, e.g. (4, 8, 16, 32).
-    sampling_ratio: samples per bin along each axis; a fixed int >= 1.
+    sampling_ratio: samples per bin along each axis, an int >= 1; 0 for
+      the adaptive grid (see ``roi_align``).
     finest_scale: see ``map_roi_levels``.
     aligned: see ``roi_align``.
 
@@ -243,7 +254,7 @@ def multilevel_roi_align(features: Sequence[ArrayLike], rois: ArrayLike,
 
   Raises:
     ValueError: on mismatched ``features``/``strides`` lengths, a
-      ``sampling_ratio`` below 1 or a bad ``output_size``.
+      negative or non-integer ``sampling_ratio`` or a bad ``output_size``.
   """
   output_size = _pair(output_size)
   sampling_ratio = _check_sampling_ratio(sampling_ratio)

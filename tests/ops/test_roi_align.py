@@ -1,4 +1,9 @@
-"""Tests for libra_jax.ops.roi_align against a loop-by-loop numpy reference."""
+"""Tests for libra_jax.ops.roi_align against a loop-by-loop numpy reference.
+
+The reference follows mmcv's CPU kernel sample by sample, including its
+adaptive grid (``sampling_ratio=0``): ``ceil(bin size)`` samples per bin along
+each axis, the sum divided by ``max(grid_h * grid_w, 1)``.
+"""
 
 import functools
 import math
@@ -53,13 +58,15 @@ def _reference_bin_terms(height, width, roi, output_size, spatial_scale, samplin
   if not aligned:
     roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
   bin_h, bin_w = roi_h / out_h, roi_w / out_w
-  count = sampling_ratio * sampling_ratio
+  grid_h = sampling_ratio or math.ceil(bin_h)
+  grid_w = sampling_ratio or math.ceil(bin_w)
+  count = max(grid_h * grid_w, 1)
   for ph in range(out_h):
     for pw in range(out_w):
-      for iy in range(sampling_ratio):
-        y = start_y + ph * bin_h + (iy + 0.5) * bin_h / sampling_ratio
-        for ix in range(sampling_ratio):
-          x = start_x + pw * bin_w + (ix + 0.5) * bin_w / sampling_ratio
+      for iy in range(grid_h):
+        y = start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+        for ix in range(grid_w):
+          x = start_x + pw * bin_w + (ix + 0.5) * bin_w / grid_w
           for pixel, weight in _bilinear_terms(height, width, y, x):
             yield ph, pw, pixel, weight / count
 
@@ -106,7 +113,7 @@ def random_rois(rng, num_rois, image_h, image_w):
 
 
 @pytest.mark.parametrize("aligned", [True, False])
-@pytest.mark.parametrize("sampling_ratio", [1, 2, 3])
+@pytest.mark.parametrize("sampling_ratio", [0, 1, 2, 3])
 def test_roi_align_matches_reference(aligned, sampling_ratio):
   rng = np.random.default_rng(sampling_ratio + 10 * aligned)
   features = rng.normal(size=(13, 17, 3)).astype(np.float32)
@@ -133,7 +140,7 @@ def test_int_output_size_and_dtype():
   np.testing.assert_allclose(half.astype(np.float32), got, atol=0.05)
 
 
-@pytest.mark.parametrize("sampling_ratio", [0, -1, 1.5])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1.5])
 def test_bad_sampling_ratio_raises(sampling_ratio):
   features = np.zeros((4, 4, 1), np.float32)
   rois = np.array([[0.0, 0.0, 2.0, 2.0]], np.float32)
@@ -174,13 +181,29 @@ def test_linear_map_gives_bin_centres():
   np.testing.assert_allclose(got[0, ..., 0], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_constant_map(aligned):
+def test_constant_map(aligned, sampling_ratio):
   features = np.full((9, 11, 2), 3.25, np.float32)
   rois = np.array([[1.0, 1.0, 8.0, 6.0], [4.2, 3.1, 4.6, 3.3], [0.5, 0.5, 10.5, 8.5]],
                   np.float32)
-  got = jit_roi_align(features, rois, 4, 1.0, sampling_ratio=2, aligned=aligned)
+  got = jit_roi_align(features, rois, 4, 1.0, sampling_ratio=sampling_ratio, aligned=aligned)
   np.testing.assert_allclose(got, 3.25, atol=1e-6)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_adaptive_grid_with_samples_on_pixel_centres_and_map_edges(aligned):
+  # Integer RoIs whose bins are whole pixels put every adaptive sample exactly on a pixel centre (or, unaligned,
+  # halfway between two), at the map's edges and past them, with grids from 1 to 10 samples per bin: the
+  # pixel-pair loop must find every sample however the coordinates round.
+  rng = np.random.default_rng(11)
+  features = rng.normal(size=(12, 15, 2)).astype(np.float32)
+  starts = rng.integers(-8, 14, (40, 2))
+  sizes = 3 * rng.integers(1, 11, (40, 2))
+  rois = np.concatenate([starts, starts + sizes], axis=1).astype(np.float32)
+  rois[:3] = [[0, 0, 15, 12], [-3, -3, 18, 15], [14, 11, 44, 41]]
+  expected = reference_roi_align(features, rois, (3, 3), 1.0, 0, aligned)
+  np.testing.assert_allclose(jit_roi_align(features, rois, 3, 1.0, 0, aligned), expected, atol=1e-5)
 
 
 def test_roi_outside_map_is_zero():
@@ -223,22 +246,23 @@ def pyramid_and_rois(rng, num_rois=24, channels=3):
   return features, rois
 
 
-def test_multilevel_matches_per_level_roi_align():
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_matches_per_level_roi_align(sampling_ratio):
   rng = np.random.default_rng(3)
   features, rois = pyramid_and_rois(rng)
   levels = np.asarray(jit_map_roi_levels(rois, len(features), FINEST_SCALE))
   assert set(levels.tolist()) == {0, 1, 2, 3}
-  got = jit_multilevel(features, rois, (2, 3), STRIDES, 2, FINEST_SCALE, True)
+  got = jit_multilevel(features, rois, (2, 3), STRIDES, sampling_ratio, FINEST_SCALE, True)
   assert got.shape == (len(rois), 2, 3, 3)
   for level, level_features in enumerate(features):
-    single = jit_roi_align(level_features, rois, (2, 3), 1.0 / STRIDES[level], 2, True)
+    single = jit_roi_align(level_features, rois, (2, 3), 1.0 / STRIDES[level], sampling_ratio, True)
     mine = levels == level
     np.testing.assert_allclose(got[mine], single[mine], atol=1e-5)
 
-  got = jit_multilevel(features, rois, (2, 3), STRIDES, 2, FINEST_SCALE, False)
+  got = jit_multilevel(features, rois, (2, 3), STRIDES, sampling_ratio, FINEST_SCALE, False)
   for k, level in enumerate(levels):
     expected = reference_roi_align(features[level], rois[k:k + 1], (2, 3), 1.0 / STRIDES[level],
-                                   2, False)
+                                   sampling_ratio, False)
     np.testing.assert_allclose(got[k], expected[0], atol=1e-5)
 
 
@@ -247,23 +271,26 @@ def test_multilevel_rejects_mismatched_strides():
     jit_multilevel([np.zeros((4, 4, 1))] * 2, np.zeros((1, 4)), 2, (4, 8, 16))
 
 
-def test_vmap_over_images_equals_per_image():
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_vmap_over_images_equals_per_image(sampling_ratio):
+  # With the adaptive grid the two images need different numbers of pixel pairs; the batch loops to the larger.
   rng = np.random.default_rng(4)
   features = rng.normal(size=(2, 13, 17, 3)).astype(np.float32)
   rois = np.stack([random_rois(rng, 9, 26, 34) for _ in range(2)])
-  batched = jax.jit(jax.vmap(functools.partial(roi_align, output_size=3, spatial_scale=0.5)))
+  batched = jax.jit(jax.vmap(functools.partial(roi_align, output_size=3, spatial_scale=0.5,
+                                               sampling_ratio=sampling_ratio)))
   got = batched(features, rois)
   for i in range(2):
-    np.testing.assert_allclose(got[i], jit_roi_align(features[i], rois[i], 3, 0.5), atol=1e-6)
+    np.testing.assert_allclose(got[i], jit_roi_align(features[i], rois[i], 3, 0.5, sampling_ratio), atol=1e-6)
 
   pyramids, level_rois = zip(*(pyramid_and_rois(rng, num_rois=8) for _ in range(2)))
   stacked = [np.stack(levels) for levels in zip(*pyramids)]
   batched = jax.jit(jax.vmap(functools.partial(
-      multilevel_roi_align, output_size=2, strides=STRIDES, finest_scale=FINEST_SCALE)))
+      multilevel_roi_align, output_size=2, strides=STRIDES, sampling_ratio=sampling_ratio,
+      finest_scale=FINEST_SCALE)))
   got = batched(stacked, np.stack(level_rois))
   for i in range(2):
-    single = jit_multilevel(pyramids[i], level_rois[i], 2, STRIDES,
-                                  finest_scale=FINEST_SCALE)
+    single = jit_multilevel(pyramids[i], level_rois[i], 2, STRIDES, sampling_ratio, FINEST_SCALE)
     np.testing.assert_allclose(got[i], single, atol=1e-6)
 
 
@@ -275,28 +302,30 @@ def test_check_grads_wrt_features():
                   order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_gradient_matches_reference_adjoint(aligned):
+def test_gradient_matches_reference_adjoint(aligned, sampling_ratio):
   rng = np.random.default_rng(6)
   features = rng.normal(size=(13, 17, 3)).astype(np.float32)
   rois = random_rois(rng, 12, 26, 34)
   cotangent = rng.normal(size=(12, 3, 3, 3)).astype(np.float32)
   grad = jax.jit(jax.grad(
-      lambda f: jnp.sum(jit_roi_align(f, rois, 3, 0.5, 2, aligned) * cotangent)))(features)
-  expected = reference_roi_align_adjoint(cotangent, features.shape, rois, (3, 3), 0.5, 2,
+      lambda f: jnp.sum(jit_roi_align(f, rois, 3, 0.5, sampling_ratio, aligned) * cotangent)))(features)
+  expected = reference_roi_align_adjoint(cotangent, features.shape, rois, (3, 3), 0.5, sampling_ratio,
                                          aligned)
   np.testing.assert_allclose(grad, expected, atol=1e-5)
 
 
-def test_multilevel_gradient_matches_reference_adjoint():
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_multilevel_gradient_matches_reference_adjoint(sampling_ratio):
   rng = np.random.default_rng(7)
   features, rois = pyramid_and_rois(rng, num_rois=16)
   cotangent = rng.normal(size=(16, 2, 2, 3)).astype(np.float32)
   grads = jax.grad(lambda fs: jnp.sum(
-      jit_multilevel(fs, rois, 2, STRIDES, finest_scale=FINEST_SCALE) * cotangent))(features)
+      jit_multilevel(fs, rois, 2, STRIDES, sampling_ratio, FINEST_SCALE) * cotangent))(features)
   levels = np.asarray(jit_map_roi_levels(rois, len(features), FINEST_SCALE))
   for level, grad in enumerate(grads):
     mine = levels == level
     expected = reference_roi_align_adjoint(cotangent[mine], features[level].shape, rois[mine],
-                                           (2, 2), 1.0 / STRIDES[level], 2, True)
+                                           (2, 2), 1.0 / STRIDES[level], sampling_ratio, True)
     np.testing.assert_allclose(grad, expected, atol=1e-5)

@@ -1,0 +1,223 @@
+"""RoIAlign with the adaptive sample grid (mmcv's ``sampling_ratio=0``), static shapes.
+
+With ``sampling_ratio=0`` each RoI chooses its own grid: ``g_y = ceil(bin_h)``
+samples per bin down and ``g_x = ceil(bin_w)`` across, where ``bin_h`` and
+``bin_w`` are the bin's size in map pixels. The number of samples per RoI is
+therefore data-dependent, and a static-shape implementation cannot loop over
+samples. It loops over the *pixels* a bin touches instead:
+
+- Along one axis the samples of a bin are ``bin / g <= 1`` pixel apart, so
+  their bilinear taps cover at most ``g + 1`` consecutive pixels, starting at
+  the lower tap ``p0`` of the bin's first sample. A pixel's weight is the sum of
+  the bilinear weights of the samples within one pixel of it; with samples at
+  least half a pixel apart (or a single one) that is at most six candidate
+  samples, found in closed form and then recomputed with the reference's own
+  arithmetic, so the weights are the reference's.
+- A bin's value is separable: ``sum_{p, q} w_y(p) w_x(q) F[p, q]``. Each RoI
+  has ``n_y * n_x`` such pixel pairs per bin (``n`` = the most pixels any of its
+  bins touches along the axis), numbered ``k -> (k // n_x, k % n_x)``. Every
+  step of a ``while_loop`` gathers pair ``k`` of every bin of every RoI, as one
+  ``[K, out_h, out_w, C]`` slice, until the largest ``n_y * n_x`` is done.
+
+So the shapes are static, the trip count is the batch's largest RoI grid (a
+few dozen pixel pairs; 16 taps are what ``sampling_ratio=2`` gathers), and
+nothing is bounded by assumption: any RoI, inside the map or not, is exact.
+The loop's trip count is data-dependent, so the backward pass is a custom VJP:
+the same loop scatter-adds the cotangent into the features. The RoIs get no
+gradient (as in mmcv).
+"""
+
+import functools
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Candidate samples per pixel: every sample within one pixel of it (see the module docstring).
+_CANDIDATES = 6
+
+
+class AxisGrid(NamedTuple):
+  """The adaptive sample grid of every RoI along one axis (y or x); shapes ``[K]`` unless noted.
+
+  Attributes:
+    start: float32 RoI start in map pixels (scaled and shifted).
+    bin_size: float32 bin length in map pixels.
+    samples: int32 samples per bin, ``ceil(bin_size)`` (0 or less: none).
+    extent: float32 size of the map along the axis.
+    first_pixel: ``[K, bins]`` int32 lowest pixel each bin touches.
+    num_pixels: int32 most pixels any bin of the RoI touches (at least 1).
+  """
+  start: jnp.ndarray
+  bin_size: jnp.ndarray
+  samples: jnp.ndarray
+  extent: jnp.ndarray
+  first_pixel: jnp.ndarray
+  num_pixels: jnp.ndarray
+
+
+def _sample_coordinate(grid_start, bin_size, samples, index):
+  """Coordinate of sample ``index`` of a bin starting at ``grid_start``, with mmcv's operation order."""
+  return grid_start + (index.astype(jnp.float32) + 0.5) * bin_size / samples.astype(jnp.float32)
+
+
+def _bilinear_taps(coord, extent):
+  """``(inside, low, high, frac)`` of samples at ``coord`` on an axis of ``extent`` pixels (RoIAlign's rules)."""
+  inside = (coord >= -1.0) & (coord <= extent)
+  coord = jnp.maximum(coord, 0.0)
+  low = jnp.floor(coord)
+  at_edge = low >= extent - 1.0
+  low = jnp.where(at_edge, extent - 1.0, low)
+  high = jnp.where(at_edge, low, low + 1.0)
+  frac = jnp.where(at_edge, 0.0, coord - low)
+  return inside, low.astype(jnp.int32), high.astype(jnp.int32), frac
+
+
+def axis_grid(start, end, extent, num_bins: int, aligned: bool) -> AxisGrid:
+  """The adaptive grid along one axis for RoIs spanning ``[start, end]`` map pixels (``[K]`` float32 each)."""
+  length = end - start
+  if not aligned:
+    length = jnp.maximum(length, 1.0)
+  bin_size = length / num_bins
+  samples = jnp.ceil(bin_size).astype(jnp.int32)
+  grid_starts = start[:, None] + np.arange(num_bins, dtype=np.float32) * bin_size[:, None]
+  some = jnp.maximum(samples, 1)[:, None]
+  _, first, _, _ = _bilinear_taps(_sample_coordinate(grid_starts, bin_size[:, None], some, jnp.zeros_like(some)),
+                                  extent[:, None])
+  _, _, last, _ = _bilinear_taps(_sample_coordinate(grid_starts, bin_size[:, None], some, some - 1),
+                                 extent[:, None])
+  num_pixels = jnp.where(samples > 0, jnp.max(last - first, axis=1) + 1, 1)
+  return AxisGrid(start, bin_size, samples, extent, first, num_pixels)
+
+
+def pixel_weights(grid: AxisGrid, offset) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Pixel ``first_pixel + offset`` of every bin and its weight in the bin's average along this axis.
+
+  Args:
+    grid: the axis grid of ``K`` RoIs with ``bins`` bins each.
+    offset: ``[K]`` int32 pixel offset from each bin's first pixel.
+
+  Returns:
+    ``(pixels, weights)``, both ``[K, bins]``: int32 pixels clamped into the
+    map, and float32 weights (the sum of the bilinear weights of the bin's
+    samples at that pixel, divided by the samples per bin; 0 where no sample
+    reads the pixel).
+  """
+  num_bins = grid.first_pixel.shape[1]
+  pixels = grid.first_pixel + offset[:, None]
+  grid_starts = grid.start[:, None] + np.arange(num_bins, dtype=np.float32) * grid.bin_size[:, None]
+  samples = jnp.maximum(grid.samples, 1)[:, None]
+  bin_size = grid.bin_size[:, None]
+  # The first sample within one pixel below `pixels`, less one for rounding, kept inside [0, samples - 1].
+  spacing = jnp.where(bin_size > 0, bin_size / samples.astype(jnp.float32), 1.0)
+  estimate = jnp.floor((pixels.astype(jnp.float32) - 1.0 - grid_starts) / spacing - 0.5) - 1.0
+  first = jnp.clip(estimate, 0.0, (samples - 1).astype(jnp.float32)).astype(jnp.int32)
+  weights = jnp.zeros(pixels.shape, jnp.float32)
+  for candidate in range(_CANDIDATES):
+    index = first + candidate
+    inside, low, high, frac = _bilinear_taps(_sample_coordinate(grid_starts, bin_size, samples, index),
+                                             grid.extent[:, None])
+    counted = inside & (index < grid.samples[:, None])
+    weights += jnp.where(counted & (low == pixels), 1.0 - frac, 0.0) + jnp.where(counted & (high == pixels), frac, 0.0)
+  weights = weights / samples.astype(jnp.float32)
+  return jnp.minimum(pixels, grid.extent[:, None].astype(jnp.int32) - 1), weights
+
+
+class _Plan(NamedTuple):
+  """What the pooling loop needs: the two axis grids and where each RoI's map lies in the flat features."""
+  y: AxisGrid
+  x: AxisGrid
+  row_offsets: jnp.ndarray
+  widths: jnp.ndarray
+
+
+def _num_pairs(plan: _Plan) -> jnp.ndarray:
+  """Scalar int32: the most pixel pairs any bin of any RoI reads."""
+  return jnp.max(plan.y.num_pixels * plan.x.num_pixels)
+
+
+def _pair_indices_and_weights(plan: _Plan, pair):
+  """Row of ``flat_features`` and weight of pixel pair ``pair`` (scalar int32) of every bin: ``[K, out_h, out_w]`` each."""
+  dy = pair // plan.x.num_pixels
+  dx = pair % plan.x.num_pixels
+  rows, y_weights = pixel_weights(plan.y, dy)
+  cols, x_weights = pixel_weights(plan.x, dx)
+  indices = (plan.row_offsets[:, None, None] + rows[:, :, None] * plan.widths[:, None, None] + cols[:, None, :])
+  return indices, y_weights[:, :, None] * x_weights[:, None, :]
+
+
+def _pool(flat_features, plan: _Plan):
+  """Forward pass: ``[K, out_h, out_w, C]`` in float32 (or wider)."""
+  accum_dtype = jnp.promote_types(flat_features.dtype, jnp.float32)
+
+  def pair_values(pair):
+    indices, weights = _pair_indices_and_weights(plan, pair)
+    values = flat_features.at[indices].get(mode="promise_in_bounds")
+    return values.astype(accum_dtype) * weights[..., None].astype(accum_dtype)
+
+  def body(carry):
+    pair, total = carry
+    return pair + 1, total + pair_values(pair)
+
+  num_pairs = _num_pairs(plan)
+  # Pair 0 starts the sum (every RoI has it), so that the carry has the features' per-device type under shard_map.
+  first = jnp.minimum(num_pairs, 0)
+  _, pooled = jax.lax.while_loop(lambda carry: carry[0] < num_pairs, body, (first + 1, pair_values(first)))
+  return pooled
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pool_with_vjp(feature_type: jax.ShapeDtypeStruct, flat_features, plan: _Plan):
+  return _pool(flat_features, plan).astype(feature_type.dtype)
+
+
+def _pool_forward(feature_type, flat_features, plan: _Plan):
+  return _pool_with_vjp(feature_type, flat_features, plan), plan
+
+
+def _pool_backward(feature_type, plan, cotangent):
+  shape, dtype = feature_type.shape, feature_type.dtype
+  accum_dtype = jnp.promote_types(dtype, jnp.float32)
+  cotangent = cotangent.astype(accum_dtype)
+
+  def add_pair(grad, pair):
+    indices, weights = _pair_indices_and_weights(plan, pair)
+    return grad.at[indices].add(cotangent * weights[..., None].astype(accum_dtype), mode="promise_in_bounds")
+
+  num_pairs = _num_pairs(plan)
+  first = jnp.minimum(num_pairs, 0)
+  start = add_pair(jnp.zeros(shape, accum_dtype), first)
+  _, grad = jax.lax.while_loop(lambda carry: carry[0] < num_pairs,
+                               lambda carry: (carry[0] + 1, add_pair(carry[1], carry[0])), (first + 1, start))
+  return grad.astype(dtype), None  # the RoIs get no gradient
+
+
+_pool_with_vjp.defvjp(_pool_forward, _pool_backward)
+
+
+def adaptive_roi_bins(flat_features, scaled_rois, heights, widths, row_offsets, output_size: Tuple[int, int],
+                      aligned: bool) -> jnp.ndarray:
+  """RoIAlign with mmcv's adaptive grid of each RoI from its own map inside ``flat_features``.
+
+  Args:
+    flat_features: ``[N, C]``: row-major flattened ``[H, W, C]`` maps,
+      concatenated along the first axis.
+    scaled_rois: ``[K, 4]`` float32 xyxy RoIs in their map's pixels, already
+      shifted by the alignment offset.
+    heights, widths: ``[K]`` float32 size of each RoI's map.
+    row_offsets: ``[K]`` int32 first row of each RoI's map in ``flat_features``.
+    output_size: ``(out_h, out_w)``.
+    aligned: when False, RoIs are at least one map pixel long.
+
+  Returns:
+    ``[K, out_h, out_w, C]`` in the dtype of ``flat_features``; the gradient
+    flows to the features only.
+  """
+  out_h, out_w = output_size
+  scaled_rois = jax.lax.stop_gradient(scaled_rois)
+  plan = _Plan(y=axis_grid(scaled_rois[:, 1], scaled_rois[:, 3], heights, out_h, aligned),
+               x=axis_grid(scaled_rois[:, 0], scaled_rois[:, 2], widths, out_w, aligned),
+               row_offsets=row_offsets, widths=widths.astype(jnp.int32))
+  return _pool_with_vjp(jax.ShapeDtypeStruct(flat_features.shape, flat_features.dtype), flat_features, plan)
+

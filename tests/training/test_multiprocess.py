@@ -2,8 +2,8 @@
 
 The data of a step depends on the device count only (``pipeline``), so the two
 topologies train on the same batches: their losses, detections and COCO
-metrics agree to float rounding, and a checkpoint written by either one is
-continued by the other.
+metrics agree to float rounding, a training state saved by one process is
+continued by two, and weights saved by two processes are evaluated by one.
 """
 
 import json
@@ -22,7 +22,7 @@ import pytest
 
 from support import records, tiny_train_overrides
 
-pytestmark = pytest.mark.slow  # five train.py runs, eight processes, each compiling the tiny detector
+pytestmark = pytest.mark.slow  # four train.py runs, six processes, each compiling the tiny detector
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -82,61 +82,61 @@ def wait_for_step(workdir: pathlib.Path, step: int, processes, seconds: float = 
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory, shapes_tfds_dir):
-  """``one``, ``two``: 3 steps on 1 x 4 and 2 x 2 devices. Then, from the other's checkpoint:
-  ``one_from_two`` takes step 4; ``two_from_one``, set for 60 steps, gets Ctrl-C on process 1 once it has
-  logged step 4. ``two_evaluate_one``: 2 x 2 devices evaluate ``one``'s weights."""
+  """``one``: 4 steps on 1 x 4 devices, a checkpoint at step 3. ``two``: 3 steps on 2 x 2 devices, evaluated there.
+  Then each takes over the other's checkpoint of step 3: ``two_from_one`` trains on 2 x 2 devices from one's, set
+  for 60 steps, and gets Ctrl-C on process 1 once it has logged step 5; ``one_evaluates_two`` evaluates two's on
+  1 x 4 devices."""
   base = tmp_path_factory.mktemp("multiprocess")
-  dirs = {name: base / name for name in ("one", "two", "two_from_one", "one_from_two", "two_evaluate_one")}
+  dirs = {name: base / name for name in ("one", "two", "two_from_one", "one_evaluates_two")}
   overrides = tiny_train_overrides(shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"], total_steps=3,
-                                   log_every=1, checkpoint_every=2)
-  finish({dirs["one"]: launch(dirs["one"], overrides, 1, 4), dirs["two"]: launch(dirs["two"], overrides, 2, 2)})
-  for source, target in (("one", "two_from_one"), ("two", "one_from_two")):
-    shutil.copytree(dirs[source] / "checkpoints", dirs[target] / "checkpoints")
-  evaluate = ["--mode=eval", f"--checkpoint={dirs['one']}"]
+                                   log_every=1, checkpoint_every=3)
   # The learning rate's milestones are set in epochs, so total_steps does not change the steps themselves.
+  finish({dirs["one"]: launch(dirs["one"], dict(overrides, total_steps=4), 1, 4),
+          dirs["two"]: launch(dirs["two"], overrides, 2, 2)})
+  shutil.copytree(dirs["one"] / "checkpoints" / "3", dirs["two_from_one"] / "checkpoints" / "3")
   interrupted = launch(dirs["two_from_one"], dict(overrides, total_steps=60), 2, 2)
-  runs = {dirs["one_from_two"]: launch(dirs["one_from_two"], dict(overrides, total_steps=4), 1, 4),
-          dirs["two_evaluate_one"]: launch(dirs["two_evaluate_one"], overrides, 2, 2, evaluate)}
-  wait_for_step(dirs["two_from_one"], 4, interrupted)
+  evaluation = launch(dirs["one_evaluates_two"], overrides, 1, 4, ["--mode=eval", f"--checkpoint={dirs['two']}"])
+  wait_for_step(dirs["two_from_one"], 5, interrupted)
   interrupted[1].send_signal(signal.SIGINT)
-  finish({dirs["two_from_one"]: interrupted, **runs})
+  finish({dirs["two_from_one"]: interrupted, dirs["one_evaluates_two"]: evaluation})
   return dirs
 
 
 def test_two_processes_log_the_losses_of_one(workdirs):
   one, two = losses(workdirs["one"]), losses(workdirs["two"])
-  assert sorted(one) == sorted(two) == [1, 2, 3]
-  for step in one:
+  assert sorted(one) == [1, 2, 3, 4] and sorted(two) == [1, 2, 3]
+  for step in two:
     assert_same_losses(two[step], one[step], step)
 
 
 def test_two_processes_detect_and_score_like_one(workdirs):
-  # The same weights evaluated by 2 processes: each converts the detections of its own images, and process 0
-  # writes the gathered results. Each image gets the detections it gets on one process (a mix-up between
-  # images and detections would show here), and the COCO metrics are the same.
+  # The same weights (two's step 3, saved by 2 processes) evaluated by 2 processes at the end of their run and by
+  # 1 process from the checkpoint: with 2, each converts the detections of its own images, and process 0 writes
+  # the gathered results. Each image gets the detections it gets on one process (a mix-up between images and
+  # detections would show here), and the COCO metrics are the same.
   def by_image(path):
     images = {}
     for r in json.loads(path.read_text()):
       images.setdefault(r["image_id"], []).append((r["category_id"], r["score"], *r["bbox"]))
     return {image: np.array(sorted(rows)) for image, rows in images.items()}
 
-  one, two = by_image(workdirs["one"] / "results_3.json"), by_image(workdirs["two_evaluate_one"] / "results_-1.json")
+  one, two = by_image(workdirs["one_evaluates_two"] / "results_-1.json"), by_image(workdirs["two"] / "results_3.json")
   assert len(one) == 16 and sorted(one) == sorted(two)
   for image in one:
     np.testing.assert_allclose(two[image], one[image], rtol=1e-4, atol=1e-4, err_msg=f"image {image}")
-  [score_one], [score_two] = records(workdirs["one"], "eval"), records(workdirs["two_evaluate_one"], "eval")
-  assert score_two["step"] == -1 and score_one.keys() == score_two.keys()
+  [score_one], [score_two] = records(workdirs["one_evaluates_two"], "eval"), records(workdirs["two"], "eval")
+  assert score_one["step"] == -1 and score_two["step"] == 3 and score_one.keys() == score_two.keys()
   for name in score_one:
     if name not in ("step", "kind"):
       assert score_two[name] == pytest.approx(score_one[name], abs=1e-6), name
 
 
 def test_a_checkpoint_moves_between_one_and_two_processes(workdirs):
-  # Each run resumed at step 3 from the other topology's checkpoint and took step 4 on the same batch.
-  forward, backward = losses(workdirs["two_from_one"]), losses(workdirs["one_from_two"])
-  assert min(forward) == min(backward) == 4 and sorted(backward) == [4]
-  assert_same_losses(forward[4], backward[4], 4)
-  assert sorted(int(p.name) for p in (workdirs["one_from_two"] / "checkpoints").iterdir()) == [2, 3, 4]
+  # Two processes resumed one's whole training state at step 3 and took its step 4 on the same batch; one process
+  # read the weights two processes saved (the test above).
+  one, resumed = losses(workdirs["one"]), losses(workdirs["two_from_one"])
+  assert min(resumed) == 4
+  assert_same_losses(resumed[4], one[4], 4)
 
 
 def test_a_signal_to_one_process_stops_all_at_one_step_with_a_checkpoint(workdirs):
@@ -147,5 +147,5 @@ def test_a_signal_to_one_process_stops_all_at_one_step_with_a_checkpoint(workdir
   steps = {int(line.split("checkpoint of step ")[1].split()[0]) for line in lines}
   assert len(steps) == 1 and all(line.startswith("stopped: ") for line in lines), lines
   [step] = steps
-  assert lines[1].startswith("stopped: SIGINT received") and 4 <= step < 60
+  assert lines[1].startswith("stopped: SIGINT received") and 5 <= step < 60
   assert max(losses(workdir)) == step and max(int(p.name) for p in (workdir / "checkpoints").iterdir()) == step

@@ -9,11 +9,14 @@ decoder), boxes smaller than one pixel (dropped, as mmdetection's
 ``CocoDataset`` does); each is counted in the table's ``report``.
 
 Tables are kept per (dataset directory, split, slice) for the life of the
-process, so evaluating every epoch reads the split once.
+process, so evaluating every epoch reads the split once, and on disk next to
+the dataset (``metadata_cache``), so that a restart, or another process of the
+same run, reads the stored table instead of the split.
 """
 
 import dataclasses
 import io
+import logging
 import re
 from typing import Dict, List, Tuple
 
@@ -22,7 +25,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from libra_jax.data import images, records
+from libra_jax.data import images, metadata_cache, records
 from libra_jax.data.report import Report
 from libra_jax.data.tf_runtime import tf
 from libra_jax.errors import DataError
@@ -90,10 +93,22 @@ _TABLES: Dict[Tuple[str, str, int, int], ImageTable] = {}
 
 
 def load(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -> ImageTable:
-  """The ``ImageTable`` of examples ``start..stop-1`` of ``split`` (computed once per process)."""
+  """The ``ImageTable`` of examples ``start..stop-1`` of ``split``: kept in memory, stored on disk, else computed."""
   key = (str(builder.data_dir), split, start, stop)
   if key not in _TABLES:
-    _TABLES[key] = _scan(builder, split, start, stop)
+    _check_features(builder)
+    instructions = records.split_files(builder, split, start, stop)
+    digest = metadata_cache.fingerprint(instructions, split, start, stop,
+                                        rules=dict(min_box_side=MIN_BOX_SIDE, side_tolerance=SIDE_TOLERANCE))
+    stored = metadata_cache.path(str(builder.data_dir), split, start, stop, digest)
+    table = metadata_cache.read(stored, ImageTable, [i.filename for i in instructions])
+    if table is None:
+      table = _scan(builder, split, start, stop)
+      problem = metadata_cache.write(stored, table)
+      if problem:
+        logging.warning("the metadata of %s cannot be stored in %s (%s): it is read again at every start",
+                        table.report.source, builder.data_dir, problem)
+    _TABLES[key] = table
   return _TABLES[key]
 
 
@@ -168,7 +183,6 @@ def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, 
 
 
 def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -> ImageTable:
-  _check_features(builder)
   instructions = records.split_files(builder, split, start, stop)
   positions: List[Tuple[int, int, int]] = []
 

@@ -17,6 +17,10 @@ Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
     configs' default): Libra Faster R-CNN with the fixed ``sampling_ratio=2``
     (``+fixed_roi_grid``), train and infer at 800 x 1344, as seconds per step
     over the Libra row (negative: the fixed grid is that much faster).
+  * The cost of computing each image as if padded only to its own multiple
+    of 32 at test time (``model.test.own_padding``, the default): Libra
+    Faster R-CNN inference with the bucket's padding instead
+    (``+bucket_padding``) at 800 x 1344, as seconds per step over the Libra row.
   * torchvision's Faster R-CNN and RetinaNet R50-FPN, ``train`` (train mode
     with targets, loss backward, SGD step) and ``infer`` (eval mode, no grad),
     when torch and torchvision import (``pip install -e .[bench]``). They run
@@ -54,8 +58,8 @@ machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 shape. ``peak_rss_mb``: the row's process's peak resident memory.
 
 The full run: ResNet-50, both shapes, 3 timed steps per row, the Libra-part
-rows at 512 x 512 batch 2 only, the fixed-grid rows at 800 x 1344 only; 29 rows
-with torchvision.
+rows at 512 x 512 batch 2 only, the fixed-grid and bucket-padding rows at
+800 x 1344 only; 30 rows with torchvision.
 
 ``--quick`` checks that everything works: ResNet-18 instead of ResNet-50
 (ours and torchvision's; every other setting unchanged), one shape, 256 x 256
@@ -133,9 +137,10 @@ def plan(quick: bool, with_torchvision: bool) -> List[Dict[str, Any]]:
     for part in setting["parts"] if (height, width, batch) in setting["part_shapes"] else ():
       rows.append(dict(shape, framework="libra_jax", config="faster_rcnn", part=part, mode="train",
                        model=model_name("faster_rcnn", depth, part), baseline=baseline))
-    for mode in ("train", "infer") if (height, width, batch) in setting["grid_shapes"] else ():
-      rows.append(dict(shape, framework="libra_jax", config="libra_faster_rcnn", part="fixed_roi_grid", mode=mode,
-                       model=model_name("libra_faster_rcnn", depth, "fixed_roi_grid"),
+    variants = (("fixed_roi_grid", "train"), ("fixed_roi_grid", "infer"), ("bucket_padding", "infer"))
+    for part, mode in variants if (height, width, batch) in setting["grid_shapes"] else ():
+      rows.append(dict(shape, framework="libra_jax", config="libra_faster_rcnn", part=part, mode=mode,
+                       model=model_name("libra_faster_rcnn", depth, part),
                        baseline=model_name("libra_faster_rcnn", depth)))
     if with_torchvision:
       rows += [dict(shape, framework=framework, family=family, mode=mode, model=model_name(family, depth))
@@ -205,6 +210,8 @@ def detector_config(row: Dict[str, Any]):
     config.model.rcnn.loss_bbox = libra.rcnn.loss_bbox
   elif row["part"] == "fixed_roi_grid":
     config.model.rcnn.sampling_ratio = 2
+  elif row["part"] == "bucket_padding":
+    config.model.test.own_padding = False
   return config
 
 

@@ -43,7 +43,9 @@ def model_config(libra: bool = True, num_classes: int = 80, depth: int = 50) -> 
       rcnn=dict(assigner=dict(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, match_low_quality=False,
                               ignore_iof_thr=-1.0),
                 sampler=rcnn_sampler, target_stds=(0.1, 0.1, 0.2, 0.2)))
+  # own_padding: each image computes as if padded only to its own multiple of 32, as mmdetection's test does.
   model.test = dict(
+      own_padding=True,
       rpn_proposal=dict(nms_pre=1000, max_per_img=1000, iou_threshold=0.7, min_bbox_size=0.0),
       # pre_nms_top_k: the static cap on (RoI, class) pairs entering NMS (the reference has none).
       rcnn=dict(score_thr=0.05, iou_threshold=0.5, max_per_img=100, pre_nms_top_k=2000))

@@ -27,7 +27,9 @@ def model_config(libra: bool = True, num_classes: int = 80, depth: int = 50) -> 
                  else dict(name="l1", loss_weight=1.0)))
   model.train = dict(assigner=dict(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0, match_low_quality=True,
                                    ignore_iof_thr=-1.0))
-  model.test = dict(nms_pre=1000, score_thr=0.05, iou_threshold=0.5, max_per_img=100, min_bbox_size=0.0)
+  # own_padding: each image computes as if padded only to its own multiple of 32, as mmdetection's test does.
+  model.test = dict(nms_pre=1000, score_thr=0.05, iou_threshold=0.5, max_per_img=100, min_bbox_size=0.0,
+                    own_padding=True)
   return model
 
 

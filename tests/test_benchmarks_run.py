@@ -32,13 +32,15 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
     parts = [r["part"] for r in rows if r.get("part")]
     setting = run.QUICK if quick else run.FULL
     assert sorted(parts) == sorted(list(setting["parts"]) * len(setting["part_shapes"])
-                                   + ["fixed_roi_grid"] * 2 * len(setting["grid_shapes"]))
+                                   + ["fixed_roi_grid", "fixed_roi_grid", "bucket_padding"]
+                                   * len(setting["grid_shapes"]))
   full = run.plan(False, with_torchvision=True)
   assert {(r["height"], r["width"], r["batch"]) for r in full} == {(800, 1344, 1), (512, 512, 2)}
   assert {r["depth"] for r in full} == {50}
   # Per shape: 6 rows of ours; 6 of torchvision (per model: train and infer in the fair setup, train in the plain
-  # one); the 3 Libra-part rows at 512 x 512 only; the 2 fixed-grid rows (train, infer) at 800 x 1344 only.
-  assert len(full) == 29 and len(run.plan(False, with_torchvision=False)) == 17
+  # one); the 3 Libra-part rows at 512 x 512 only; the 2 fixed-grid rows (train, infer) and the bucket-padding
+  # row (infer) at 800 x 1344 only.
+  assert len(full) == 30 and len(run.plan(False, with_torchvision=False)) == 18
   tv = [(r["framework"], r["model"], r["mode"]) for r in run.plan(True, with_torchvision=True)
         if r["framework"] != "libra_jax"]
   assert sorted(tv) == [("torchvision", "faster_rcnn_r18_fpn", "infer"),
@@ -72,6 +74,10 @@ def test_each_part_changes_only_its_own_switches():
   assert (libra["rcnn"]["sampling_ratio"], fixed["rcnn"]["sampling_ratio"]) == (0, 2)
   fixed["rcnn"]["sampling_ratio"] = 0
   assert fixed == libra
+  padded = run.detector_config(dict(config="libra_faster_rcnn", depth=50, part="bucket_padding")).model.to_dict()
+  assert (libra["test"]["own_padding"], padded["test"]["own_padding"]) == (True, False)
+  padded["test"]["own_padding"] = True
+  assert padded == libra
 
 
 def test_comparisons_by_hand():

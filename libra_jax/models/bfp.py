@@ -6,6 +6,12 @@ back to every level after resizing to that level's size. The resizing follows
 PyTorch's ``adaptive_max_pool2d`` (finer levels) and legacy ``nearest``
 interpolation (coarser levels) index rules exactly, also for sizes that do not
 divide (e.g. 25x38 against 13x19).
+
+With an ``OwnArea`` (``own_padding``), each image computes what it computes
+alone: the resizing follows those rules on the sizes of its own area, which
+differ from the bucket's where a level's stride exceeds 32 (P6 of an area 25
+strides of 32 tall is 13 rows, of a bucket 42 tall 21), and the non-local
+softmax runs over the positions inside the area only.
 """
 
 from typing import Any, Optional, Sequence, Tuple
@@ -14,7 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from libra_jax.models.layers import ConvModule, adaptive_max_pool, resize_nearest
+from libra_jax.models.layers import (ConvModule, adaptive_max_pool, adaptive_max_pool_per_image, resize_nearest,
+                                     resize_nearest_per_image)
+from libra_jax.models.own_padding import SIZE_DIVISOR, OwnArea, zero_outside
 
 REFINE_TYPES = (None, "conv", "non_local")
 
@@ -34,13 +42,16 @@ class NonLocal2d(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """``x [B, H, W, C]`` -> ``[B, H, W, C]``."""
+  def __call__(self, x: jnp.ndarray, inside: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """``x [B, H, W, C]`` -> ``[B, H, W, C]``; ``inside [B, H, W]`` bool limits the softmax to those positions."""
     batch, height, width, channels = x.shape
     embed = lambda name: ConvModule(channels, 1, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype,
                                     name=name)(x).reshape(batch, height * width, channels)
     g, theta, phi = embed("g"), embed("theta"), embed("phi")
-    attention = jax.nn.softmax(jnp.einsum("bnc,bmc->bnm", theta, phi).astype(jnp.float32), axis=-1)
+    logits = jnp.einsum("bnc,bmc->bnm", theta, phi).astype(jnp.float32)
+    if inside is not None:
+      logits = jnp.where(inside.reshape(batch, 1, height * width), logits, -jnp.inf)
+    attention = jax.nn.softmax(logits, axis=-1)
     y = jnp.einsum("bnm,bmc->bnc", attention.astype(g.dtype), g).reshape(batch, height, width, channels)
     return x + ConvModule(channels, 1, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out")(y)
 
@@ -65,8 +76,13 @@ class BalancedFeaturePyramid(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, ...]:
-    """``num_levels`` maps ``[B, H_l, W_l, C]`` -> the same shapes."""
+  def __call__(self, inputs: Sequence[jnp.ndarray], area: Optional[OwnArea] = None,
+               strides: Sequence[int] = (4, 8, 16, 32, 64)) -> Tuple[jnp.ndarray, ...]:
+    """``num_levels`` maps ``[B, H_l, W_l, C]`` of ``strides`` -> the same shapes.
+
+    With ``area``, each image computes as if padded only to its own area
+    (outside it, the outputs are meaningless).
+    """
     if len(inputs) != self.num_levels:
       raise ValueError(f"BalancedFeaturePyramid expects {self.num_levels} levels, got {len(inputs)}")
     if not 0 <= self.refine_level < self.num_levels:
@@ -74,16 +90,34 @@ class BalancedFeaturePyramid(nn.Module):
     if self.refine_type not in REFINE_TYPES:
       raise ValueError(f"refine_type must be one of {REFINE_TYPES}, got {self.refine_type!r}")
     size = inputs[self.refine_level].shape[1:3]
-    gathered = [adaptive_max_pool(x, size) if level < self.refine_level else resize_nearest(x, size)
-                for level, x in enumerate(inputs)]
+    refine_stride = strides[self.refine_level]
+
+    def pool(x, target, level_from, level_to):
+      """Adaptive max pooling of a map of level ``level_from`` to the size ``target`` of level ``level_to``."""
+      if area is None or max(strides[level_from], strides[level_to]) <= SIZE_DIVISOR:
+        return adaptive_max_pool(x, target)
+      return adaptive_max_pool_per_image(x, area.extent(strides[level_from]), area.extent(strides[level_to]), target,
+                                         strides[level_to] // strides[level_from] + 1)
+
+    def nearest(x, target, level_from, level_to):
+      if area is None or max(strides[level_from], strides[level_to]) <= SIZE_DIVISOR:
+        return resize_nearest(x, target)
+      return resize_nearest_per_image(x, area.extent(strides[level_from]), area.extent(strides[level_to]), target)
+
+    gathered = [pool(x, size, level, self.refine_level) if level < self.refine_level
+                else nearest(x, size, level, self.refine_level) for level, x in enumerate(inputs)]
     balanced = sum(gathered) / self.num_levels
     if self.refine_type == "non_local":
-      balanced = NonLocal2d(dtype=self.dtype, name="refine")(balanced)
+      inside = None if area is None else zero_outside(area, jnp.ones(balanced.shape[:3] + (1,), bool),
+                                                      refine_stride)[..., 0]
+      balanced = NonLocal2d(dtype=self.dtype, name="refine")(balanced, inside)
     elif self.refine_type == "conv":
+      balanced = zero_outside(area, balanced, refine_stride)
       balanced = ConvModule(balanced.shape[-1], 3, use_relu=True, dtype=self.dtype, name="refine")(balanced)
     outs = []
     for level, x in enumerate(inputs):
       target = x.shape[1:3]
-      residual = resize_nearest(balanced, target) if level < self.refine_level else adaptive_max_pool(balanced, target)
+      residual = (nearest(balanced, target, self.refine_level, level) if level < self.refine_level
+                  else pool(balanced, target, self.refine_level, level))
       outs.append(x + residual)
     return tuple(outs)

@@ -15,7 +15,7 @@ their sum over devices does not depend on how the batch is split.
 """
 
 import functools
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -24,14 +24,16 @@ import ml_collections
 
 from libra_jax.models.bfp import BalancedFeaturePyramid
 from libra_jax.models.fpn import FPN
-from libra_jax.models.resnet import ResNet
+from libra_jax.models.fpn import output_strides as fpn_output_strides
+from libra_jax.models.own_padding import OwnArea
+from libra_jax.models.resnet import OUTPUT_STRIDES, ResNet
 from libra_jax.models.retina_head import RetinaHead, retina_detections, retina_loss
 from libra_jax.models.postprocess import Detections
 from libra_jax.models.roi_head import RoIHead, detect_boxes, rcnn_loss, sample_rois
 from libra_jax.models.rpn import RPNHead, rpn_loss, rpn_proposals
 from libra_jax.ops import anchors as anchor_ops
 from libra_jax.ops import boxes as box_ops
-from libra_jax.ops.roi_align import multilevel_roi_align
+from libra_jax.ops.roi_align import batched_multilevel_roi_align
 from libra_jax.registry import Registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,9 +46,12 @@ class LibraNeck(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features):
-    features = FPN(**self.fpn, dtype=self.dtype, name="0")(features)
-    return BalancedFeaturePyramid(num_levels=len(features), **self.bfp, dtype=self.dtype, name="1")(features)
+  def __call__(self, features, area: Optional[OwnArea] = None):
+    fpn = FPN(**self.fpn, dtype=self.dtype, name="0")
+    features = fpn(features, area)
+    strides = fpn_output_strides(OUTPUT_STRIDES, fpn.start_level, fpn.num_outs)
+    return BalancedFeaturePyramid(num_levels=len(features), **self.bfp, dtype=self.dtype, name="1")(features, area,
+                                                                                                      strides)
 
 
 def gt_masks(batch):
@@ -91,11 +96,25 @@ def batch_sample_rois(keys, proposals, batch, num_classes: int, rcnn_train_cfg) 
                           ignore_boxes=batch["boxes"], ignore_valid=ignore_valid)
 
 
-def align_rois(features, rois, rcnn_cfg) -> jnp.ndarray:
-  """RoIAlign of ``rois [B, R, 4]`` on the RoI levels of ``features``: ``[B, R, S, S, C]`` (no gradient to ``rois``)."""
-  align = functools.partial(multilevel_roi_align, output_size=rcnn_cfg["roi_size"], strides=rcnn_cfg["roi_strides"],
-                            sampling_ratio=rcnn_cfg["sampling_ratio"], finest_scale=rcnn_cfg["finest_scale"])
-  return jax.vmap(align)(features=features[:len(rcnn_cfg["roi_strides"])], rois=jax.lax.stop_gradient(rois))
+def align_rois(features, rois, rcnn_cfg, area: Optional[OwnArea] = None) -> jnp.ndarray:
+  """RoIAlign of ``rois [B, R, 4]`` on the RoI levels of ``features``: ``[B, R, S, S, C]`` (no gradient to ``rois``).
+
+  With ``area``, each image's maps end at its own area (``own_padding``).
+  """
+  return batched_multilevel_roi_align(
+      features[:len(rcnn_cfg["roi_strides"])], jax.lax.stop_gradient(rois), output_size=rcnn_cfg["roi_size"],
+      strides=rcnn_cfg["roi_strides"], sampling_ratio=rcnn_cfg["sampling_ratio"],
+      finest_scale=rcnn_cfg["finest_scale"], valid_size=None if area is None else area.size)
+
+
+def own_area(image_shape) -> Optional[OwnArea]:
+  """The ``OwnArea`` of images of ``image_shape [B, 2]``; None for None (the whole bucket counts)."""
+  return None if image_shape is None else OwnArea.of(image_shape)
+
+
+def uses_own_padding(cfg, train: bool) -> bool:
+  """Whether a forward pass computes each image as if padded to its own multiple of 32 (at test time, if set)."""
+  return not train and cfg["test"].get("own_padding", False)
 
 
 def stage_keys(keys):
@@ -127,22 +146,29 @@ class FasterRCNN(nn.Module):
   roi_head: nn.Module
   cfg: Mapping[str, Any]
 
-  def features(self, image: jnp.ndarray):
-    """The neck's feature maps of ``image [B, H, W, 3]``: a tuple of ``[B, H / s, W / s, C]``, strides 4 to 64."""
-    return self.neck(self.backbone(image))
+  def features(self, image: jnp.ndarray, image_shape=None):
+    """The neck's feature maps of ``image [B, H, W, 3]``: a tuple of ``[B, H / s, W / s, C]``, strides 4 to 64.
 
-  def rpn_outputs(self, features):
+    With ``image_shape [B, 2]``, each image computes as if padded only to its
+    own multiple of 32, as in mmdetection's one-image test (``own_padding``);
+    the maps are then meaningful inside that area only.
+    """
+    area = own_area(image_shape)
+    return self.neck(self.backbone(image, area), area)
+
+  def rpn_outputs(self, features, image_shape=None):
     """The RPN head on ``features``: objectness logits ``[B, N]`` and deltas ``[B, N, 4]`` (raw, stds 1).
 
     Rows follow ``libra_jax.ops.anchors.anchor_grid`` over the levels: per
-    level, for y, for x, for each base anchor.
+    level, for y, for x, for each base anchor. ``image_shape``: as for
+    ``features`` (pass the same).
     """
-    return self.rpn_head(features)
+    return self.rpn_head(features, own_area(image_shape), self.cfg["anchors"]["strides"])
 
-  def rcnn_outputs(self, features, rois):
+  def rcnn_outputs(self, features, rois, image_shape=None):
     """The R-CNN head on ``rois [B, R, 4]`` (xyxy pixels): class logits ``[B, R, C + 1]`` (C is background)
-    and class-specific deltas ``[B, R, 4C]`` (before the stds)."""
-    return self.box_head(align_rois(features, rois, self.cfg["rcnn"]))
+    and class-specific deltas ``[B, R, 4C]`` (before the stds). ``image_shape``: as for ``features``."""
+    return self.box_head(align_rois(features, rois, self.cfg["rcnn"], own_area(image_shape)))
 
   def box_head(self, pooled):
     """The R-CNN head on RoI features ``[B, R, S, S, C]``: class logits ``[B, R, C + 1]``, deltas ``[B, R, 4C]``."""
@@ -151,8 +177,9 @@ class FasterRCNN(nn.Module):
     return logits.reshape(batch, num, -1), deltas.reshape(batch, num, -1)
 
   def _first_stage(self, batch, train: bool):
-    features = self.features(batch["image"])
-    logits, deltas = self.rpn_outputs(features)
+    image_shape = batch["image_shape"] if uses_own_padding(self.cfg, train) else None
+    features = self.features(batch["image"], image_shape)
+    logits, deltas = self.rpn_outputs(features, image_shape)
     per_level, anchors, anchor_valid = feature_anchors(features, self.cfg["anchors"], batch["image_shape"])
     stage = self.cfg["train"] if train else self.cfg["test"]
     proposals = batch_proposals(logits, deltas, per_level, anchor_valid, batch["image_shape"], stage["rpn_proposal"])
@@ -177,12 +204,13 @@ class FasterRCNN(nn.Module):
     """
     return self._first_stage(batch, train=train)[-1]
 
-  def detections_from_proposals(self, features, proposals, image_shape) -> Detections:
+  def detections_from_proposals(self, features, proposals, image_shape, *, own_padding: bool = False) -> Detections:
     """The test-time second stage: the R-CNN head on ``proposals`` (``[B, P]`` ``Proposals``), softmax,
     class-specific decoding clipped to ``image_shape [B, 2]``, score threshold, per-class NMS, the best
-    ``test.rcnn.max_per_img`` (``Detections`` with a leading batch axis)."""
+    ``test.rcnn.max_per_img`` (``Detections`` with a leading batch axis). ``own_padding``: the features
+    were computed with ``image_shape`` (RoIAlign then ends each image's maps at its own area)."""
     rcnn, test = self.cfg["rcnn"], self.cfg["test"]["rcnn"]
-    cls_logits, reg_deltas = self.rcnn_outputs(features, proposals.boxes)
+    cls_logits, reg_deltas = self.rcnn_outputs(features, proposals.boxes, image_shape if own_padding else None)
     probs = jax.nn.softmax(cls_logits, axis=-1)[..., :-1]
 
     def one_image(boxes, deltas, scores, valid, shape):
@@ -198,7 +226,8 @@ class FasterRCNN(nn.Module):
     if train:
       _check_keys(keys, batch)
       return self._losses(keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals)
-    return self.detections_from_proposals(features, proposals, batch["image_shape"])
+    return self.detections_from_proposals(features, proposals, batch["image_shape"],
+                                          own_padding=uses_own_padding(self.cfg, train))
 
   def _losses(self, keys, axis_name, batch, features, logits, deltas, anchors, anchor_valid, proposals):
     rpn_keys, rcnn_keys = stage_keys(keys)
@@ -237,11 +266,13 @@ class RetinaNet(nn.Module):
   def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, keys=None, axis_name=None):
     """Losses (``train``) or detections of ``batch``; ``keys`` are unused (no sampling)."""
     del keys
-    features = self.neck(self.backbone(batch["image"]))
-    cls_logits, deltas = self.bbox_head(features)
+    area = own_area(batch["image_shape"]) if uses_own_padding(self.cfg, train) else None
+    features = self.neck(self.backbone(batch["image"], area), area)
+    cls_logits, deltas = self.bbox_head(features, area, self.cfg["anchors"]["strides"])
     per_level, anchors, anchor_valid = feature_anchors(features, self.cfg["anchors"], batch["image_shape"])
     if not train:
-      detect = functools.partial(retina_detections, anchors_per_level=per_level, **self.cfg["test"])
+      settings = {k: v for k, v in self.cfg["test"].items() if k != "own_padding"}
+      detect = functools.partial(retina_detections, anchors_per_level=per_level, **settings)
       return jax.vmap(detect)(cls_logits=cls_logits, deltas=deltas, anchor_valid=anchor_valid,
                               image_shape=batch["image_shape"])
 

@@ -11,8 +11,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from libra_jax.models.layers import ConvModuleList, resize_nearest
+from libra_jax.models.own_padding import OwnArea, zero_outside
 
 EXTRA_CONV_SOURCES = (None, "on_input")
+
+
+def output_strides(in_strides: Sequence[int], start_level: int, num_outs: int) -> Tuple[int, ...]:
+  """Strides of the FPN's outputs: the used backbone levels', then twice the previous one per extra level."""
+  strides = list(in_strides[start_level:])
+  while len(strides) < num_outs:
+    strides.append(2 * strides[-1])
+  return tuple(strides)
 
 
 class FPN(nn.Module):
@@ -39,10 +48,12 @@ class FPN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, ...]:
-    """Backbone maps ``[B, H_i, W_i, C_i]`` -> ``num_outs`` maps ``[B, h_l, w_l, out_channels]``.
+  def __call__(self, inputs: Sequence[jnp.ndarray], area: Optional[OwnArea] = None,
+               in_strides: Sequence[int] = (4, 8, 16, 32)) -> Tuple[jnp.ndarray, ...]:
+    """Backbone maps ``[B, H_i, W_i, C_i]`` of strides ``in_strides`` -> ``num_outs`` maps ``[B, h_l, w_l, out_channels]``.
 
-    Each extra level has size ``ceil(previous / 2)``.
+    Each extra level has size ``ceil(previous / 2)``. With ``area``, every 3x3
+    convolution reads zeros outside each image's own area (``own_padding``).
     """
     if self.add_extra_convs not in EXTRA_CONV_SOURCES:
       raise ValueError(f"add_extra_convs must be one of {EXTRA_CONV_SOURCES}, got {self.add_extra_convs!r}")
@@ -52,14 +63,16 @@ class FPN(nn.Module):
                        f"cannot use {len(inputs)} backbone levels")
     lateral_convs = ConvModuleList(self.out_channels, dtype=self.dtype, name="lateral_convs")
     fpn_convs = ConvModuleList(self.out_channels, dtype=self.dtype, name="fpn_convs")
+    strides = output_strides(in_strides[:len(inputs)], self.start_level, self.num_outs)
     laterals = [lateral_convs(x, i, kernel_size=1) for i, x in enumerate(used)]
     for i in range(len(laterals) - 1, 0, -1):
       laterals[i - 1] = laterals[i - 1] + resize_nearest(laterals[i], laterals[i - 1].shape[1:3])
-    outs = [fpn_convs(x, i) for i, x in enumerate(laterals)]
+    outs = [fpn_convs(zero_outside(area, x, stride), i) for i, (x, stride) in enumerate(zip(laterals, strides))]
     for i in range(len(outs), self.num_outs):
       if self.add_extra_convs is None:
         outs.append(outs[-1][:, ::2, ::2])
       else:
+        # An odd-sized area's stride-2 3x3 conv reads one row and column past it.
         source = used[-1] if i == len(used) else outs[-1]
-        outs.append(fpn_convs(source, i, strides=2))
+        outs.append(fpn_convs(zero_outside(area, source, strides[i - 1]), i, strides=2))
     return tuple(outs)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from libra_jax.ops import conv as conv_ops
 
@@ -111,3 +112,49 @@ def adaptive_max_pool(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
     return nn.max_pool(x, window, strides=window)
   x = jnp.stack([jnp.max(x[:, lo:hi], axis=1) for lo, hi in _adaptive_windows(in_h, out_h)], axis=1)
   return jnp.stack([jnp.max(x[:, :, lo:hi], axis=2) for lo, hi in _adaptive_windows(in_w, out_w)], axis=2)
+
+
+def _nearest_rows(out_size: int, in_extent, out_extent, in_size: int):
+  """``[B, out_size]`` int32: input row of each output row, ``floor(j * in_extent / out_extent)``, inside the map."""
+  rows = (jnp.arange(out_size)[None, :] * in_extent[:, None]) // jnp.maximum(out_extent[:, None], 1)
+  return jnp.minimum(rows, in_size - 1)
+
+
+def resize_nearest_per_image(x: jnp.ndarray, in_extent, out_extent, size: Tuple[int, int]) -> jnp.ndarray:
+  """``resize_nearest`` of each image's own area: ``x [B, H, W, C]`` -> ``[B, size[0], size[1], C]``.
+
+  Image ``b``'s area is ``in_extent[b]`` (``[B, 2]`` int32 rows, columns) of
+  ``x`` and becomes ``out_extent[b]`` of the output, by PyTorch's legacy
+  nearest rule on those sizes; outside it the output is meaningless.
+  """
+  rows = _nearest_rows(size[0], in_extent[:, 0], out_extent[:, 0], x.shape[1])
+  cols = _nearest_rows(size[1], in_extent[:, 1], out_extent[:, 1], x.shape[2])
+  x = jnp.take_along_axis(x, rows[:, :, None, None], axis=1)
+  return jnp.take_along_axis(x, cols[:, None, :, None], axis=2)
+
+
+def _adaptive_max_axis(x: jnp.ndarray, axis: int, out_size: int, in_extent, out_extent, max_window: int):
+  """Adaptive max pooling of ``x [B, H, W, C]`` along ``axis`` (1 or 2) with per-image windows."""
+  steps = jnp.arange(out_size)[None, :]
+  low = (steps * in_extent[:, None]) // jnp.maximum(out_extent[:, None], 1)
+  high = -((-(steps + 1) * in_extent[:, None]) // jnp.maximum(out_extent[:, None], 1))
+  shape = (-1, out_size, 1, 1) if axis == 1 else (-1, 1, out_size, 1)
+  pooled = None
+  for offset in range(max_window):
+    index = jnp.minimum(low + offset, x.shape[axis] - 1)
+    values = jnp.take_along_axis(x, index.reshape(shape), axis=axis)
+    values = jnp.where((low + offset < high).reshape(shape), values, jnp.asarray(-np.inf, x.dtype))
+    pooled = values if pooled is None else jnp.maximum(pooled, values)
+  return pooled
+
+
+def adaptive_max_pool_per_image(x: jnp.ndarray, in_extent, out_extent, size: Tuple[int, int],
+                                max_window: int) -> jnp.ndarray:
+  """``adaptive_max_pool`` of each image's own area (``in_extent [B, 2]`` of ``x`` -> ``out_extent [B, 2]``).
+
+  ``max_window`` (static) bounds every window's length; windows of an output
+  inside ``out_extent`` lie inside ``in_extent``. Outside it the output is
+  meaningless.
+  """
+  x = _adaptive_max_axis(x, 1, size[0], in_extent[:, 0], out_extent[:, 0], max_window)
+  return _adaptive_max_axis(x, 2, size[1], in_extent[:, 1], out_extent[:, 1], max_window)

@@ -19,12 +19,13 @@ examples' outputs one by one. The BN affine parameters stay ordinary params;
 whether they are trained is up to the optimizer's mask.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from libra_jax.models.own_padding import OwnArea, zero_outside
 from libra_jax.ops import conv as conv_ops
 
 # depth -> (block kind, blocks per stage).
@@ -36,6 +37,8 @@ STAGE_BLOCKS = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 EXPANSION = {"basic": 1, "bottleneck": 4}
+# Strides of C2..C5.
+OUTPUT_STRIDES = (4, 8, 16, 32)
 BN_EPSILON = 1e-5
 
 # Kaiming normal with fan_out = out_channels * kh * kw and the ReLU gain, as
@@ -124,9 +127,14 @@ class BasicBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """``[B, H, W, C_in]`` -> ``[B, ceil(H / stride), ceil(W / stride), features]``."""
-    y = nn.relu(_bn(self.dtype, "bn1")(_conv(self.features, 3, self.stride, self.dtype, "conv1")(x)))
+  def __call__(self, x: jnp.ndarray, area: Optional[OwnArea] = None, in_stride: int = 1) -> jnp.ndarray:
+    """``[B, H, W, C_in]`` (a map of ``in_stride``) -> ``[B, ceil(H / stride), ceil(W / stride), features]``.
+
+    With ``area``, the 3x3 convolutions read zeros outside each image's own area.
+    """
+    y = zero_outside(area, x, in_stride) if self.stride == 1 else x
+    y = nn.relu(_bn(self.dtype, "bn1")(_conv(self.features, 3, self.stride, self.dtype, "conv1")(y)))
+    y = zero_outside(area, y, in_stride * self.stride)
     y = _bn(self.dtype, "bn2")(_conv(self.features, 3, 1, self.dtype, "conv2")(y))
     shortcut = Downsample(self.features, self.stride, self.dtype, name="downsample")(x) if self.downsample else x
     return nn.relu(y + shortcut)
@@ -151,9 +159,14 @@ class Bottleneck(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """``[B, H, W, C_in]`` -> ``[B, ceil(H / stride), ceil(W / stride), features]``."""
+  def __call__(self, x: jnp.ndarray, area: Optional[OwnArea] = None, in_stride: int = 1) -> jnp.ndarray:
+    """``[B, H, W, C_in]`` (a map of ``in_stride``) -> ``[B, ceil(H / stride), ceil(W / stride), features]``.
+
+    With ``area``, the 3x3 convolution reads zeros outside each image's own area.
+    """
     y = nn.relu(_bn(self.dtype, "bn1")(_conv(self.width, 1, 1, self.dtype, "conv1")(x)))
+    if self.stride == 1:
+      y = zero_outside(area, y, in_stride)
     y = _conv(self.width, 3, self.stride, self.dtype, "conv2", groups=self.groups)(y)
     y = nn.relu(_bn(self.dtype, "bn2")(y))
     y = _bn(self.dtype, "bn3")(_conv(self.features, 1, 1, self.dtype, "conv3")(y))
@@ -182,16 +195,18 @@ class ResLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """``[B, H, W, C_in]`` -> ``[B, ceil(H / stride), ceil(W / stride), planes * expansion]``."""
+  def __call__(self, x: jnp.ndarray, area: Optional[OwnArea] = None, in_stride: int = 1) -> jnp.ndarray:
+    """``[B, H, W, C_in]`` (a map of ``in_stride``) -> ``[B, ceil(H / stride), ceil(W / stride), planes * expansion]``."""
     features = self.planes * EXPANSION[self.block]
     for i in range(self.num_blocks):
       stride = self.stride if i == 0 else 1
       downsample = i == 0 and (stride != 1 or x.shape[-1] != features)
       if self.block == "basic":
-        x = BasicBlock(features, stride, downsample, self.dtype, name=str(i))(x)
+        block = BasicBlock(features, stride, downsample, self.dtype, name=str(i))
       else:
-        x = Bottleneck(self.width, features, stride, self.groups, downsample, self.dtype, name=str(i))(x)
+        block = Bottleneck(self.width, features, stride, self.groups, downsample, self.dtype, name=str(i))
+      x = block(x, area, in_stride)
+      in_stride *= stride
     return x
 
 
@@ -229,12 +244,14 @@ class ResNet(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, images: jnp.ndarray) -> Tuple[jnp.ndarray, ...]:
+  def __call__(self, images: jnp.ndarray, area: Optional[OwnArea] = None) -> Tuple[jnp.ndarray, ...]:
     """Runs the backbone.
 
     Args:
-      images: ``[B, H, W, 3]`` float, normalized; H and W multiples of 32 give
-        exact strides.
+      images: ``[B, H, W, 3]`` float, normalized, zero outside each image; H
+        and W multiples of 32 give exact strides.
+      area: each image's own padded area: each computes as if padded only to
+        it (``own_padding``); None lets the whole bucket count.
 
     Returns:
       ``(C2, C3, C4, C5)``, each ``[B, H / s, W / s, C]`` in ``dtype`` with
@@ -243,15 +260,18 @@ class ResNet(nn.Module):
     """
     block, stage_blocks = STAGE_BLOCKS[self.depth]
     x = _conv(self.base_channels, 7, 2, self.dtype, "conv1")(images)
+    # The pool's windows stay inside the area for every output inside it: nothing to zero here.
     x = stem_max_pool(nn.relu(_bn(self.dtype, "bn1")(x)))
     if self.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
     outputs = []
+    in_stride = 4
     for i, num_blocks in enumerate(stage_blocks):
       planes = self.base_channels * 2**i
       width = (planes * self.base_width // self.base_channels) * self.groups
       x = ResLayer(block, num_blocks, planes, width, stride=1 if i == 0 else 2, groups=self.groups,
-                   dtype=self.dtype, name=f"layer{i + 1}")(x)
+                   dtype=self.dtype, name=f"layer{i + 1}")(x, area, in_stride)
+      in_stride = OUTPUT_STRIDES[i]
       if self.frozen_stages >= i + 1:
         x = jax.lax.stop_gradient(x)
       outputs.append(x)

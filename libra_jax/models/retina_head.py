@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from libra_jax import losses
 
 from libra_jax.models.layers import ConvModuleList, conv2d
+from libra_jax.models.own_padding import OwnArea
 from libra_jax.models.postprocess import Detections, drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.assign import max_iou_assign
@@ -41,8 +42,12 @@ class RetinaHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, jnp.ndarray]:
-    """Levels ``[B, H_l, W_l, C_in]`` -> ``(logits [B, N, num_classes], deltas [B, N, 4])``."""
+  def __call__(self, features: Sequence[jnp.ndarray], area: Optional[OwnArea] = None,
+               strides: Sequence[int] = ()) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """Levels ``[B, H_l, W_l, C_in]`` -> ``(logits [B, N, num_classes], deltas [B, N, 4])``.
+
+    With ``area`` (and the levels' ``strides``), every 3x3 conv reads zeros outside each image's own area.
+    """
     init = nn.initializers.normal(0.01)
     cls_convs = ConvModuleList(self.feat_channels, kernel_init=init, dtype=self.dtype, name="cls_convs")
     reg_convs = ConvModuleList(self.feat_channels, kernel_init=init, dtype=self.dtype, name="reg_convs")
@@ -51,14 +56,15 @@ class RetinaHead(nn.Module):
                         bias_init=nn.initializers.constant(prior_bias), dtype=self.dtype)
     retina_reg = conv2d(self.num_anchors * 4, 3, name="retina_reg", kernel_init=init, dtype=self.dtype)
     logits, deltas = [], []
-    for x in features:
+    for level, x in enumerate(features):
+      inside = (lambda y: y) if area is None else functools.partial(area.zero_outside, stride=strides[level])
       cls_x, reg_x = x, x
       for i in range(self.stacked_convs):
-        cls_x = cls_convs(cls_x, i, use_relu=True)
-        reg_x = reg_convs(reg_x, i, use_relu=True)
+        cls_x = cls_convs(inside(cls_x), i, use_relu=True)
+        reg_x = reg_convs(inside(reg_x), i, use_relu=True)
       batch = x.shape[0]
-      logits.append(retina_cls(cls_x).reshape(batch, -1, self.num_classes))
-      deltas.append(retina_reg(reg_x).reshape(batch, -1, 4))
+      logits.append(retina_cls(inside(cls_x)).reshape(batch, -1, self.num_classes))
+      deltas.append(retina_reg(inside(reg_x)).reshape(batch, -1, 4))
     return (jnp.concatenate(logits, axis=1).astype(jnp.float32),
             jnp.concatenate(deltas, axis=1).astype(jnp.float32))
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from libra_jax import losses
 from libra_jax.models.layers import conv2d
+from libra_jax.models.own_padding import OwnArea
 from libra_jax.models.postprocess import drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.assign import max_iou_assign
@@ -36,15 +37,19 @@ class RPNHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, jnp.ndarray]:
-    """Levels ``[B, H_l, W_l, C]`` -> ``(logits [B, N], deltas [B, N, 4])``, N = sum H_l W_l A."""
+  def __call__(self, features: Sequence[jnp.ndarray], area: Optional[OwnArea] = None,
+               strides: Sequence[int] = ()) -> Tuple[jnp.ndarray, jnp.ndarray]:
+    """Levels ``[B, H_l, W_l, C]`` -> ``(logits [B, N], deltas [B, N, 4])``, N = sum H_l W_l A.
+
+    With ``area`` (and the levels' ``strides``), the 3x3 conv reads zeros outside each image's own area.
+    """
     init = nn.initializers.normal(0.01)
     shared = conv2d(self.feat_channels, 3, name="rpn_conv", kernel_init=init, dtype=self.dtype)
     cls = conv2d(self.num_anchors, 1, name="rpn_cls", kernel_init=init, dtype=self.dtype)
     reg = conv2d(4 * self.num_anchors, 1, name="rpn_reg", kernel_init=init, dtype=self.dtype)
     logits, deltas = [], []
-    for x in features:
-      x = nn.relu(shared(x))
+    for level, x in enumerate(features):
+      x = nn.relu(shared(x if area is None else area.zero_outside(x, strides[level])))
       batch = x.shape[0]
       logits.append(cls(x).reshape(batch, -1))
       deltas.append(reg(x).reshape(batch, -1, 4))

@@ -129,7 +129,7 @@ class _Plan(NamedTuple):
   y: AxisGrid
   x: AxisGrid
   row_offsets: jnp.ndarray
-  widths: jnp.ndarray
+  row_widths: jnp.ndarray
 
 
 def _num_pairs(plan: _Plan) -> jnp.ndarray:
@@ -143,7 +143,7 @@ def _pair_indices_and_weights(plan: _Plan, pair):
   dx = pair % plan.x.num_pixels
   rows, y_weights = pixel_weights(plan.y, dy)
   cols, x_weights = pixel_weights(plan.x, dx)
-  indices = (plan.row_offsets[:, None, None] + rows[:, :, None] * plan.widths[:, None, None] + cols[:, None, :])
+  indices = (plan.row_offsets[:, None, None] + rows[:, :, None] * plan.row_widths[:, None, None] + cols[:, None, :])
   return indices, y_weights[:, :, None] * x_weights[:, None, :]
 
 
@@ -196,8 +196,8 @@ def _pool_backward(feature_type, plan, cotangent):
 _pool_with_vjp.defvjp(_pool_forward, _pool_backward)
 
 
-def adaptive_roi_bins(flat_features, scaled_rois, heights, widths, row_offsets, output_size: Tuple[int, int],
-                      aligned: bool) -> jnp.ndarray:
+def adaptive_roi_bins(flat_features, scaled_rois, heights, widths, row_widths, row_offsets,
+                      output_size: Tuple[int, int], aligned: bool) -> jnp.ndarray:
   """RoIAlign with mmcv's adaptive grid of each RoI from its own map inside ``flat_features``.
 
   Args:
@@ -205,7 +205,8 @@ def adaptive_roi_bins(flat_features, scaled_rois, heights, widths, row_offsets, 
       concatenated along the first axis.
     scaled_rois: ``[K, 4]`` float32 xyxy RoIs in their map's pixels, already
       shifted by the alignment offset.
-    heights, widths: ``[K]`` float32 size of each RoI's map.
+    heights, widths: ``[K]`` float32 extent of each RoI's map that sampling sees.
+    row_widths: ``[K]`` int32 row length of each RoI's map in ``flat_features``.
     row_offsets: ``[K]`` int32 first row of each RoI's map in ``flat_features``.
     output_size: ``(out_h, out_w)``.
     aligned: when False, RoIs are at least one map pixel long.
@@ -218,6 +219,6 @@ def adaptive_roi_bins(flat_features, scaled_rois, heights, widths, row_offsets, 
   scaled_rois = jax.lax.stop_gradient(scaled_rois)
   plan = _Plan(y=axis_grid(scaled_rois[:, 1], scaled_rois[:, 3], heights, out_h, aligned),
                x=axis_grid(scaled_rois[:, 0], scaled_rois[:, 2], widths, out_w, aligned),
-               row_offsets=row_offsets, widths=widths.astype(jnp.int32))
+               row_offsets=row_offsets, row_widths=row_widths)
   return _pool_with_vjp(jax.ShapeDtypeStruct(flat_features.shape, flat_features.dtype), flat_features, plan)
 

@@ -94,7 +94,7 @@ def _axis_taps(start, end, extent, num_bins, sampling_ratio, aligned):
   return taps, weights
 
 
-def _gather_roi_bins(flat_features, rois, heights, widths, row_offsets, spatial_scales,
+def _gather_roi_bins(flat_features, rois, heights, widths, row_widths, row_offsets, spatial_scales,
                      output_size, sampling_ratio, aligned):
   """RoIAlign of each RoI from its own map inside ``flat_features``.
 
@@ -109,7 +109,9 @@ def _gather_roi_bins(flat_features, rois, heights, widths, row_offsets, spatial_
     flat_features: ``[N, C]``: one or more row-major flattened ``[H, W, C]``
       maps, concatenated along the first axis.
     rois: ``[K, 4]`` xyxy in image pixels.
-    heights, widths: ``[K]`` float32 size (H, W) of each RoI's map.
+    heights, widths: ``[K]`` float32 extent of each RoI's map that sampling
+      sees (H, W), where its borders are: the whole map, or less.
+    row_widths: ``[K]`` int32 row length (W) of each RoI's map in ``flat_features``.
     row_offsets: ``[K]`` int32 first row of each RoI's map in
       ``flat_features``.
     spatial_scales: ``[K]`` float32 map pixels per image pixel of each RoI's
@@ -127,14 +129,14 @@ def _gather_roi_bins(flat_features, rois, heights, widths, row_offsets, spatial_
   offset = 0.5 if aligned else 0.0
   scaled = jnp.asarray(rois, jnp.float32) * spatial_scales[:, None] - offset
   if sampling_ratio == 0:
-    return adaptive_roi_bins(flat_features, scaled, heights, widths, row_offsets, output_size, aligned)
+    return adaptive_roi_bins(flat_features, scaled, heights, widths, row_widths, row_offsets, output_size, aligned)
   y_taps, y_weights = _axis_taps(scaled[:, 1], scaled[:, 3], heights, out_h,
                                  sampling_ratio, aligned)
   x_taps, x_weights = _axis_taps(scaled[:, 0], scaled[:, 2], widths, out_w,
                                  sampling_ratio, aligned)
 
   # All (y tap, x tap) pairs: [T = (2 * sampling_ratio) ** 2, K, out_h, out_w].
-  row_starts = y_taps * widths.astype(jnp.int32)[:, None] + row_offsets[:, None]
+  row_starts = y_taps * row_widths[:, None] + row_offsets[:, None]
   indices = row_starts[:, None, :, :, None] + x_taps[None, :, :, None, :]
   weights = y_weights[:, None, :, :, None] * x_weights[None, :, :, None, :]
   num_taps = (2 * sampling_ratio) ** 2
@@ -199,6 +201,7 @@ def roi_align(features: ArrayLike, rois: ArrayLike, output_size: OutputSize,
       features.reshape(height * width, channels), rois,
       heights=jnp.full((num_rois,), height, jnp.float32),
       widths=jnp.full((num_rois,), width, jnp.float32),
+      row_widths=jnp.full((num_rois,), width, jnp.int32),
       row_offsets=jnp.zeros((num_rois,), jnp.int32),
       spatial_scales=jnp.full((num_rois,), spatial_scale, jnp.float32),
       output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned)
@@ -231,12 +234,8 @@ def map_roi_levels(rois: ArrayLike, num_levels: int, finest_scale: float = 56) -
 def multilevel_roi_align(features: Sequence[ArrayLike], rois: ArrayLike,
                          output_size: OutputSize, strides: Sequence[float],
                          sampling_ratio: int = 2, finest_scale: float = 56,
-                         aligned: bool = True) -> jnp.ndarray:
-  """RoIAlign of each RoI on the pyramid level chosen by ``map_roi_levels``.
-
-  The levels are flattened and concatenated into one ``[sum_l H_l * W_l, C]``
-  array; each RoI looks up the size, first row and scale of its level and
-  gathers only from it, so the cost does not grow with the number of levels.
+                         aligned: bool = True, valid_size: ArrayLike = None) -> jnp.ndarray:
+  """RoIAlign of each RoI of one image on the pyramid level chosen by ``map_roi_levels``.
 
   Args:
     features: sequence of ``[H_l, W_l, C]`` maps of one image, finest first
@@ -248,6 +247,11 @@ def multilevel_roi_align(features: Sequence[ArrayLike], rois: ArrayLike,
       the adaptive grid (see ``roi_align``).
     finest_scale: see ``map_roi_levels``.
     aligned: see ``roi_align``.
+    valid_size: optional ``[2]`` (height, width) in image pixels of the part
+      of the image the maps cover, e.g. the image's own padded area inside a
+      larger bucket: level ``l`` then ends at ``ceil(valid_size / stride_l)``
+      pixels (at most the map's size) for the sampling rules, as if the map
+      were that small. May be traced.
 
   Returns:
     ``[K, out_h, out_w, C]`` in the dtype of the features.
@@ -256,22 +260,64 @@ def multilevel_roi_align(features: Sequence[ArrayLike], rois: ArrayLike,
     ValueError: on mismatched ``features``/``strides`` lengths, a
       negative or non-integer ``sampling_ratio`` or a bad ``output_size``.
   """
+  return batched_multilevel_roi_align([jnp.asarray(level)[None] for level in features], jnp.asarray(rois)[None],
+                                      output_size, strides, sampling_ratio, finest_scale, aligned,
+                                      None if valid_size is None else jnp.asarray(valid_size)[None])[0]
+
+
+def batched_multilevel_roi_align(features: Sequence[ArrayLike], rois: ArrayLike,
+                                 output_size: OutputSize, strides: Sequence[float],
+                                 sampling_ratio: int = 2, finest_scale: float = 56,
+                                 aligned: bool = True, valid_size: ArrayLike = None) -> jnp.ndarray:
+  """``multilevel_roi_align`` of a batch: each image's RoIs on its own maps, as one call.
+
+  Every level of every image is flattened into one ``[B * sum_l H_l * W_l, C]``
+  array; each RoI looks up the size, first row and scale of its image's level
+  and gathers only from it. One call for the batch (rather than a ``vmap``)
+  keeps the adaptive grid's loop unbatched: it runs to the batch's largest
+  RoI grid once, without a per-image select over its carry at every step.
+
+  Args:
+    features: sequence of ``[B, H_l, W_l, C]`` maps, finest first.
+    rois: ``[B, K, 4]`` float xyxy boxes in image pixels.
+    output_size, strides, sampling_ratio, finest_scale, aligned: as for
+      ``multilevel_roi_align``.
+    valid_size: optional ``[B, 2]``, each image's as for ``multilevel_roi_align``.
+
+  Returns:
+    ``[B, K, out_h, out_w, C]`` in the dtype of the features.
+
+  Raises:
+    ValueError: as ``multilevel_roi_align``.
+  """
   output_size = _pair(output_size)
   sampling_ratio = _check_sampling_ratio(sampling_ratio)
   if len(features) != len(strides):
     raise ValueError(f"got {len(features)} feature levels but {len(strides)} strides")
   features = [jnp.asarray(level) for level in features]
-  shapes = np.array([level.shape[:2] for level in features], np.int64)
+  rois = jnp.asarray(rois)
+  batch, num_rois = rois.shape[:2]
+  shapes = np.array([level.shape[1:3] for level in features], np.int64)
   sizes = shapes[:, 0] * shapes[:, 1]
+  per_image = int(sizes.sum())
   flat_features = jnp.concatenate(
-      [level.reshape(size, level.shape[2]) for level, size in zip(features, sizes)], axis=0)
+      [level.reshape(batch, size, level.shape[3]) for level, size in zip(features, sizes)], axis=1)
+  flat_features = flat_features.reshape(batch * per_image, flat_features.shape[2])
   offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
+  rois = rois.reshape(batch * num_rois, 4)
   levels = map_roi_levels(rois, len(features), finest_scale)
-  return _gather_roi_bins(
+  images = np.repeat(np.arange(batch), num_rois)
+  extents = jnp.broadcast_to(jnp.asarray(shapes, jnp.int32), (batch,) + shapes.shape)
+  if valid_size is not None:
+    strides_int = np.asarray(strides, np.int64)[None, :, None]
+    extents = jnp.minimum(extents, -(-jnp.asarray(valid_size, jnp.int32)[:, None, :] // strides_int))
+  pooled = _gather_roi_bins(
       flat_features, rois,
-      heights=jnp.asarray(shapes[:, 0], jnp.float32)[levels],
-      widths=jnp.asarray(shapes[:, 1], jnp.float32)[levels],
-      row_offsets=jnp.asarray(offsets, jnp.int32)[levels],
+      heights=extents[images, levels, 0].astype(jnp.float32),
+      widths=extents[images, levels, 1].astype(jnp.float32),
+      row_widths=jnp.asarray(shapes[:, 1], jnp.int32)[levels],
+      row_offsets=jnp.asarray(offsets, jnp.int32)[levels] + jnp.asarray(images * per_image, jnp.int32),
       spatial_scales=jnp.asarray(1.0 / np.asarray(strides, np.float64), jnp.float32)[levels],
       output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned)
+  return pooled.reshape((batch, num_rois) + pooled.shape[1:])

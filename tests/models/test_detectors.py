@@ -201,12 +201,13 @@ def test_public_stages_compose_into_the_detections(libra_faster):
   model = build_detector(cfg)
 
   def staged(v, b):
+    # Test time computes each image within its own padding: the stages take the images' shapes for that.
     stage = lambda method, *args, **kw: model.apply(v, *args, method=method, **kw)
-    features = stage(FasterRCNN.features, b["image"])
-    logits, deltas = stage(FasterRCNN.rpn_outputs, features)
+    features = stage(FasterRCNN.features, b["image"], b["image_shape"])
+    logits, deltas = stage(FasterRCNN.rpn_outputs, features, b["image_shape"])
     test, train = stage(FasterRCNN.proposals, b, train=False), stage(FasterRCNN.proposals, b, train=True)
-    cls_logits, reg_deltas = stage(FasterRCNN.rcnn_outputs, features, test.boxes)
-    detections = stage(FasterRCNN.detections_from_proposals, features, test, b["image_shape"])
+    cls_logits, reg_deltas = stage(FasterRCNN.rcnn_outputs, features, test.boxes, b["image_shape"])
+    detections = stage(FasterRCNN.detections_from_proposals, features, test, b["image_shape"], own_padding=True)
     return logits, deltas, test, train, cls_logits, reg_deltas, detections, model.apply(v, b, train=False)
 
   logits, deltas, test, train, cls_logits, reg_deltas, staged_dets, whole = jax.jit(staged)(det.variables,

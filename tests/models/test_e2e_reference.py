@@ -2,11 +2,19 @@
 
 ``tests/data/e2e/README.md`` (a copy of ``shared/refs/e2e/README.md``) says how
 the references were made: the weights are regenerated here from their recipe
-in numpy, imported with ``convert.import_detector`` (strict), and the batch of
-two photos padded together to 800x1216 goes through the public stages. Each
-stage is compared with mmdetection's, the R-CNN head and the detections with
-both RoIAlign grids: the config's adaptive one (``sampling_ratio=0``, ``sr0_*``)
-and the fixed ``sampling_ratio=2`` (``sr2_*``). The bars are the README's.
+in numpy and imported with ``convert.import_detector`` (strict). Two runs go
+through the public stages:
+
+- the batch of the two photos padded together to 800x1216, as mmdetection
+  batched them (``own_padding`` off), against ``libra_faster_r50.npz``;
+- the two photos in COCO's 800x1344 bucket, each computed as if padded only
+  to its own multiple of 32 (``own_padding``, the test default), against
+  mmdetection's one-image runs (``libra_faster_r50_single_*.npz``).
+
+Each stage is compared with mmdetection's, the R-CNN head and the detections
+with both RoIAlign grids: the config's adaptive one (``sampling_ratio=0``,
+``sr0_*``) and the fixed ``sampling_ratio=2`` (``sr2_*``). The bars are the
+README's.
 """
 
 import hashlib
@@ -63,38 +71,76 @@ def network_input(ref):
   return image
 
 
+SINGLE = ("astronaut", "rocket")
+BUCKET = (800, 1344)
+
+
+def load_reference(name):
+  with np.load(E2E / name) as data:
+    return {key: data[key] for key in data.files}
+
+
 @pytest.fixture(scope="module")
-def outputs():
-  """``(reference arrays, our outputs of every stage)``."""
-  with np.load(E2E / "libra_faster_r50.npz") as data:
-    ref = {key: data[key] for key in data.files}
+def imported():
+  """``(variables, config)``: the recipe's weights imported into the COCO config's Libra Faster R-CNN."""
   state_dict = reference_state_dict()
   assert weights_digest(state_dict) == WEIGHTS_SHA256
   config = load_config(str(ROOT / "configs" / "libra_faster_rcnn_r50_fpn_1x_coco.py"))
-  assert config.model.rcnn.sampling_ratio == 0
-  model = build_detector(config.model)
-  config.model.rcnn.sampling_ratio = 2
-  fixed_grid_model = build_detector(config.model)
-  image = network_input(ref)
-  variables, report = convert.import_detector(state_dict, abstract_variables(model, jnp.zeros((1, 64, 64, 3))))
+  assert config.model.rcnn.sampling_ratio == 0 and config.model.test.own_padding
+  variables, report = convert.import_detector(state_dict, abstract_variables(build_detector(config.model),
+                                                                             jnp.zeros((1, 64, 64, 3))))
   assert report.ok and report.converted == len(state_dict)
-  batch = dict(image=image, image_shape=np.stack([ref["img_shape0"], ref["img_shape1"]]).astype(np.int32))
-  rois = ref["proposals_boxes"][:, :200]
+  return variables, config
+
+
+def run_stages(variables, config, image, image_shape, rois, own_padding: bool):
+  """Our outputs of every stage, the R-CNN head and the detections with RoIAlign sampling ratios 0 and 2."""
+  config = config.copy_and_resolve_references()
+  config.model.test.own_padding = own_padding
+  models = {}
+  for ratio in (0, 2):
+    config.model.rcnn.sampling_ratio = ratio
+    models[ratio] = build_detector(config.model)
+  area_shape = image_shape if own_padding else None
 
   def stages(v, b, rois):
+    model = models[0]
     stage = lambda method, *args, **kw: model.apply(v, *args, method=method, **kw)
-    features = stage(FasterRCNN.features, b["image"])
-    logits, deltas = stage(FasterRCNN.rpn_outputs, features)
+    features = stage(FasterRCNN.features, b["image"], area_shape)
+    logits, deltas = stage(FasterRCNN.rpn_outputs, features, area_shape)
     proposals = stage(FasterRCNN.proposals, b, train=False)
     outputs = dict(features=features, logits=logits, deltas=deltas, proposals=proposals)
-    for ratio, detector in ((0, model), (2, fixed_grid_model)):
-      head = lambda method, *args: detector.apply(v, *args, method=method)
-      outputs[f"sr{ratio}_cls"], outputs[f"sr{ratio}_reg"] = head(FasterRCNN.rcnn_outputs, features, rois)
+    for ratio, detector in models.items():
+      head = lambda method, *args, **kw: detector.apply(v, *args, method=method, **kw)
+      outputs[f"sr{ratio}_cls"], outputs[f"sr{ratio}_reg"] = head(FasterRCNN.rcnn_outputs, features, rois, area_shape)
       outputs[f"sr{ratio}_detections"] = head(FasterRCNN.detections_from_proposals, features, proposals,
-                                              b["image_shape"])
+                                              b["image_shape"], own_padding=own_padding)
     return outputs
 
-  return ref, jax.device_get(jax.jit(stages)(variables, batch, rois))
+  batch = dict(image=image, image_shape=image_shape)
+  return jax.device_get(jax.jit(stages)(variables, batch, rois))
+
+
+@pytest.fixture(scope="module")
+def outputs(imported):
+  """``(reference arrays, our outputs of every stage)`` of the 800x1216 batch, without own padding."""
+  ref = load_reference("libra_faster_r50.npz")
+  image_shape = np.stack([ref["img_shape0"], ref["img_shape1"]]).astype(np.int32)
+  return ref, run_stages(*imported, network_input(ref), image_shape, ref["proposals_boxes"][:, :200],
+                         own_padding=False)
+
+
+@pytest.fixture(scope="module")
+def bucketed(imported):
+  """``([reference arrays per photo], our outputs)`` of both photos in one 800x1344 batch, with own padding."""
+  refs = [load_reference(f"libra_faster_r50_single_{name}.npz") for name in SINGLE]
+  image = np.zeros((2,) + BUCKET + (3,), np.float32)
+  for i, ref in enumerate(refs):
+    h, w = ref["img_shape0"]
+    image[i, :h, :w] = (ref["image0"].astype(np.float32) - MEAN.astype(np.float32)) / STD.astype(np.float32)
+  image_shape = np.stack([ref["img_shape0"] for ref in refs]).astype(np.int32)
+  rois = np.stack([ref["proposals_boxes"][0, :200] for ref in refs])
+  return refs, run_stages(*imported, image, image_shape, rois, own_padding=True)
 
 
 def by_level(flat, ref, name):
@@ -178,3 +224,62 @@ def test_detections(outputs, ratio):
     mine = (detections.boxes[i][valid], detections.scores[i][valid], detections.classes[i][valid])
     assert detection_share(theirs, mine) >= 0.95, i
     assert detection_share(mine, theirs) >= 0.95, i
+
+
+def bucket_levels(flat, features, channels):
+  """Our anchor-ordered outputs of one image in the bucket (``[N]`` logits or ``[N, 4]`` deltas) -> one
+  ``[H_l, W_l, channels]`` map per level (``channels``: 3 logits or 12 deltas per location)."""
+  levels, start = [], 0
+  rows_per_location = channels // (flat.shape[1] if flat.ndim == 2 else 1)
+  for level in features:
+    h, w = level.shape[1:3]
+    levels.append(flat[start:start + h * w * rows_per_location].reshape(h, w, channels))
+    start += h * w * rows_per_location
+  assert start == flat.shape[0]
+  return levels
+
+
+def own_crops(levels, ref, name):
+  """Each level cropped to the reference's own-padded size, as ``[1, H, W, C]``."""
+  return [level[None, :ref[f"{name}{l}_shape"][1], :ref[f"{name}{l}_shape"][2]] for l, level in enumerate(levels)]
+
+
+@pytest.mark.parametrize("photo", [0, 1], ids=SINGLE)
+def test_one_photo_in_the_bucket_neck_and_rpn_outputs(bucketed, photo):
+  # README bar: per level, max |ours - ref| over the sampled values / the level's RMS, below 1e-3, inside the
+  # photo's own padded area (all of mmdetection's one-image maps).
+  refs, ours = bucketed
+  ref = refs[photo]
+  assert_dense_close(own_crops([level[photo] for level in ours["features"]], ref, "neck"), ref, "neck")
+  np.testing.assert_allclose(ours["features"][0][photo][None, ..., 0][:, :ref["neck0_shape"][1],
+                                                                      :ref["neck0_shape"][2]],
+                             ref["neck0_ch0"], atol=1e-4)
+  for name, flat, channels in (("rpn_cls", ours["logits"][photo], 3), ("rpn_reg", ours["deltas"][photo], 12)):
+    assert_dense_close(own_crops(bucket_levels(flat, ours["features"], channels), ref, name), ref, name)
+
+
+@pytest.mark.parametrize("photo", [0, 1], ids=SINGLE)
+def test_one_photo_in_the_bucket_proposals(bucketed, photo):
+  refs, ours = bucketed
+  proposals: Proposals = ours["proposals"]
+  theirs, mine = refs[photo]["proposals_boxes"][0, :300], proposals.boxes[photo][proposals.valid[photo]][:300]
+  assert matched_share(theirs, mine, 0.99) >= 0.95
+  assert matched_share(mine, theirs, 0.99) >= 0.95
+
+
+@pytest.mark.parametrize("ratio", [0, 2])
+@pytest.mark.parametrize("photo", [0, 1], ids=SINGLE)
+def test_one_photo_in_the_bucket_rcnn_head_and_detections(bucketed, photo, ratio):
+  refs, ours = bucketed
+  ref = refs[photo]
+  for name in ("cls", "reg"):
+    want = ref[f"sr{ratio}_{name}"][0]
+    error = np.max(np.abs(ours[f"sr{ratio}_{name}"][photo] - want)) / np.sqrt(np.mean(want ** 2))
+    assert error < 1e-3, (name, error)
+  detections = ours[f"sr{ratio}_detections"]
+  count = int(ref[f"sr{ratio}_det_count"][0])
+  theirs = tuple(ref[f"sr{ratio}_det_{key}"][0, :count] for key in ("boxes", "scores", "labels"))
+  valid = detections.valid[photo]
+  mine = (detections.boxes[photo][valid], detections.scores[photo][valid], detections.classes[photo][valid])
+  assert detection_share(theirs, mine) >= 0.95
+  assert detection_share(mine, theirs) >= 0.95

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax import test_util as jtu
 
-from libra_jax.ops.roi_align import map_roi_levels, multilevel_roi_align, roi_align
+from libra_jax.ops.roi_align import batched_multilevel_roi_align, map_roi_levels, multilevel_roi_align, roi_align
 
 jit_roi_align = jax.jit(roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
 jit_map_roi_levels = jax.jit(map_roi_levels, static_argnames=("num_levels", "finest_scale"))
@@ -289,8 +289,16 @@ def test_vmap_over_images_equals_per_image(sampling_ratio):
       multilevel_roi_align, output_size=2, strides=STRIDES, sampling_ratio=sampling_ratio,
       finest_scale=FINEST_SCALE)))
   got = batched(stacked, np.stack(level_rois))
+  # The batched op (one call for all images, each with its own valid size) is the per-image op too.
+  valid = np.array([[60, 150], [100, 90]], np.int32)
+  at_once = jax.jit(functools.partial(batched_multilevel_roi_align, output_size=2, strides=STRIDES,
+                                      sampling_ratio=sampling_ratio, finest_scale=FINEST_SCALE))
+  whole, limited = at_once(stacked, np.stack(level_rois)), at_once(stacked, np.stack(level_rois), valid_size=valid)
   for i in range(2):
     single = jit_multilevel(pyramids[i], level_rois[i], 2, STRIDES, sampling_ratio, FINEST_SCALE)
+    np.testing.assert_allclose(whole[i], single, atol=1e-6)
+    np.testing.assert_allclose(limited[i], multilevel_roi_align(pyramids[i], level_rois[i], 2, STRIDES, sampling_ratio,
+                                                                FINEST_SCALE, valid_size=valid[i]), atol=1e-6)
     np.testing.assert_allclose(got[i], single, atol=1e-6)
 
 

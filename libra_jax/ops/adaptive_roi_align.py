@@ -113,14 +113,15 @@ def pixel_weights(grid: AxisGrid, offset) -> Tuple[jnp.ndarray, jnp.ndarray]:
   spacing = jnp.where(bin_size > 0, bin_size / samples.astype(jnp.float32), 1.0)
   estimate = jnp.floor((pixels.astype(jnp.float32) - 1.0 - grid_starts) / spacing - 0.5) - 1.0
   first = jnp.clip(estimate, 0.0, (samples - 1).astype(jnp.float32)).astype(jnp.int32)
-  weights = jnp.zeros(pixels.shape, jnp.float32)
-  for candidate in range(_CANDIDATES):
-    index = first + candidate
-    inside, low, high, frac = _bilinear_taps(_sample_coordinate(grid_starts, bin_size, samples, index),
-                                             grid.extent[:, None])
-    counted = inside & (index < grid.samples[:, None])
-    weights += jnp.where(counted & (low == pixels), 1.0 - frac, 0.0) + jnp.where(counted & (high == pixels), frac, 0.0)
-  weights = weights / samples.astype(jnp.float32)
+  # The candidates along a last axis: [K, bins, _CANDIDATES].
+  index = first[..., None] + np.arange(_CANDIDATES, dtype=np.int32)
+  inside, low, high, frac = _bilinear_taps(
+      _sample_coordinate(grid_starts[..., None], bin_size[..., None], samples[..., None], index),
+      grid.extent[:, None, None])
+  counted = inside & (index < grid.samples[:, None, None])
+  at = pixels[..., None]
+  weights = jnp.sum(jnp.where(counted & (low == at), 1.0 - frac, 0.0) + jnp.where(counted & (high == at), frac, 0.0),
+                    axis=-1) / samples.astype(jnp.float32)
   return jnp.minimum(pixels, grid.extent[:, None].astype(jnp.int32) - 1), weights
 
 

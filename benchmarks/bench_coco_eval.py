@@ -1,9 +1,11 @@
 """Host-side cost of COCO evaluation at COCO val2017's size: 5,000 images, 100 detections each.
 
-Run ``python benchmarks/bench_coco_eval.py [--images N]``; it prints the dict
-``bench_coco_eval`` returns: seconds to convert the fixed-size detections to
-COCO's results format (``CocoAccumulator.add``) and seconds of pycocotools'
-COCOeval (load, evaluate, accumulate, summarize). The ground truth mimics
+Run ``python benchmarks/bench_coco_eval.py [--images N] [--reference]``; it
+prints the dict ``bench_coco_eval`` returns: seconds to convert the
+fixed-size detections to COCO's results format (``CocoAccumulator.add``) and
+seconds of COCOeval (load, evaluate, accumulate, summarize) as evaluation runs
+it (faster-coco-eval); with ``--reference`` also pycocotools' own, and whether
+the twelve statistics are equal. The ground truth mimics
 val2017: 7.3 objects per image over 80 categories, 1 % crowd regions, sizes
 from 8 to 400 px; detections are jittered copies of the objects plus
 clutter, 100 per image as the test settings keep.
@@ -15,7 +17,7 @@ import time
 import numpy as np
 
 from libra_jax import cli
-from libra_jax.evaluation.coco_eval import CocoAccumulator
+from libra_jax.evaluation.coco_eval import CocoAccumulator, reference_coco_metrics
 from libra_jax.models.postprocess import Detections
 
 NUM_CLASSES = 80
@@ -59,8 +61,9 @@ def synthetic_detections(objects, per_image: int, rng: np.random.Generator) -> D
   return Detections(boxes=boxes, scores=scores, classes=classes, valid=np.ones((count, per_image), bool))
 
 
-def bench_coco_eval(num_images: int = 5000, per_image: int = 100, batch_size: int = 8, seed: int = 0):
-  """Seconds of the results conversion and of COCOeval for ``num_images`` images."""
+def bench_coco_eval(num_images: int = 5000, per_image: int = 100, batch_size: int = 8, seed: int = 0,
+                    reference: bool = False):
+  """Seconds of the results conversion and of COCOeval for ``num_images`` images (``reference``: pycocotools' too)."""
   rng = np.random.default_rng(seed)
   ground_truth, objects = synthetic_ground_truth(num_images, rng)
   detections = synthetic_detections(objects, per_image, rng)
@@ -75,19 +78,25 @@ def bench_coco_eval(num_images: int = 5000, per_image: int = 100, batch_size: in
   convert_s = time.perf_counter() - start
   start = time.perf_counter()
   metrics = accumulator.evaluate()
-  return {"images": num_images, "detections": len(accumulator.results),
-          "annotations": len(ground_truth["annotations"]), "convert_s": round(convert_s, 2),
-          "cocoeval_s": round(time.perf_counter() - start, 2), "AP": round(metrics["AP"], 3)}
+  result = {"images": num_images, "detections": len(accumulator.results),
+            "annotations": len(ground_truth["annotations"]), "convert_s": round(convert_s, 2),
+            "cocoeval_s": round(time.perf_counter() - start, 2), "AP": round(metrics["AP"], 3)}
+  if reference:
+    start = time.perf_counter()
+    expected = reference_coco_metrics(ground_truth, accumulator.results, sorted(accumulator.image_ids))
+    result.update(reference_cocoeval_s=round(time.perf_counter() - start, 2), same_statistics=expected == metrics)
+  return result
 
 
 def main(argv) -> int:
   parser = cli.ArgumentParser(prog="python benchmarks/bench_coco_eval.py", description=__doc__.split("\n")[0],
                               config=None)
   parser.add_argument("--images", type=int, default=5000)
+  parser.add_argument("--reference", action="store_true", help="also time pycocotools' COCOeval and compare")
   args = parser.parse_args(argv)
   if args.images < 1:
     parser.error(f"--images must be at least 1, got {args.images}")
-  print(json.dumps(bench_coco_eval(args.images)))
+  print(json.dumps(bench_coco_eval(args.images, reference=args.reference)))
   return 0
 
 

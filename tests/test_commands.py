@@ -73,6 +73,8 @@ def cases(tmp: pathlib.Path, shapes_dir: str):
       "ablation_unknown_loss": (["-m", "libra_jax.ablation", f"--workdir={tmp / 'ablation'}",
                                  "--config.model.rcnn.loss_bbox.name=tukey"], "unknown loss 'tukey'"),
       "bench_input_bad_batches": (["benchmarks/bench_input.py", "--batches=0"], "--batches must be at least 1"),
+      "coco_eval_missing_annotations": (["-m", "libra_jax.evaluation.coco_eval", f"--annotations={tmp / 'gt.json'}",
+                                         f"--results={tmp / 'invalid.json'}"], "gt.json does not exist"),
   }
 
 
@@ -96,7 +98,7 @@ NAMES = [
     "distributed_without_coordinator", "annotations_not_json", "truncated_npz", "checkpoint_in_train_mode",
     "init_checkpoint_in_eval_mode", "init_checkpoint_missing",
     "predict_missing_workdir", "inspect_bad_value", "summary_missing_config",
-    "diagnostics_config_alone", "ablation_unknown_loss", "bench_input_bad_batches"]
+    "diagnostics_config_alone", "ablation_unknown_loss", "bench_input_bad_batches", "coco_eval_missing_annotations"]
 
 
 @pytest.mark.parametrize("name", NAMES)

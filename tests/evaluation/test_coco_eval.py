@@ -1,4 +1,4 @@
-"""Tests of libra_jax.evaluation.coco_eval with pycocotools' own COCOeval."""
+"""Tests of libra_jax.evaluation.coco_eval: hand-derived metrics, and faster-coco-eval against pycocotools."""
 
 import numpy as np
 import pytest
@@ -121,3 +121,71 @@ def test_no_detections_gives_zero():
   detections = make_detections(np.zeros((2, 3, 4)), np.zeros((2, 3)), -np.ones((2, 3)))
   _, metrics = evaluate(make_ground_truth(GT), make_batch(2), detections)
   assert set(metrics) == set(coco_eval.METRIC_NAMES) and all(v == 0.0 for v in metrics.values())
+
+
+def edge_case_set(seed=0):
+  """Ground truth and results with every case COCOeval treats specially, over 3 categories and 6 images:
+  crowd regions, annotated areas that differ from the box (small, medium and large objects), an image without
+  objects that gets detections, an image without detections, 130 detections on one image (past maxDets 100),
+  a category without ground truth, ties in score, boxes touching the image border."""
+  rng = np.random.default_rng(seed)
+  images, annotations, results = [], [], []
+  for image_id in range(1, 7):
+    images.append({"id": image_id, "height": 300, "width": 400})
+    count = 0 if image_id == 3 else int(rng.integers(2, 9))
+    for _ in range(count):
+      w, h = np.exp(rng.uniform(np.log(6), np.log(250), 2))
+      x, y = rng.uniform(0, 400 - w), rng.uniform(0, 300 - h)
+      annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.integers(1, 3)),
+                          "bbox": [x, y, w, h], "area": float(w * h * rng.uniform(0.5, 1.0)),
+                          "iscrowd": int(rng.uniform() < 0.15)})
+    if image_id == 4:
+      continue
+    mine = [a for a in annotations if a["image_id"] == image_id]
+    for a in mine:  # noisy copies of the objects, some duplicated, some of the wrong class
+      for _ in range(int(rng.integers(1, 4))):
+        x, y, w, h = np.asarray(a["bbox"]) + rng.normal(0, 0.08, 4) * np.tile(a["bbox"][2:], 2)
+        results.append({"image_id": image_id, "category_id": int(rng.choice([a["category_id"], 3])),
+                        "bbox": [float(max(x, 0.0)), float(max(y, 0.0)), float(abs(w)), float(abs(h))],
+                        "score": float(np.round(rng.uniform(0.05, 1.0), 2))})
+    for _ in range(130 if image_id == 5 else 12):  # clutter
+      x, y = rng.uniform(0, 350), rng.uniform(0, 250)
+      results.append({"image_id": image_id, "category_id": int(rng.integers(1, 4)),
+                      "bbox": [x, y, float(rng.uniform(2, 400 - x)), float(rng.uniform(2, 300 - y))],
+                      "score": float(np.round(rng.uniform(0.05, 1.0), 2))})
+  categories = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]
+  return {"images": images, "annotations": annotations, "categories": categories}, results
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fast_evaluator_gives_pycocotools_statistics(seed):
+  ground_truth, results = edge_case_set(seed)
+  assert sum(r["image_id"] == 5 for r in results) > 130
+  for image_ids in (None, [1, 2, 3, 5]):
+    fast = coco_eval.coco_metrics(ground_truth, results, image_ids)
+    reference = coco_eval.reference_coco_metrics(ground_truth, results, image_ids)
+    assert fast == reference
+    assert 0 < fast["AP"] < 1 and fast["AR1"] < fast["AR10"] <= fast["AR100"]
+
+
+def test_the_command_prints_the_table_or_json_and_rejects_files_in_one_line(tmp_path, capsys):
+  import json
+  from libra_jax.errors import DataError
+  ground_truth, results = edge_case_set()
+  (tmp_path / "gt.json").write_text(json.dumps(ground_truth))
+  (tmp_path / "results.json").write_text(json.dumps(results))
+  files = [f"--annotations={tmp_path / 'gt.json'}", f"--results={tmp_path / 'results.json'}"]
+  assert coco_eval.main(files + ["--json"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert list(printed) == list(coco_eval.METRIC_NAMES) and printed == coco_eval.reference_coco_metrics(ground_truth,
+                                                                                                        results)
+  assert coco_eval.main(files) == 0
+  table = capsys.readouterr().out.splitlines()
+  assert len(table) == 12 and table[0].startswith(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all")
+  assert table[0].endswith(f"= {printed['AP']:.3f}") and table[11].endswith(f"= {printed['ARl']:.3f}")
+  (tmp_path / "other.json").write_text(json.dumps(results + [dict(results[0], image_id=99)]))
+  with pytest.raises(DataError, match="detections of 1 images that .* does not list \\(e.g. image_id 99\\)"):
+    coco_eval.main([files[0], f"--results={tmp_path / 'other.json'}"])
+  (tmp_path / "cut.json").write_text(json.dumps(results)[:100])
+  with pytest.raises(DataError, match="cut.json is not valid JSON"):
+    coco_eval.main([files[0], f"--results={tmp_path / 'cut.json'}"])

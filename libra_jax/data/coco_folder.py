@@ -3,8 +3,10 @@
 Point ``config.data`` at ``instances_*.json`` files and their image
 directories (``train_annotations``, ``train_images``, ``val_annotations``,
 ``val_images``); the first use prepares a TFDS dataset with the features of
-TFDS's ``coco/2017``, named after the annotation files (a changed file gets a
-new name, so it is prepared again). Category ids map to contiguous labels in
+TFDS's ``coco/2017``, named after the annotation files and a fingerprint of
+them and of every file under the image directories (name, size, modification
+time): a changed, added or removed file gives a new name, so the folder is
+prepared again. Category ids map to contiguous labels in
 order of id; ``info.metadata["category_ids"]`` keeps the ids and the label
 names are the category names.
 
@@ -61,9 +63,21 @@ def folder_config(data_config) -> CocoFolderConfig:
     if key.endswith("_annotations"):
       status = os.stat(paths[key])
       fingerprint.update(f"{status.st_size}:{status.st_mtime_ns}".encode())
+    else:
+      _fingerprint_files(fingerprint, paths[key])
   stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(paths["train_annotations"]))[0].lower())
   return CocoFolderConfig(name=f"{stem.strip('_') or 'folder'}_{fingerprint.hexdigest()[:12]}",
                           description="A COCO-format folder.", **paths)
+
+
+def _fingerprint_files(fingerprint, directory: str) -> None:
+  """Adds the relative path, size and modification time of every file under ``directory`` to ``fingerprint``."""
+  for root, folders, files in os.walk(directory):
+    folders.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      status = os.stat(path)
+      fingerprint.update(f"{os.path.relpath(path, directory)}:{status.st_size}:{status.st_mtime_ns}\n".encode())
 
 
 def _categories(annotations: dict, path: str) -> Tuple[List[int], List[str]]:

@@ -1,7 +1,10 @@
 """The coco_folder builder on the mini COCO-format folder: classes, ids, and what preparing it repaired or dropped."""
 
+import os
+import pathlib
+
 import mini_coco
-from libra_jax.data import pipeline, sources
+from libra_jax.data import coco_folder, pipeline, sources
 
 
 def test_categories_map_to_contiguous_labels_in_order_of_id(folder_config):
@@ -28,3 +31,24 @@ def test_the_same_paths_reuse_the_prepared_dataset(folder_config):
   first = sources.prepared_builder(folder_config())
   again = sources.prepared_builder(folder_config(max_instances=7))
   assert first.data_dir == again.data_dir
+
+
+def test_a_changed_added_or_removed_image_file_prepares_the_folder_again(folder_config):
+  name = lambda: coco_folder.folder_config(folder_config()).name
+  original = name()
+  image_dir = pathlib.Path(folder_config().train_images)
+  image = sorted(p for p in image_dir.rglob("*") if p.is_file())[0]
+  status = image.stat()
+  try:
+    os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
+    assert name() != original
+  finally:
+    os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))
+  assert name() == original
+  added = image_dir / "added_later.jpg"
+  added.write_bytes(image.read_bytes())
+  try:
+    assert name() != original
+  finally:
+    added.unlink()
+  assert name() == original

@@ -8,9 +8,12 @@ order, so process ``p`` owns a contiguous block of every global batch; its
 rows come back with :func:`to_local`.
 """
 
+import contextlib
+import logging
 import pathlib
 import pickle
-from typing import Any, Dict, List
+import time
+from typing import Any, Dict, List, Set, Tuple
 
 import jax
 import numpy as np
@@ -20,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from libra_jax.errors import ConfigError
 
 DATA_AXIS = "data"
+
+_log = logging.getLogger(__name__)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -92,3 +97,31 @@ def check_batch_sizes(config, mesh: Mesh) -> None:
     if config[name] % mesh.size or config[name] % jax.process_count():
       raise ConfigError(f"config.{name}={config[name]} must be a multiple of the {mesh.size} devices; set "
                         f"--config.{name} to one")
+
+
+class CompilationLog:
+  """Announces each compilation of a jitted step: one line before its first call with a new image size, one after.
+
+  That first call compiles the step (or reads it from the persistent cache);
+  with JAX's asynchronous dispatch the call returns once that is done, so the
+  time between the two lines is the compilation's, minutes on a CPU for a
+  ResNet-50 detector, which a person would otherwise watch in silence.
+  """
+
+  def __init__(self, step_name: str):
+    self.step_name = step_name
+    self.sizes: Set[Tuple[int, int]] = set()
+
+  @contextlib.contextmanager
+  def around(self, image: Any):
+    """Wraps the step's call on a batch whose images are ``image`` (``[B, H, W, C]``)."""
+    size = tuple(int(n) for n in image.shape[1:3])
+    if size in self.sizes:
+      yield
+      return
+    _log.info("compiling the %s for %dx%d images (or reading it from the compilation cache) ...", self.step_name,
+              *size)
+    start = time.perf_counter()
+    yield
+    self.sizes.add(size)
+    _log.info("compiled the %s for %dx%d images in %.1f s", self.step_name, *size, time.perf_counter() - start)

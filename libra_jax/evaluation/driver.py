@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import tqdm
 from jax.sharding import Mesh, PartitionSpec as P
 
 from libra_jax import convert, runtime
@@ -56,8 +58,9 @@ def checked_model(config, mesh) -> Tuple[pipeline.DatasetInfo, object]:
 def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator:
   """Runs ``predict`` over the evaluation split (every image once); returns all detections, ready for COCOeval.
 
-  Each process reads its share of the split and converts the detections of
-  its own rows (``runtime.to_local``, matched to the batch it fed in); the
+  A progress bar shows the images done, images/s and the time left, and the
+  step's compilations are logged. Each process reads its share of the split
+  and converts the detections of its own rows (``runtime.to_local``, matched to the batch it fed in); the
   processes' results are gathered at the end, so every process returns the
   same accumulator. Batch ``k + 1`` is dispatched before batch ``k``'s
   detections are fetched and converted, so the host work overlaps the
@@ -69,14 +72,21 @@ def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator
   truth = ground_truth.eval_ground_truth(config.data, batches.table, info.category_ids, info.class_names,
                                          gather=runtime.gather_objects)
   mine = CocoAccumulator(truth, info.category_ids)
+  compilation = runtime.CompilationLog("detection step")
+  progress = tqdm.tqdm(total=batches.num_images, unit=" images", desc="evaluating", dynamic_ncols=True,
+                       leave=False)
   pending = None
   for batch in batches:
-    detections = predict(variables, runtime.to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
+    with compilation.around(batch["image"]):
+      detections = predict(variables, runtime.to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
     if pending is not None:
       mine.add(pending[0], runtime.to_local(pending[1]))
+      progress.update(int(np.sum(pending[0]["valid"])))
     pending = batch, detections
   if pending is not None:
     mine.add(pending[0], runtime.to_local(pending[1]))
+    progress.update(int(np.sum(pending[0]["valid"])))
+  progress.close()
   everything = CocoAccumulator(truth, info.category_ids)
   for results, image_ids in runtime.gather_objects((mine.results, sorted(mine.image_ids))):
     everything.extend(results, image_ids)

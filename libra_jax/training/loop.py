@@ -174,10 +174,11 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
       progress.write(f"step {at}: " + ", ".join(f"{k} {v:.3f}" for k, v in eval_metrics.items()
                                                if not k.startswith("AR")))
 
+  compilation = runtime.CompilationLog("train step")
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = runtime.to_global(next(batches), mesh)
-      with jax.transfer_guard("disallow"):
+      with jax.transfer_guard("disallow"), compilation.around(batch["image"]):
         state, metrics = train_step(state, batch)
       if step == start + 1:
         jax.block_until_ready(metrics)

@@ -35,3 +35,19 @@ def test_batch_sizes_must_split_over_the_devices():
   config.eval_batch_size = 6
   with pytest.raises(ConfigError, match="config.eval_batch_size=6 must be a multiple of the 4 devices"):
     runtime.check_batch_sizes(config, four_devices)
+
+
+def test_a_compilation_is_announced_once_per_image_size(caplog):
+  import logging
+  import numpy as np
+  log = runtime.CompilationLog("detection step")
+  calls = []
+  with caplog.at_level(logging.INFO, logger="libra_jax.runtime"):
+    for height, width in ((64, 96), (64, 96), (96, 64), (64, 96)):
+      with log.around(np.zeros((2, height, width, 3))):
+        calls.append((height, width))
+  lines = [record.getMessage() for record in caplog.records]
+  assert len(calls) == 4 and [line.split(" images")[0] for line in lines] == [
+      "compiling the detection step for 64x96", "compiled the detection step for 64x96",
+      "compiling the detection step for 96x64", "compiled the detection step for 96x64"]
+  assert lines[1].endswith(" s") and "or reading it from the compilation cache" in lines[0]

@@ -167,6 +167,11 @@ def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"the checkpoint of step {newest} in" in resumed.stderr and "cannot be read" in resumed.stderr
   assert f"resumed from step {fallback}" in resumed.stderr and "took over" in resumed.stderr
+  # A person watching sees the compilations and the evaluation's progress.
+  for step_name in ("train step", "detection step"):
+    assert f"compiling the {step_name} for 192x192 images" in resumed.stderr
+    assert f"compiled the {step_name} for 192x192 images in" in resumed.stderr
+  assert "evaluating" in resumed.stderr and "images/s" in resumed.stderr
   assert (workdir / "unreadable_checkpoints" / str(newest)).is_dir()
   # Through it all, train.py logs the losses of the uninterrupted run in this process, step for step, each step
   # once (what the killed run logged after its last readable checkpoint is replaced).

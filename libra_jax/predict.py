@@ -5,12 +5,17 @@
 
 The config and its overrides are those the model was trained with (README: "One command line").
 
-Each image is resized and normalized as in evaluation and padded to its
-bucket; images of one bucket go through the jit-compiled, data-parallel
+Each image is decoded, resized, normalized and padded to its bucket by the
+input pipeline's own functions (``libra_jax.data.images``), so the model sees
+the pixels evaluation gives it: 16-bit PNGs are scaled to 8 bits, grayscale,
+palette, alpha and CMYK images become RGB, and no size limit other than
+training's applies; images of one bucket go through the jit-compiled, data-parallel
 detector ``config.eval_batch_size`` at a time (the evaluation's step, so with
 ``--workdir`` the compilation comes from the run's cache), and their
-detections are mapped back to the image's own pixels. ``OUT/<name>.png`` shows
-them (class name and score) on the image at its own size;
+detections are mapped back to the image's own pixels. ``OUT/<stem>.png`` shows
+them (class name and score) on the image at its own size (``<stem>-<8 hex
+digits>.png`` when two inputs share a file name, e.g. ``a/x.png`` and
+``b/x.png``);
 ``OUT/detections.json`` lists them per image as ``{"box": [x1, y1, x2, y2],
 "score", "class", "class_name"}``, those scoring at least ``--min_score``
 (0.3; the model keeps those above its test threshold, 0.05 for the COCO
@@ -20,7 +25,7 @@ one-line error naming the file and is skipped.
 """
 
 import collections
-import io
+import hashlib
 import json
 import pathlib
 import sys
@@ -29,36 +34,38 @@ from typing import Dict, List, Sequence, Tuple
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from libra_jax import cli, runtime
-from libra_jax.data import pipeline, sources
+from libra_jax.data import geometry, images, pipeline, sources
+from libra_jax.data.tf_runtime import tf
 from libra_jax.evaluation import driver
 from libra_jax.models.detectors import build_detector
 
 
+def decode_rgb(encoded: bytes) -> np.ndarray:
+  """``[H, W, 3]`` uint8 RGB of an encoded image, decoded as the input pipeline decodes it (``images.decode``).
+
+  Raises ``ValueError`` with the decoder's message on data it cannot decode.
+  """
+  try:
+    return images.decode(tf.constant(encoded)).numpy()
+  except tf.errors.OpError as error:
+    raise ValueError(getattr(error, "message", str(error)).strip().splitlines()[0]) from None
+
+
 def read_rgb(path) -> np.ndarray:
-  """``[H, W, 3]`` uint8 RGB of an image file (grayscale, palette, RGBA and CMYK converted)."""
-  with Image.open(path) as image:
-    image.load()
-    return np.asarray(image.convert("RGB"))
-
-
-def resized_size(height: int, width: int, scale) -> Tuple[int, int]:
-  """mmcv's keep-ratio rule, as in the input pipeline."""
-  factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-  return int(height * factor + 0.5), int(width * factor + 0.5)
+  """``decode_rgb`` of an image file."""
+  return decode_rgb(pathlib.Path(path).read_bytes())
 
 
 def prepare(image: np.ndarray, data_config) -> Dict[str, np.ndarray]:
-  """One image as a batch of one in the input contract (no ground truth)."""
+  """One image as a batch of one in the input contract (no ground truth), by the pipeline's own transforms."""
   height, width = image.shape[:2]
-  new_h, new_w = resized_size(height, width, data_config.scale)
-  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR), np.float32)
-  normalized = (resized - np.asarray(data_config.mean, np.float32)) / np.asarray(data_config.std, np.float32)
-  bucket = next((b for b in data_config.buckets if (b[1] >= b[0]) == (new_w >= new_h)), data_config.buckets[0])
-  padded = np.zeros((1, bucket[0], bucket[1], 3), np.float32)
-  padded[0, :new_h, :new_w] = normalized
+  new_h, new_w = (int(n) for n in geometry.resized_size(height, width, data_config.scale))
+  bucket = data_config.buckets[max(int(geometry.bucket_index(new_h, new_w, data_config.buckets)), 0)]
+  padded = images.preprocess(tf.constant(image), new_h, new_w, tf.constant(False), bucket[0], bucket[1],
+                             data_config.mean, data_config.std).numpy()[None]
   rows = data_config.max_instances
   return dict(image=padded, image_shape=np.array([[new_h, new_w]], np.int32),
               scale=np.array([[new_h / height, new_w / width]], np.float32),
@@ -126,9 +133,16 @@ def read_files(paths) -> List[Tuple[str, np.ndarray]]:
   for path in map(pathlib.Path, paths):
     try:
       readable.append((str(path), read_rgb(path)))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except (OSError, ValueError) as error:
       print(f"error: {path}: cannot read the image ({error}); skipped", file=sys.stderr)
   return readable
+
+
+def drawing_names(names: Sequence[str]) -> List[str]:
+  """The PNG file name of each input: its stem, or stem plus 8 hex digits of its whole name where stems collide."""
+  stems = collections.Counter(pathlib.Path(name).stem for name in names)
+  return [f"{pathlib.Path(name).stem}.png" if stems[pathlib.Path(name).stem] == 1 else
+          f"{pathlib.Path(name).stem}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}.png" for name in names]
 
 
 def read_eval_images(data_config, count: int) -> List[Tuple[str, np.ndarray]]:
@@ -139,8 +153,8 @@ def read_eval_images(data_config, count: int) -> List[Tuple[str, np.ndarray]]:
   for example in tfds.as_numpy(dataset.take(count)):
     name = example["image/filename"].decode("utf-8", "replace")
     try:
-      named.append((name, read_rgb(io.BytesIO(example["image"]))))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+      named.append((name, decode_rgb(example["image"])))
+    except ValueError as error:
       print(f"error: {name}: cannot read the image ({error}); skipped", file=sys.stderr)
   return named
 
@@ -157,9 +171,10 @@ def predict_images(config, variables, named_images: Sequence[Tuple[str, np.ndarr
   out_dir.mkdir(parents=True, exist_ok=True)
   found = detect(config, variables, [image for _, image in named_images], info.class_names) if named_images else []
   results = {}
-  for (name, image), detections in zip(named_images, found):
+  drawings = drawing_names([name for name, _ in named_images])
+  for (name, image), detections, drawing in zip(named_images, found, drawings):
     detections = [d for d in detections if d["score"] >= min_score]
-    draw(image, detections, out_dir / f"{pathlib.Path(name).stem}.png")
+    draw(image, detections, out_dir / drawing)
     results[name] = detections
   (out_dir / "detections.json").write_text(json.dumps(results, indent=1))
   return results

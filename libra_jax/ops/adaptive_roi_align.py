@@ -62,7 +62,7 @@ def _sample_coordinate(grid_start, bin_size, samples, index):
   return grid_start + (index.astype(jnp.float32) + 0.5) * bin_size / samples.astype(jnp.float32)
 
 
-def _bilinear_taps(coord, extent):
+def bilinear_taps(coord, extent):
   """``(inside, low, high, frac)`` of samples at ``coord`` on an axis of ``extent`` pixels (RoIAlign's rules)."""
   inside = (coord >= -1.0) & (coord <= extent)
   coord = jnp.maximum(coord, 0.0)
@@ -83,9 +83,9 @@ def axis_grid(start, end, extent, num_bins: int, aligned: bool) -> AxisGrid:
   samples = jnp.ceil(bin_size).astype(jnp.int32)
   grid_starts = start[:, None] + np.arange(num_bins, dtype=np.float32) * bin_size[:, None]
   some = jnp.maximum(samples, 1)[:, None]
-  _, first, _, _ = _bilinear_taps(_sample_coordinate(grid_starts, bin_size[:, None], some, jnp.zeros_like(some)),
+  _, first, _, _ = bilinear_taps(_sample_coordinate(grid_starts, bin_size[:, None], some, jnp.zeros_like(some)),
                                   extent[:, None])
-  _, _, last, _ = _bilinear_taps(_sample_coordinate(grid_starts, bin_size[:, None], some, some - 1),
+  _, _, last, _ = bilinear_taps(_sample_coordinate(grid_starts, bin_size[:, None], some, some - 1),
                                  extent[:, None])
   num_pixels = jnp.where(samples > 0, jnp.max(last - first, axis=1) + 1, 1)
   return AxisGrid(start, bin_size, samples, extent, first, num_pixels)
@@ -115,7 +115,7 @@ def pixel_weights(grid: AxisGrid, offset) -> Tuple[jnp.ndarray, jnp.ndarray]:
   first = jnp.clip(estimate, 0.0, (samples - 1).astype(jnp.float32)).astype(jnp.int32)
   # The candidates along a last axis: [K, bins, _CANDIDATES].
   index = first[..., None] + np.arange(_CANDIDATES, dtype=np.int32)
-  inside, low, high, frac = _bilinear_taps(
+  inside, low, high, frac = bilinear_taps(
       _sample_coordinate(grid_starts[..., None], bin_size[..., None], samples[..., None], index),
       grid.extent[:, None, None])
   counted = inside & (index < grid.samples[:, None, None])

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from libra_jax.ops.adaptive_roi_align import adaptive_roi_bins
+from libra_jax.ops.adaptive_roi_align import adaptive_roi_bins, bilinear_taps
 
 ArrayLike = Union[jnp.ndarray, np.ndarray]
 OutputSize = Union[int, Tuple[int, int]]
@@ -80,18 +80,9 @@ def _axis_taps(start, end, extent, num_bins, sampling_ratio, aligned):
   sub_offsets = np.arange(sampling_ratio, dtype=np.float32)[:, None, None] + 0.5
   coord = start[None, :, None] + bins * bin_size + sub_offsets * bin_size / sampling_ratio
 
-  extent = extent[None, :, None]
-  inside = (coord >= -1.0) & (coord <= extent)
-  coord = jnp.maximum(coord, 0.0)
-  low = jnp.floor(coord)
-  at_edge = low >= extent - 1.0
-  low = jnp.where(at_edge, extent - 1.0, low)
-  high = jnp.where(at_edge, low, low + 1.0)
-  frac = jnp.where(at_edge, 0.0, coord - low)
+  inside, low, high, frac = bilinear_taps(coord, extent[None, :, None])
   scale = jnp.where(inside, 1.0 / sampling_ratio, 0.0)
-  taps = jnp.concatenate([low, high]).astype(jnp.int32)
-  weights = jnp.concatenate([(1.0 - frac) * scale, frac * scale])
-  return taps, weights
+  return jnp.concatenate([low, high]), jnp.concatenate([(1.0 - frac) * scale, frac * scale])
 
 
 def _gather_roi_bins(flat_features, rois, heights, widths, row_widths, row_offsets, spatial_scales,

@@ -42,14 +42,15 @@ class AxisGrid(NamedTuple):
   """The adaptive sample grid of every RoI along one axis (y or x); shapes ``[K]`` unless noted.
 
   Attributes:
-    start: float32 RoI start in map pixels (scaled and shifted).
+    grid_starts: ``[K, bins]`` float32 start of each bin in map pixels
+      (the RoI's start, scaled and shifted, plus whole bins).
     bin_size: float32 bin length in map pixels.
     samples: int32 samples per bin, ``ceil(bin_size)`` (0 or less: none).
     extent: float32 size of the map along the axis.
     first_pixel: ``[K, bins]`` int32 lowest pixel each bin touches.
     num_pixels: int32 most pixels any bin of the RoI touches (at least 1).
   """
-  start: jnp.ndarray
+  grid_starts: jnp.ndarray
   bin_size: jnp.ndarray
   samples: jnp.ndarray
   extent: jnp.ndarray
@@ -88,7 +89,7 @@ def axis_grid(start, end, extent, num_bins: int, aligned: bool) -> AxisGrid:
   _, _, last, _ = bilinear_taps(_sample_coordinate(grid_starts, bin_size[:, None], some, some - 1),
                                  extent[:, None])
   num_pixels = jnp.where(samples > 0, jnp.max(last - first, axis=1) + 1, 1)
-  return AxisGrid(start, bin_size, samples, extent, first, num_pixels)
+  return AxisGrid(grid_starts, bin_size, samples, extent, first, num_pixels)
 
 
 def pixel_weights(grid: AxisGrid, offset) -> Tuple[jnp.ndarray, jnp.ndarray]:
@@ -104,9 +105,8 @@ def pixel_weights(grid: AxisGrid, offset) -> Tuple[jnp.ndarray, jnp.ndarray]:
     samples at that pixel, divided by the samples per bin; 0 where no sample
     reads the pixel).
   """
-  num_bins = grid.first_pixel.shape[1]
   pixels = grid.first_pixel + offset[:, None]
-  grid_starts = grid.start[:, None] + np.arange(num_bins, dtype=np.float32) * grid.bin_size[:, None]
+  grid_starts = grid.grid_starts
   samples = jnp.maximum(grid.samples, 1)[:, None]
   bin_size = grid.bin_size[:, None]
   # The first sample within one pixel below `pixels`, less one for rounding, kept inside [0, samples - 1].

@@ -103,7 +103,7 @@ def load(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -
     stored = metadata_cache.path(str(builder.data_dir), split, start, stop, digest)
     table = metadata_cache.read(stored, ImageTable, [i.filename for i in instructions])
     if table is None:
-      table = _scan(builder, split, start, stop)
+      table = _scan(builder, split, start, stop, instructions)
       problem = metadata_cache.write(stored, table)
       if problem:
         logging.warning("the metadata of %s cannot be stored in %s (%s): it is read again at every start",
@@ -182,8 +182,8 @@ def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, 
           crowd[order], area[order].astype(np.float32))
 
 
-def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -> ImageTable:
-  instructions = records.split_files(builder, split, start, stop)
+def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int, instructions) -> ImageTable:
+  """The table of examples ``start..stop-1`` of ``split``, read from the records of ``instructions``."""
   positions: List[Tuple[int, int, int]] = []
 
   def serialized_examples():

@@ -75,17 +75,20 @@ def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator
   compilation = runtime.CompilationLog("detection step")
   progress = tqdm.tqdm(total=batches.num_images, unit=" images", desc="evaluating", dynamic_ncols=True,
                        leave=False)
+
+  def convert(batch, detections):
+    mine.add(batch, runtime.to_local(detections))
+    progress.update(int(np.sum(batch["valid"])))
+
   pending = None
   for batch in batches:
     with compilation.around(batch["image"]):
       detections = predict(variables, runtime.to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
     if pending is not None:
-      mine.add(pending[0], runtime.to_local(pending[1]))
-      progress.update(int(np.sum(pending[0]["valid"])))
+      convert(*pending)
     pending = batch, detections
   if pending is not None:
-    mine.add(pending[0], runtime.to_local(pending[1]))
-    progress.update(int(np.sum(pending[0]["valid"])))
+    convert(*pending)
   progress.close()
   everything = CocoAccumulator(truth, info.category_ids)
   for results, image_ids in runtime.gather_objects((mine.results, sorted(mine.image_ids))):

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from libra_jax.data import metadata, metadata_cache, sources
+from libra_jax.data import metadata, metadata_cache, records, sources
 
 
 def assert_same_table(got: metadata.ImageTable, want: metadata.ImageTable):
@@ -32,7 +32,8 @@ def fresh(folder_config, monkeypatch):
   shutil.rmtree(os.path.join(builder.data_dir, metadata_cache.FOLDER), ignore_errors=True)
   monkeypatch.setattr(metadata, "_TABLES", {})
   size = builder.info.splits["train"].num_examples
-  return builder, "train", size, metadata._scan(builder, "train", 0, size)
+  return builder, "train", size, metadata._scan(builder, "train", 0, size,
+                                               records.split_files(builder, "train", 0, size))
 
 
 def forbid_scanning(monkeypatch):

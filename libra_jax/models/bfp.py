@@ -108,8 +108,7 @@ class BalancedFeaturePyramid(nn.Module):
                 else nearest(x, size, level, self.refine_level) for level, x in enumerate(inputs)]
     balanced = sum(gathered) / self.num_levels
     if self.refine_type == "non_local":
-      inside = None if area is None else zero_outside(area, jnp.ones(balanced.shape[:3] + (1,), bool),
-                                                      refine_stride)[..., 0]
+      inside = None if area is None else area.inside(*balanced.shape[1:3], refine_stride)
       balanced = NonLocal2d(dtype=self.dtype, name="refine")(balanced, inside)
     elif self.refine_type == "conv":
       balanced = zero_outside(area, balanced, refine_stride)

@@ -45,13 +45,17 @@ class OwnArea(NamedTuple):
     """``[B, 2]`` int32: the area's rows and columns at a map of ``stride`` (``ceil(size / stride)``)."""
     return -(-self.size // stride)
 
+  def inside(self, height: int, width: int, stride: int) -> jnp.ndarray:
+    """``[B, height, width]`` bool: which positions of a map of ``stride`` lie inside each image's area."""
+    extent = self.extent(stride)
+    rows = jnp.arange(height)[None, :] < extent[:, :1]
+    cols = jnp.arange(width)[None, :] < extent[:, 1:]
+    return rows[:, :, None] & cols[:, None, :]
+
   def zero_outside(self, x: jnp.ndarray, stride: int) -> jnp.ndarray:
     """``x [B, H, W, C]`` (a map of ``stride``) with every position outside each image's area set to 0."""
-    extent = self.extent(stride)
-    rows = jnp.arange(x.shape[1])[None, :] < extent[:, :1]
-    cols = jnp.arange(x.shape[2])[None, :] < extent[:, 1:]
-    inside = rows[:, :, None, None] & cols[:, None, :, None]
-    return jnp.where(inside, x, jnp.zeros((), x.dtype))
+    inside = self.inside(x.shape[1], x.shape[2], stride)
+    return jnp.where(inside[..., None], x, jnp.zeros((), x.dtype))
 
 
 def zero_outside(area: Optional[OwnArea], x: jnp.ndarray, stride: int) -> jnp.ndarray:

@@ -6,7 +6,7 @@ from libra_jax.data.tf_runtime import tf
 
 
 def decode(encoded: tf.Tensor) -> tf.Tensor:
-  """JPEG/PNG/GIF/BMP bytes -> ``[h, w, 3]`` uint8 RGB.
+  """JPEG/PNG/GIF/BMP/WebP bytes -> ``[h, w, 3]`` uint8 RGB.
 
   Grayscale is repeated to three channels, alpha dropped, CMYK and palettes
   converted; the first frame of an animation is kept. Raises

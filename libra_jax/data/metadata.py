@@ -1,12 +1,15 @@
-"""The light metadata of a prepared dataset: one pass that decodes each image once and keeps its size and boxes.
+"""The light metadata of a prepared dataset: one pass that reads each image's header and keeps its size and boxes.
 
 Everything the batch plan and the targets need — image ids, file names,
-decoded sizes, boxes in pixels, labels, crowd flags, where each record lies —
+image sizes, boxes in pixels, labels, crowd flags, where each record lies —
 comes from this pass, so training decodes only the images it uses, in any
-order. The pass also finds what the images and boxes need: undecodable images
-(skipped), grayscale / alpha / CMYK / palette images (converted to RGB by the
-decoder), boxes smaller than one pixel (dropped, as mmdetection's
-``CocoDataset`` does); each is counted in the table's ``report``.
+order. Sizes come from the image headers (``image_header``), without decoding
+a pixel. The pass also finds what the images and boxes need: unreadable,
+unsupported or cut-off image files (skipped), grayscale / alpha / CMYK /
+palette images (converted to RGB by the decoder), boxes smaller than one
+pixel (dropped, as mmdetection's ``CocoDataset`` does); each is counted in the
+table's ``report``. An image whose damage only decoding shows stops the
+pipeline when it is decoded, with ``decode_failures`` naming it.
 
 Tables are kept per (dataset directory, split, slice) for the life of the
 process, so evaluating every epoch reads the split once, and on disk next to
@@ -15,17 +18,15 @@ same run, reads the stored table instead of the split.
 """
 
 import dataclasses
-import io
 import logging
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
-from PIL import Image
 
-from libra_jax.data import images, metadata_cache, records
+from libra_jax.data import image_header, images, metadata_cache, records
 from libra_jax.data.report import Report
 from libra_jax.data.tf_runtime import tf
 from libra_jax.errors import DataError
@@ -56,7 +57,8 @@ class ImageTable:
     records: where each example's record lies.
     image_id: ``[N]`` int64, the dataset's image id.
     filename: ``[N]`` object array of str.
-    height, width: ``[N]`` int32, decoded size in pixels (0 where undecodable).
+    height, width: ``[N]`` int32, the image's size in pixels, from its header
+      (0 where undecodable).
     decodable: ``[N]`` bool.
     boxes: ``[M, 4]`` float32, xyxy in pixels of the original image; each
       image's rows are ``row_splits[i]:row_splits[i + 1]``, non-crowd first.
@@ -99,7 +101,8 @@ def load(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -
     _check_features(builder)
     instructions = records.split_files(builder, split, start, stop)
     digest = metadata_cache.fingerprint(instructions, split, start, stop,
-                                        rules=dict(min_box_side=MIN_BOX_SIDE, side_tolerance=SIDE_TOLERANCE))
+                                        rules=dict(min_box_side=MIN_BOX_SIDE, side_tolerance=SIDE_TOLERANCE,
+                                                   sizes_from="image headers"))
     stored = metadata_cache.path(str(builder.data_dir), split, start, stop, digest)
     table = metadata_cache.read(stored, ImageTable, [i.filename for i in instructions])
     if table is None:
@@ -127,15 +130,19 @@ def _check_features(builder: tfds.core.DatasetBuilder) -> None:
                     f"with those features")
 
 
-def _decoder_message(error: Exception) -> str:
+def decoder_message(error: Exception) -> str:
   """TensorFlow's error message without its op and function decorations."""
   message = getattr(error, "message", str(error))
   message = re.sub(r"\{\{[^}]*\}\}\s*", "", message)
   return re.sub(r"\s*\[Op:\w+\].*", "", message).strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
-def _undecodable(builder, index: records.RecordIndex, row: int) -> Tuple[str, str]:
-  """File name and decoder message of the example at ``row``, which failed to parse or decode."""
+def decode_problem(builder: tfds.core.DatasetBuilder, index: records.RecordIndex, row: int) -> Tuple[str, Optional[str]]:
+  """The file name of the example at ``row``, and why its record does not parse or its image does not decode.
+
+  The reason is None where both work. This decodes the image: the pipeline
+  calls it only for the images of a batch that failed to decode.
+  """
   with tf.io.gfile.GFile(index.files[index.file[row]], "rb") as stream:
     stream.seek(int(index.offset[row]))
     serialized = stream.read(int(index.length[row]))
@@ -149,15 +156,8 @@ def _undecodable(builder, index: records.RecordIndex, row: int) -> Tuple[str, st
   try:
     images.decode(tf.constant(example["image"]))
   except tf.errors.OpError as error:
-    return name, _decoder_message(error)
-  return name, "failed inside tf.data"
-
-
-def _mode(encoded: bytes) -> str:
-  try:
-    return Image.open(io.BytesIO(encoded)).mode
-  except Exception:  # noqa: BLE001  (a format PIL lacks: TensorFlow decoded it, count nothing)
-    return "RGB"
+    return name, decoder_message(error)
+  return name, None
 
 
 def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, ...]:
@@ -182,6 +182,9 @@ def _pixel_boxes(example: dict, report: Report, name: str) -> Tuple[np.ndarray, 
           crowd[order], area[order].astype(np.float32))
 
 
+_NO_BOXES = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.float32))
+
+
 def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int, instructions) -> ImageTable:
   """The table of examples ``start..stop-1`` of ``split``, read from the records of ``instructions``."""
   positions: List[Tuple[int, int, int]] = []
@@ -196,10 +199,9 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int, 
 
   def light(row, serialized):
     example = features.deserialize_example(serialized, decoders={"image": tfds.decode.SkipDecoding()})
-    shape = tf.shape(images.decode(example["image"]))
     objects = example["objects"]
     return {"row": row, "image_id": example["image/id"], "filename": example["image/filename"],
-            "encoded": example["image"], "height": shape[0], "width": shape[1], "bbox": objects["bbox"],
+            "encoded": example["image"], "bbox": objects["bbox"],
             "label": objects["label"], "is_crowd": objects["is_crowd"],
             "area": objects["area"] if has_area else tf.zeros_like(objects["label"], tf.int64)}
 
@@ -216,7 +218,7 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int, 
   image_id = np.full(count, -1, np.int64)
   filename = np.empty(count, object)
   height, width = np.zeros(count, np.int32), np.zeros(count, np.int32)
-  decodable = np.zeros(count, bool)
+  decodable, parsed = np.zeros(count, bool), np.zeros(count, bool)
   per_image: List[Tuple[np.ndarray, ...]] = [None] * count
   boxes_seen = 0
   progress = tqdm.tqdm(dataset.as_numpy_iterator(), total=count, desc=f"reading {source}", unit=" images",
@@ -224,22 +226,28 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int, 
   for example in progress:
     row = int(example["row"])
     name = example["filename"].decode("utf-8", "replace")
-    image_id[row], filename[row], decodable[row] = example["image_id"], name, True
-    height[row], width[row] = example["height"], example["width"]
-    reason = _REASON_OF_MODE.get(_mode(example["encoded"]))
+    image_id[row], filename[row], parsed[row] = example["image_id"], name, True
+    try:
+      header = image_header.read(example["encoded"])
+    except image_header.HeaderError as error:
+      report.add("image_undecodable", name, detail=str(error))
+      per_image[row] = _NO_BOXES
+      continue
+    decodable[row], height[row], width[row] = True, header.height, header.width
+    reason = _REASON_OF_MODE.get(header.mode)
     if reason:
       report.add(reason, name)
     boxes_seen += len(example["label"])
-    per_image[row] = _pixel_boxes(example, report, name)
+    per_image[row] = _pixel_boxes(dict(example, height=header.height, width=header.width), report, name)
   report.totals["boxes"] = boxes_seen
   if len(positions) != count:
     raise DataError(f"{source}: the record files hold {len(positions)} of the {count} examples their split info "
                     f"lists; prepare the dataset again")
   index = records.make_index(instructions, positions)
-  for row in np.flatnonzero(~decodable):
-    filename[row], detail = _undecodable(builder, index, row)
-    report.add("image_undecodable", filename[row], detail=detail)
-    per_image[row] = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.float32))
+  for row in np.flatnonzero(~parsed):
+    filename[row], detail = decode_problem(builder, index, row)
+    report.add("image_undecodable", filename[row], detail=detail or "failed inside tf.data")
+    per_image[row] = _NO_BOXES
   sizes = [len(part[1]) for part in per_image]
   return ImageTable(
       records=index, image_id=image_id, filename=filename, height=height, width=width, decodable=decodable,

@@ -1,7 +1,7 @@
 """The input pipeline: TFDS detection datasets -> numpy batches of static shapes (DESIGN.md batch contract).
 
 Each call first reads the light metadata of its data (``metadata.py``: sizes
-and boxes, every image decoded once to check it), then plans the batches from
+from the image headers, and boxes), then plans the batches from
 it alone (``plan.py``), then runs a tf.data pipeline that reads, decodes,
 resizes, flips, normalizes and pads just the images of the planned batches,
 in parallel; the ground truth is attached in numpy (``targets.py``).
@@ -33,8 +33,9 @@ Every repair and drop is logged, one line per reason, and counted in the
 iterator's ``stats``.
 """
 
+import collections
 import logging
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -82,23 +83,48 @@ class Batches:
     self.num_batches = num_batches
     self.num_images = num_images
     self.table = table
+    self._builder = builder
     self._max_instances = data_config.max_instances
     self._height, self._width = geometry.resized_size(table.height, table.width, data_config.scale)
+    # The planned batches handed to tf.data and not delivered yet, oldest first (tf.data keeps their order).
+    self._pending: Deque[PlannedBatch] = collections.deque()
     if num_batches == 0:
       self._iterator = iter(())
     else:
-      dataset = _image_stream(builder, table, plan, self._height, self._width, data_config, batch_size)
+      dataset = _image_stream(builder, table, self._recorded(plan), self._height, self._width, data_config,
+                              batch_size)
       self._iterator = dataset.as_numpy_iterator()
+
+  def _recorded(self, plan: Iterable[PlannedBatch]) -> Iterator[PlannedBatch]:
+    for batch in plan:
+      self._pending.append(batch)
+      yield batch
 
   def __iter__(self):
     return self
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    element = next(self._iterator)
+    try:
+      element = next(self._iterator)
+    except tf.errors.OpError as error:
+      raise self._decode_error(error) from None
+    self._pending.popleft()
     planned = PlannedBatch(rows=element["row"], flips=element["flip"], valid=element["valid"], bucket=-1)
     batch = targets.annotate(self.table, self._height, self._width, planned, self._max_instances)
     batch["image"] = element["image"]
     return batch
+
+
+  def _decode_error(self, error: Exception) -> DataError:
+    """The error for a batch that tf.data failed to read: it names the image that does not decode."""
+    source = self.table.report.source
+    batch = self._pending[0] if self._pending else None
+    for row in batch.rows[batch.valid] if batch is not None else ():
+      name, problem = metadata.decode_problem(self._builder, self.table.records, int(row))
+      if problem:
+        return DataError(f"{source}: image {name} cannot be decoded ({problem}); its header reads, so the metadata "
+                         f"pass kept it. Replace the image file, or delete it, and prepare the dataset again")
+    return DataError(f"{source}: reading a batch failed: {metadata.decoder_message(error)}")
 
 
 def _image_stream(builder, table, plan, height, width, data_config, batch_size) -> tf.data.Dataset:

@@ -7,6 +7,7 @@ the suite's time; level 0 compiles about 2x faster, and its results differ from
 an optimized build's only in the last bits of a float.
 """
 
+import fcntl
 import os
 import pathlib
 import tempfile
@@ -38,11 +39,20 @@ def load_ref():
 
 @pytest.fixture(scope="session")
 def shapes_tfds_dir(tmp_path_factory) -> str:
-  """A TFDS data dir where the easy ``shapes`` dataset is prepared, once for the whole session."""
+  """A TFDS data dir where the easy ``shapes`` dataset is prepared, once for the whole run.
+
+  Under pytest-xdist the workers share it: it lies in the run's base directory, and the first worker to
+  get there prepares it while the others wait on a file lock.
+  """
   from libra_jax.data import default_data_config, pipeline
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the workers' base directories are siblings in the run's own
   data = default_data_config("shapes")
-  data.tfds_data_dir = str(tmp_path_factory.mktemp("shapes_tfds"))
-  pipeline.dataset_info(data)
+  data.tfds_data_dir = str(root / "shapes_tfds")
+  with open(root / "shapes_tfds.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    pipeline.dataset_info(data)
   return data.tfds_data_dir
 
 

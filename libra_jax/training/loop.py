@@ -40,12 +40,12 @@ from libra_jax import convert, runtime
 from libra_jax.data import pipeline
 from libra_jax.errors import NonFiniteLossError, Stopped, UserError
 from libra_jax.evaluation import driver
-from libra_jax.models.detectors import abstract_variables, jitted_init
+from libra_jax.models.detectors import jitted_init
 from libra_jax.training import optim
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 from libra_jax.training.metrics import MetricWriter
 from libra_jax.training.preemption import StopRequest
-from libra_jax.training.step import TrainState, make_train_step, new_train_state
+from libra_jax.training.step import make_train_step, new_train_state
 from libra_jax.training.workdir import WorkdirLock, check_and_record_config
 
 LOSS_PREFIX = "loss"
@@ -67,18 +67,15 @@ def load_backbone(config, variables):
   return variables
 
 
-def _initial_state(config, model, optimizer, mesh, image, fine_tune: bool) -> TrainState:
-  """Step 0 on every device: with ``fine_tune``, the weights of ``config.init_checkpoint``; otherwise fresh
-  variables, with the backbone's ImageNet weights if configured."""
+def _initial_variables(config, model, mesh, image, fine_tune: bool):
+  """The weights of step 0: with ``fine_tune``, those of ``config.init_checkpoint``; otherwise fresh variables,
+  with the backbone's ImageNet weights if configured."""
   if fine_tune:
     variables = driver.load_trained_variables(config, model, None, config.init_checkpoint, mesh)
     _log.info("fine-tuning from %s", config.init_checkpoint)
-  else:
-    variables = jitted_init(model)(jax.random.key(config.seed), image)
-    variables = load_backbone(config, jax.tree.map(np.asarray, variables))
-  state = new_train_state(jax.device_get(variables), optimizer,
-                          jax.random.fold_in(jax.random.key(config.seed), 1))
-  return jax.device_put(state, runtime.replicated(mesh))
+    return jax.device_get(variables)
+  variables = jitted_init(model)(jax.random.key(config.seed), image)
+  return load_backbone(config, jax.tree.map(np.asarray, variables))
 
 
 def _lock_on_every_process(lock: WorkdirLock) -> None:
@@ -134,14 +131,14 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
                           write=jax.process_index() == 0)
   per_host = config.global_batch_size // jax.process_count()
 
-  image = pipeline.first_bucket_image(config.data)
-  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
-                                   abstract_variables(model, image)["params"],
-                                   config.model.backbone.frozen_stages)
   fine_tune = bool(config.get("init_checkpoint")) and checkpointer.latest_step() is None
   if config.get("init_checkpoint") and not fine_tune:
     _log.info("resuming from %s's own checkpoints; config.init_checkpoint is not read", workdir)
-  state = _initial_state(config, model, optimizer, mesh, image, fine_tune)
+  variables = _initial_variables(config, model, mesh, pipeline.first_bucket_image(config.data), fine_tune)
+  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
+                                   variables["params"], config.model.backbone.frozen_stages)
+  state = jax.device_put(new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1)),
+                         runtime.replicated(mesh))
   restored = checkpointer.restore_latest(abstract_like(state))
   if restored is not None:
     step, state, meta = restored

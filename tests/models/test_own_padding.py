@@ -9,15 +9,15 @@ balanced feature pyramid's resizing and the non-local softmax are exercised.
 """
 
 import copy
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from support import tiny_model_config
+from support import tiny_model_config, tiny_variables
 from libra_jax.models import FasterRCNN, build_detector
-from libra_jax.models.detectors import init_variables
 from libra_jax.models.own_padding import OwnArea
 from libra_jax.ops.roi_align import multilevel_roi_align
 
@@ -33,6 +33,7 @@ def batch_in(bucket, image):
   return dict(image=jnp.asarray(padded), image_shape=jnp.asarray([image.shape[:2]], jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def perturbed(variables, seed):
   """The variables with noise on every parameter, so that the non-local block (zero-initialized output) and the
   biases matter."""
@@ -56,7 +57,7 @@ def test_an_image_in_a_bucket_detects_as_in_its_own_padding(family, image):
   plain = copy.deepcopy(cfg)
   plain.test.own_padding = False
   own_model = build_detector(plain)
-  variables = perturbed(init_variables(bucket_model, jax.random.key(0), jnp.zeros((1, 64, 64, 3))), 1)
+  variables = perturbed(tiny_variables(family), 1)
   own, bucket = batch_in(OWN, image), batch_in(BUCKET, image)
   models = {"own": own_model, "bucket": bucket_model}
   detect = lambda name, b: jax.jit(lambda b: models[name].apply(variables, b, train=False))(b)
@@ -76,7 +77,7 @@ def test_an_image_in_a_bucket_detects_as_in_its_own_padding(family, image):
 def test_every_stage_inside_the_area_is_the_own_padded_images():
   cfg = tiny_model_config("faster")
   model = build_detector(cfg)
-  variables = perturbed(init_variables(model, jax.random.key(0), jnp.zeros((1, 64, 64, 3))), 2)
+  variables = perturbed(tiny_variables("faster"), 2)
   image = np.random.default_rng(1).normal(size=IMAGE + (3,)).astype(np.float32)
   own, bucket = batch_in(OWN, image), batch_in(BUCKET, image)
 

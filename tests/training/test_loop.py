@@ -15,7 +15,7 @@ import pytest
 
 from support import (apply_overrides, assert_drawn_where_detected, largest_file, records, summary_steps,
                      tiny_train_overrides)
-from libra_jax import convert, diagnostics, predict
+from libra_jax import cli, convert, diagnostics, predict
 from libra_jax.evaluation import driver
 from libra_jax.models.detectors import build_detector
 from libra_jax.training import loop
@@ -117,6 +117,16 @@ def run_train(workdir, overrides, wait=True, flags=(), **popen):
   return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def run_train_here(capsys, workdir, overrides, flags=()):
+  """train.py's command in this process, for runs that stop before training: ``(exit status, stderr)``."""
+  import train
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exited:
+    cli.run(train.main, [f"--config={CONFIG}", f"--workdir={workdir}", *flags,
+                         *[f"--config.{k}={v}" for k, v in overrides.items()]])
+  return exited.value.code, capsys.readouterr().err
+
+
 def wait_for(condition, process, seconds=600):
   deadline = time.time() + seconds
   while time.time() < deadline and not condition():
@@ -130,7 +140,7 @@ def checkpoint_steps(workdir):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
-def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path, trained):
+def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path, trained, capsys):
   # The first 16 steps of the straight run: the learning rate's milestones are set in epochs, so total_steps
   # does not change the steps themselves.
   overrides, _, straight_dir, _ = trained
@@ -139,9 +149,9 @@ def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path
   # 1. Once a run holds the directory (before it compiles), a second run there stops at once and names it.
   process = run_train(workdir, overrides, wait=False)
   wait_for(lambda: (workdir / "lock").exists() and (workdir / "lock").read_text(), process)
-  second = run_train(workdir, overrides)
-  assert second.returncode == 1
-  assert f"is in use by another run (pid {process.pid} on host" in second.stderr.strip().splitlines()[-1]
+  status, stderr = run_train_here(capsys, workdir, overrides)
+  assert status == 1
+  assert f"is in use by another run (pid {process.pid} on host" in stderr.strip().splitlines()[-1]
   # 2. SIGTERM mid-way: the run finishes its step, saves it and exits 0 with one line saying where.
   wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(records(workdir)) >= 3, process)
   process.send_signal(signal.SIGTERM)
@@ -180,15 +190,16 @@ def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path
   assert steps == list(range(1, 17)) and summary_steps(workdir, "train/loss") == steps
   assert all(r["loss"] == expected[r["step"]] for r in records(workdir))
   # 5. Started again with another model, the run stops at once and names what changed in the config ...
-  changed = run_train(workdir, dict(overrides, **{"model.rcnn.fc_channels": 48}))
-  assert changed.returncode == 1 and "Traceback" not in changed.stderr
-  last = changed.stderr.strip().splitlines()[-1]
+  status, stderr = run_train_here(capsys, workdir, dict(overrides, **{"model.rcnn.fc_channels": 48}))
+  assert status == 1 and "Traceback" not in stderr
+  last = stderr.strip().splitlines()[-1]
   assert last.startswith(f"error: the run in {workdir} was started with another config: ")
   assert "model.rcnn.fc_channels was 32, now 48" in last and "--allow_config_change" in last
   # ... and, allowed to go on, is stopped by the checkpoint itself, which names the first array that differs.
-  forced = run_train(workdir, dict(overrides, **{"model.rcnn.fc_channels": 48}), flags=["--allow_config_change"])
-  assert forced.returncode == 1 and "Traceback" not in forced.stderr
-  last = forced.stderr.strip().splitlines()[-1]
+  status, stderr = run_train_here(capsys, workdir, dict(overrides, **{"model.rcnn.fc_channels": 48}),
+                                  flags=["--allow_config_change"])
+  assert status == 1 and "Traceback" not in stderr
+  last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: the checkpoint of step 16 in ") and "was saved by a different model" in last
   assert "params/roi_head/" in last and "32" in last and "48" in last and "more differences" in last
 

@@ -3,7 +3,7 @@
 Two cases, one JSON line each:
   shapes: the synthetic default (about 170 x 140 JPEGs into 160 x 192 buckets).
   coco_sized: 640 x 480 (and 480 x 640) JPEGs in a COCO-format folder, resized
-    to COCO's 1333 x 800 scale into 800 x 1344 / 1344 x 800 buckets.
+    to COCO's 1333 x 800 scale into its 800 x 1088 / 1088 x 800 buckets.
 
     python benchmarks/bench_input.py [--batches=40] [--tfds_data_dir=DIR]
     python benchmarks/bench_input.py --config=FILE[:arg] [--config.KEY=VALUE ...] [--batches=40]

@@ -16,6 +16,7 @@ A command builds its flags with :class:`ArgumentParser` and runs its
 """
 
 import argparse
+import importlib
 import logging
 import os
 import pathlib
@@ -23,7 +24,7 @@ import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from libra_jax import errors
-from libra_jax.errors import UserError
+from libra_jax.errors import ConfigError, UserError
 
 VERBOSE_ENV = "LIBRA_JAX_VERBOSE"
 OVERRIDE_PREFIX = "--config."
@@ -115,6 +116,16 @@ def one_line(error: BaseException) -> str:
     return f"error: {text}"
   return (f"error: unexpected {type(error).__name__}: {text} (a bug: rerun with --verbose for the traceback, "
           f"and report it)")
+
+
+def import_modules(names: Sequence[str]) -> None:
+  """Imports each ``--import`` module (one that registers a loss, say); a failure is one line naming it."""
+  for name in names:
+    try:
+      importlib.import_module(name)
+    except Exception as error:  # noqa: BLE001  (any failure of the user's module is reported as one line)
+      raise ConfigError(f"--import={name}: cannot import it ({type(error).__name__}: {error}); give a module on "
+                        f"the Python path, e.g. mylosses for ./mylosses.py") from None
 
 
 def setup_logging() -> None:

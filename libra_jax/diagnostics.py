@@ -1,11 +1,14 @@
 """Figures of the imbalance that Libra R-CNN removes.
 
-``python -m libra_jax.diagnostics --out=DIR [--config=FILE [--config.KEY=VALUE ...] --workdir=RUN]`` writes
+``python -m libra_jax.diagnostics --out=DIR [--losses=NAME,...] [--import=MODULE]
+[--config=FILE [--config.KEY=VALUE ...] --workdir=RUN]`` writes
 
 - ``regression_losses.png``: loss and gradient magnitude against the
-  regression error ``|x|`` for smooth L1 and balanced L1 at several
-  ``(alpha, gamma)`` (the paper's Figure 5): balanced L1 gives inliers (small
-  errors) larger gradients while capping outliers' at ``gamma``;
+  regression error ``|x|`` for every registered box loss, or those named by
+  ``--losses`` (the paper's Figure 5, with balanced L1 at several
+  ``(alpha, gamma)``): balanced L1 gives inliers (small errors) larger
+  gradients while capping outliers' at ``gamma``; ``--import=MODULE`` adds
+  the losses a module registers;
 - ``negative_iou_histogram.png``: the IoU distribution of the negatives chosen
   by random sampling and by IoU-balanced sampling from the same candidates:
   random sampling follows the candidates, which are mostly easy (IoU near 0);
@@ -24,26 +27,57 @@ import numpy as np
 
 from libra_jax import cli, losses
 from libra_jax.errors import ConfigError
+from libra_jax.ops import boxes as box_ops
 from libra_jax.ops import sample
 
 BALANCED_L1_SETTINGS = ((0.5, 1.5), (0.3, 1.5), (0.5, 1.0), (0.5, 2.0))
 
 
-def regression_loss_curves(max_error: float = 1.5, num_points: int = 301,
+def box_losses() -> List[str]:
+  """Names of the registered losses a box head can take (those consuming deltas or decoded boxes)."""
+  return sorted(name for name, loss in losses.registered_losses().items() if loss.consumes in ("deltas", "boxes"))
+
+
+def _error_curve(loss: losses.RegisteredLoss, hparams: Dict[str, object]):
+  """The loss as a function of one regression error ``x``: the error on the ``dx`` delta, all else exact.
+
+  A loss of decoded boxes sees the reference box ``(0, 0, 1, 1)`` shifted by
+  ``x`` box widths against the unshifted box (deltas decoded with unit stds).
+  """
+  zeros = jnp.zeros(4, jnp.float32)
+  if loss.consumes == "deltas":
+    return lambda x: jnp.sum(loss.fn(zeros.at[0].set(x), zeros, **hparams))
+  reference = jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32)
+  return lambda x: jnp.sum(loss.fn(box_ops.decode_deltas(reference, zeros.at[0].set(x)), reference, **hparams))
+
+
+def regression_loss_curves(max_error: float = 1.5, num_points: int = 301, names: Optional[Sequence[str]] = None,
                            settings: Sequence[Tuple[float, float]] = BALANCED_L1_SETTINGS,
                            beta: float = 1.0) -> Dict[str, np.ndarray]:
-  """Loss value and gradient magnitude of each regression loss on a grid of errors.
+  """Loss value and gradient magnitude of box losses against the regression error (the paper's Figure 5).
+
+  Args:
+    names: registered box losses to draw (default: every one, ``box_losses``).
+      ``balanced_l1`` is drawn at each ``(alpha, gamma)`` of ``settings``,
+      every other loss at its default hyper-parameters; both smooth L1 and
+      balanced L1 use ``beta``.
 
   Returns:
     ``{"error": [P]}`` plus, for every curve name (``"smooth_l1"``,
-    ``"balanced_l1 a=0.5 g=1.5"``, ...), ``"<name>/loss"`` and
+    ``"balanced_l1 a=0.5 g=1.5"``, ``"giou"``, ...), ``"<name>/loss"`` and
     ``"<name>/grad"``, each ``[P]`` float.
   """
   error = np.linspace(0.0, max_error, num_points, dtype=np.float32)
-  curves = {"smooth_l1": lambda x: losses.smooth_l1_loss(x, 0.0, beta=beta)}
-  for alpha, gamma in settings:
-    curves[f"balanced_l1 a={alpha} g={gamma}"] = (
-        lambda x, a=alpha, g=gamma: losses.balanced_l1_loss(x, 0.0, alpha=a, gamma=g, beta=beta))
+  curves = {}
+  for name in (box_losses() if names is None else names):
+    loss = losses.get_loss(name)
+    if loss.consumes not in ("deltas", "boxes"):
+      raise ConfigError(f"{name} is a {loss.consumes} loss, not a box loss; box losses: {box_losses()}")
+    if name == "balanced_l1":
+      for alpha, gamma in settings:
+        curves[f"balanced_l1 a={alpha} g={gamma}"] = _error_curve(loss, dict(alpha=alpha, gamma=gamma, beta=beta))
+    else:
+      curves[name] = _error_curve(loss, dict(beta=beta) if name == "smooth_l1" else {})
   data = {"error": error}
   for name, fn in curves.items():
     data[f"{name}/loss"] = np.asarray(jax.vmap(fn)(error))
@@ -183,16 +217,17 @@ def plot_negative_iou_histogram(path, **kwargs) -> Dict[str, np.ndarray]:
   return data
 
 
-def write_all(out_dir, **histogram_kwargs) -> Dict[str, pathlib.Path]:
+def write_all(out_dir, loss_names: Optional[Sequence[str]] = None, **histogram_kwargs) -> Dict[str, pathlib.Path]:
   """Writes every diagnostic figure into ``out_dir``; returns their paths by name.
 
-  ``histogram_kwargs`` go to :func:`negative_iou_histograms` (e.g. a model's ``candidates``).
+  ``loss_names`` go to :func:`regression_loss_curves` (None: every box loss);
+  ``histogram_kwargs`` to :func:`negative_iou_histograms` (e.g. a model's ``candidates``).
   """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = {"regression_losses": out_dir / "regression_losses.png",
            "negative_iou_histogram": out_dir / "negative_iou_histogram.png"}
-  plot_regression_losses(paths["regression_losses"])
+  plot_regression_losses(paths["regression_losses"], names=loss_names)
   histograms = plot_negative_iou_histogram(paths["negative_iou_histogram"], **histogram_kwargs)
   hard = histograms["edges"][:-1] >= 0.1
   print(f"negatives with IoU >= 0.1: candidates {histograms['candidates'][hard].sum():.1%}, "
@@ -207,6 +242,10 @@ def main(argv) -> int:
   parser.add_argument("--out", default="runs/diagnostics", help="directory for the PNG files")
   parser.add_argument("--workdir", help="with --config: take the candidates from this run's trained Faster R-CNN")
   parser.add_argument("--num_batches", type=int, default=4, help="evaluation batches for --workdir")
+  parser.add_argument("--losses", default=None, help="comma-separated box losses for the gradient figure "
+                      "(default: every registered one)")
+  parser.add_argument("--import", dest="imports", action="append", default=[],
+                      help="a module to import first, e.g. one that registers a loss (repeatable)")
   args = parser.parse_args(argv)
   if (args.config is None) != (args.workdir is None):
     parser.error("--config and --workdir go together")
@@ -216,7 +255,14 @@ def main(argv) -> int:
     candidates = model_candidates(args.config, args.workdir, args.num_batches)
     sampler = args.config.model.train.rcnn.sampler
     histogram_kwargs = dict(candidates=candidates, num_negatives=int(sampler.num * (1 - sampler.pos_fraction)))
-  for name, path in write_all(args.out, **histogram_kwargs).items():
+  cli.import_modules(args.imports)
+  loss_names = [name.strip() for name in args.losses.split(",") if name.strip()] if args.losses else None
+  for name in loss_names or ():
+    try:
+      losses.get_loss(name)
+    except KeyError as error:
+      parser.error(f"--losses: {error.args[0] if error.args else error}")
+  for name, path in write_all(args.out, loss_names, **histogram_kwargs).items():
     print(f"{name}: {path}")
   return 0
 

@@ -1,4 +1,5 @@
-"""The ablation: its five configs, its table and chart writers, and its run over the rows (training stubbed)."""
+"""The ablation: its six configs, the loss-sweep rows, the seeded tables and chart, and its run over rows and seeds
+(training stubbed)."""
 
 import itertools
 import json
@@ -11,6 +12,7 @@ from PIL import Image
 
 from configs import base_faster_rcnn, shapes_libra_faster_rcnn
 from libra_jax import ablation, cli
+from libra_jax.errors import ConfigError
 from libra_jax.models.detectors import build_detector
 from libra_jax.tools.summary import abstract_batch
 from libra_jax.training import loop, optim
@@ -42,10 +44,12 @@ def differing_keys(a, b):
   return {k for k in a.keys() | b.keys() if a.get(k, MISSING) != b.get(k, MISSING)}
 
 
-def test_rows_are_the_baseline_each_part_alone_and_all_three():
-  assert [sorted(row.parts) for row in ablation.ROWS] == [[], ["sampling"], ["bfp"], ["loss"],
-                                                          ["bfp", "loss", "sampling"]]
-  assert len({row.slug for row in ablation.ROWS}) == len(ablation.ROWS)
+def test_rows_are_each_part_alone_and_the_papers_cumulative_order():
+  assert [sorted(row.parts) for row in ablation.PART_ROWS] == [[], ["sampling"], ["bfp"], ["loss"],
+                                                               ["bfp", "loss", "sampling"]]
+  assert [sorted(row.parts) for row in ablation.CUMULATIVE_ROWS] == [[], ["sampling"], ["bfp", "sampling"],
+                                                                     ["bfp", "loss", "sampling"]]
+  assert len(ablation.ROWS) == 6 and len({row.slug for row in ablation.ROWS}) == 6
 
 
 @pytest.mark.parametrize("first,second", list(itertools.combinations(ablation.ROWS, 2)), ids=lambda r: r.slug)
@@ -71,7 +75,7 @@ def test_baseline_takes_its_switches_from_the_faster_rcnn_baseline_config():
 
 
 def test_all_three_is_the_shapes_hard_libra_config():
-  libra = ablation.ROWS[-1]
+  libra = ablation.LIBRA
   assert flat_config(libra, steps=500) == flatten(shapes_libra_faster_rcnn.get_config("hard").to_dict())
   assert ablation.row_config(libra).data.dataset == "shapes_hard"
 
@@ -90,48 +94,94 @@ def test_steps_compress_the_whole_schedule():
   assert short(186) == pytest.approx(10 * short(187)) and short(50) == pytest.approx(short(186))
 
 
-RESULTS = [(row, {"AP": 0.1 * i, "AP50": 0.2 + 0.1 * i, "AP75": 0.05 * i, "APs": -1.0, "APm": 0.3, "APl": 0.4567,
-                  "AR100": 0.9}) for i, row in enumerate(ablation.ROWS)]
+def seeded(*aps):
+  """Results of one row over seeds: AP as given, the other metrics derived from it (APl: no object, -1)."""
+  return [{"AP": ap, "AP50": ap + 0.2, "AP75": ap / 2, "APs": ap, "APm": 0.5, "APl": -1.0} for ap in aps]
 
 
-def parse_table(text):
-  lines = [line for line in text.splitlines() if line.startswith("|")]
-  cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
-  return cells[0], cells[2:]
+def parse_table(text, index=0):
+  """``(header cells, row cells)`` of the ``index``-th markdown table in ``text``."""
+  tables, current = [], []
+  for line in text.splitlines() + [""]:
+    if line.startswith("|"):
+      current.append([cell.strip() for cell in line.strip("|").split("|")])
+    elif current:
+      tables.append(current)
+      current = []
+  return tables[index][0], tables[index][2:]
 
 
-def test_markdown_table_reads_back(tmp_path):
-  path = tmp_path / "ablation.md"
-  table = ablation.write_markdown(path, RESULTS, "`the command`: shapes_hard, 500 steps")
-  text = path.read_text()
-  assert text.startswith("# ") and "`the command`: shapes_hard, 500 steps" in text and table in text
-  header, rows = parse_table(text)
-  assert header == ["variant", "IoU-balanced sampling", "balanced feature pyramid", "balanced L1",
-                    "AP", "AP50", "AP75", "APs", "APm", "APl"]
-  assert [r[0] for r in rows] == [row.label for row, _ in RESULTS]
-  for cells, (row, metrics) in zip(rows, RESULTS):
-    assert [c == "✓" for c in cells[1:4]] == [p in row.parts for p in ("sampling", "bfp", "loss")]
-    assert all(c in ("✓", "") for c in cells[1:4])
-    assert cells[7] == "n/a"
-    for name, cell in zip(("AP", "AP50", "AP75", "APm", "APl"), cells[4:7] + cells[8:]):
-      assert float(cell) == pytest.approx(metrics[name], abs=5e-4)
+def test_seeded_table_gives_mean_sd_and_the_paired_interval_by_hand():
+  results = {"baseline": seeded(0.1, 0.2, 0.3), "iou_balanced_sampling": seeded(0.2, 0.35, 0.45),
+             "balanced_feature_pyramid": seeded(0.1, 0.2, 0.3), "balanced_l1_loss": seeded(0.3, 0.1, 0.2),
+             "libra": seeded(0.2, 0.3, 0.4)}
+  header, rows = parse_table(ablation.seeded_table(ablation.PART_ROWS, results, ablation.BASELINE, parts=True))
+  assert header == ["variant", "IoU-balanced sampling", "balanced feature pyramid", "balanced L1", "AP", "AP50",
+                    "AP75", "APs", "APm", "APl", "AP - baseline [95% interval]"]
+  assert rows[0][4] == "0.200 ± 0.100" and rows[0][9] == "n/a" and rows[0][10] == ""
+  # Sampling minus baseline, seed by seed: 0.1, 0.15, 0.15; mean 0.1333, sd 0.02887; t(0.975, 2) = 4.3027,
+  # so the half-width is 4.3027 * 0.02887 / sqrt(3) = 0.0717: [0.062, 0.205], which excludes 0 (bold).
+  assert rows[1][10] == "**+0.133 [+0.062, +0.205]**"
+  assert rows[2][10] == "+0.000 [+0.000, +0.000]"  # the same APs: no difference, and no bold
+  # Balanced L1 minus baseline: 0.2, -0.1, -0.1; mean 0, sd 0.1732, half-width 4.3027 * 0.1 = 0.430.
+  assert rows[3][10] == "+0.000 [-0.430, +0.430]"
+  assert [cell == "✓" for cell in rows[4][1:4]] == [True, True, True]
+
+
+def test_cumulative_table_takes_each_gain_over_the_row_above():
+  results = {"baseline": seeded(0.1, 0.2), "iou_balanced_sampling": seeded(0.2, 0.3),
+             "sampling_and_pyramid": seeded(0.25, 0.36), "libra": seeded(0.3, 0.4)}
+  _, rows = parse_table(ablation.cumulative_table(ablation.CUMULATIVE_ROWS, results))
+  assert [r[0] for r in rows] == [row.label for row in ablation.CUMULATIVE_ROWS]
+  assert rows[0][2] == "" and rows[0][3] == "(35.9 AP)"
+  # Gains 0.1 and 0.1: sd 0, so the interval is the point. Then 0.05, 0.06: mean 0.055, sd 0.00707, and
+  # t(0.975, 1) = 12.706 gives a half-width of 12.706 * 0.00707 / sqrt(2) = 0.0635.
+  assert rows[1][2] == "**+0.100 [+0.100, +0.100]**" and rows[1][3] == "+0.9"
+  assert rows[2][2] == "+0.055 [-0.009, +0.119]" and rows[2][3] == "+0.9"
+  assert rows[3][3] == "+0.8"
+
+
+def test_one_seed_gives_values_without_spread():
+  results = {"baseline": seeded(0.1), "iou_balanced_sampling": seeded(0.25)}
+  _, rows = parse_table(ablation.seeded_table(ablation.PART_ROWS[:2], results, ablation.BASELINE, parts=False))
+  assert rows[0][1] == "0.100" and rows[1][7] == "+0.150"
 
 
 def test_chart_is_a_png_of_plausible_size(tmp_path):
   path = tmp_path / "ablation.png"
-  ablation.write_chart(path, RESULTS)
+  results = {row.slug: seeded(0.1 * i, 0.1 * i + 0.05) for i, row in enumerate(ablation.ROWS)}
+  ablation.write_chart(path, ablation.ROWS, results, "title")
   with Image.open(path) as image:
     assert image.format == "PNG" and 800 <= image.width <= 2000 and 300 <= image.height < image.width
     pixels = np.asarray(image.convert("L"))
   assert pixels.std() > 10
 
 
-def test_cli_rejects_a_workdir_without_parent_and_bad_steps(tmp_path):
+def test_cli_rejects_a_workdir_without_parent_bad_counts_and_bad_losses(tmp_path):
   for argv, message in (([f"--workdir={tmp_path}/no/such/dir"], "no/such"),
-                        ([f"--workdir={tmp_path}/run", "--steps=0"], "--steps must be at least 1")):
+                        ([f"--workdir={tmp_path}/run", "--steps=0"], "--steps must be at least 1"),
+                        ([f"--workdir={tmp_path}/run", "--seeds=0"], "--seeds must be at least 1"),
+                        ([f"--workdir={tmp_path}/run", "--loss_bbox=,"], "--loss_bbox names no loss")):
     with pytest.raises(cli.UsageError, match=message):
       ablation.main(argv)
+  for argv, message in (([f"--workdir={tmp_path}/run", "--loss_bbox=l1,tukey"], "unknown loss 'tukey'"),
+                        ([f"--workdir={tmp_path}/run", "--loss_bbox=giou:sharpness=2"], "sharpness"),
+                        ([f"--workdir={tmp_path}/run", "--loss_bbox=giou:2"], "write name:key=value"),
+                        ([f"--workdir={tmp_path}/run", "--import=no_such_module_here"], "--import=no_such_module")):
+    with pytest.raises(ConfigError, match=message):
+      ablation.main(argv)
   assert not (tmp_path / "run").exists()
+
+
+def test_loss_rows_start_from_the_configs_loss_or_the_name_alone():
+  base = {"name": "balanced_l1", "alpha": 0.5, "gamma": 1.5, "beta": 1.0, "loss_weight": 1.0}
+  assert ablation.loss_row("balanced_l1", base) == ablation.LIBRA
+  lower_alpha = ablation.loss_row("balanced_l1:alpha=0.25", base)
+  assert dict(lower_alpha.loss_bbox) == dict(base, alpha=0.25) and lower_alpha.parts == ablation.ALL_PARTS
+  assert dict(ablation.loss_row("giou:loss_weight=10", base).loss_bbox) == {"name": "giou", "loss_weight": 10}
+  config = ablation.row_config(ablation.loss_row("smooth_l1:beta=0.5", base))
+  assert config.model.rcnn.loss_bbox.to_dict() == {"name": "smooth_l1", "beta": 0.5, "loss_weight": 1.0}
+  assert config.model.neck.bfp is not None and config.model.train.rcnn.sampler.type == "libra"
 
 
 def test_every_row_builds_and_traces_a_training_step_with_its_parts():
@@ -157,29 +207,55 @@ def fake_training(calls):
   return train
 
 
-def test_run_trains_each_row_in_its_directory_writes_the_outputs_and_resumes(tmp_path, monkeypatch, capsys):
+def test_run_trains_each_row_and_seed_in_its_directory_writes_the_outputs_and_resumes(tmp_path, monkeypatch,
+                                                                                        capsys):
   calls = []
   monkeypatch.setattr(loop, "train_and_evaluate", fake_training(calls))
   workdir = tmp_path / "ablation"
-  results = ablation.run_ablation(workdir, steps=7)
-  assert [row for row, _ in results] == list(ablation.ROWS)
-  assert [path for _, path in calls] == [workdir / row.slug for row in ablation.ROWS]
-  for (config, _), row in zip(calls, ablation.ROWS):
-    assert flatten(config.to_dict()) == flat_config(row, steps=7)
+  results = ablation.run_ablation(workdir, steps=7, seeds=2)
+  expected = [(workdir / row.slug / f"seed_{seed}", seed, row) for seed in (0, 1) for row in ablation.ROWS]
+  assert [path for _, path in calls] == [path for path, _, _ in expected]
+  for (config, _), (_, seed, row) in zip(calls, expected):
+    assert flatten(config.to_dict()) == dict(flat_config(row, steps=7), seed=seed)
+  assert list(results) == [row.slug for row in ablation.ROWS] and all(len(v) == 2 for v in results.values())
   text = (workdir / "ablation.md").read_text()
-  assert "--steps=7" in text and "shapes_hard, 7 steps of 8 images per row, seed 0" in text
-  _, table_rows = parse_table(text)
-  assert [float(r[4]) for r in table_rows] == pytest.approx([m["AP"] for _, m in results], abs=5e-4)
-  assert parse_table(capsys.readouterr().out)[1] == table_rows
+  assert "--steps=7 --seeds=2" in text and "shapes_hard, 7 steps of 8 images per row, seeds 0, 1" in text
+  _, part_rows = parse_table(text, 0)
+  _, cumulative_rows = parse_table(text, 1)
+  assert [r[0] for r in part_rows] == [row.label for row in ablation.PART_ROWS]
+  assert [r[0] for r in cumulative_rows] == [row.label for row in ablation.CUMULATIVE_ROWS]
+  printed = capsys.readouterr().out
+  assert parse_table(printed, 0)[1] == part_rows and parse_table(printed, 1)[1] == cumulative_rows
   saved = json.loads((workdir / "ablation.json").read_text())
-  assert [(r["slug"], r["metrics"]) for r in saved["rows"]] == [(row.slug, m) for row, m in results]
-  assert saved["rows"][1]["parts"] == ["sampling"]
+  assert saved["seeds"] == [0, 1] and [r["slug"] for r in saved["rows"]] == list(results)
+  assert [r["metrics"] for r in saved["rows"]] == list(results.values())
   with Image.open(workdir / "ablation.png") as image:
     assert image.format == "PNG"
-  # A run killed during row 4: rows 1-3 are read back, rows 4-5 train again.
-  for row in ablation.ROWS[3:]:
-    (workdir / row.slug / "eval_7.json").unlink()
+  # A run killed during the second seed: the first seed's runs and two of the second's are read back.
+  for row in ablation.ROWS[2:]:
+    (workdir / row.slug / "seed_1" / "eval_7.json").unlink()
   calls.clear()
-  again = ablation.run_ablation(workdir, steps=7)
-  assert [path for _, path in calls] == [workdir / row.slug for row in ablation.ROWS[3:]]
-  assert again[:3] == results[:3]
+  again = ablation.run_ablation(workdir, steps=7, seeds=2)
+  assert [path for _, path in calls] == [workdir / row.slug / "seed_1" for row in ablation.ROWS[2:]]
+  assert [again[row.slug][0] for row in ablation.ROWS] == [results[row.slug][0] for row in ablation.ROWS]
+
+
+def test_loss_sweep_with_a_users_registered_loss(tmp_path, monkeypatch):
+  (tmp_path / "my_sweep_losses.py").write_text(
+      "from libra_jax import losses\n"
+      "@losses.register_loss('my_sweep_l2', consumes='deltas')\n"
+      "def my_sweep_l2(pred, target, scale=1.0):\n"
+      "  return scale * (pred - target) ** 2\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  calls = []
+  monkeypatch.setattr(loop, "train_and_evaluate", fake_training(calls))
+  workdir = tmp_path / "sweep"
+  assert ablation.main([f"--workdir={workdir}", "--steps=5", "--seeds=2", "--import=my_sweep_losses",
+                        "--loss_bbox=balanced_l1,my_sweep_l2:scale=2,l1"]) == 0
+  slugs = ["libra", "loss_my_sweep_l2_scale=2", "loss_l1"]
+  assert [path for _, path in calls] == [workdir / slug / f"seed_{seed}" for seed in (0, 1) for slug in slugs]
+  assert calls[1][0].model.rcnn.loss_bbox.to_dict() == {"name": "my_sweep_l2", "scale": 2, "loss_weight": 1.0}
+  header, rows = parse_table((workdir / "loss_sweep.md").read_text())
+  assert header[0] == "variant" and header[-1] == "AP - all three (Libra) [95% interval]"
+  assert [r[0] for r in rows] == ["all three (Libra)", "my_sweep_l2:scale=2", "l1"]
+  assert (workdir / "loss_sweep.png").is_file() and (workdir / "loss_sweep.json").is_file()

@@ -1,9 +1,11 @@
 """Tests of libra_jax.diagnostics: the figures are written and the data behind them is right."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from libra_jax import diagnostics
+from libra_jax import cli, diagnostics
+from libra_jax.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,6 +33,30 @@ def test_regression_loss_curves_data():
     assert grad[0] == 0.0 and np.all(np.diff(grad[x <= 1]) >= -1e-6)
   # The paper's point: with alpha 0.5, gamma 1.5, inliers get larger gradients than smooth L1.
   assert np.all(data["balanced_l1 a=0.5 g=1.5/grad"][inlier] > data["smooth_l1/grad"][inlier])
+  # Every other registered box loss is drawn too. L1: gradient 1 away from 0.
+  np.testing.assert_allclose(data["l1/grad"][x > 0], 1.0)
+  # GIoU of a unit box shifted by x widths against itself, for x < 1: IoU (1 - x) / (1 + x); the hull is the
+  # union, so the loss is 1 - IoU = 2x / (1 + x), with gradient 2 / (1 + x)^2.
+  np.testing.assert_allclose(data["giou/loss"][inlier], 2 * x[inlier] / (1 + x[inlier]), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(data["giou/grad"][inlier], 2 / (1 + x[inlier]) ** 2, rtol=1e-3)
+  assert {key.split("/")[0] for key in data if "/" in key} >= {"iou", "giou", "l1", "smooth_l1"}
+
+
+def test_named_and_imported_losses(tmp_path, monkeypatch):
+  (tmp_path / "my_figure_losses.py").write_text(
+      "from libra_jax import losses\n"
+      "@losses.register_loss('my_figure_l2', consumes='deltas')\n"
+      "def my_figure_l2(pred, target):\n"
+      "  return (pred - target) ** 2\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  diagnostics.main(["--out", str(tmp_path / "figures"), "--import=my_figure_losses", "--losses=my_figure_l2,l1"])
+  assert_png(tmp_path / "figures" / "regression_losses.png")
+  data = diagnostics.regression_loss_curves(names=["my_figure_l2"], num_points=11)
+  np.testing.assert_allclose(data["my_figure_l2/grad"], 2 * data["error"], rtol=1e-6)
+  with pytest.raises(ConfigError, match="sigmoid_focal is a logits loss, not a box loss"):
+    diagnostics.regression_loss_curves(names=["sigmoid_focal"])
+  with pytest.raises(cli.UsageError, match="--losses: unknown loss 'tukey'"):
+    diagnostics.main(["--out", str(tmp_path / "figures"), "--losses=tukey"])
 
 
 def test_negative_histograms_show_random_follows_candidates_and_balanced_finds_hard_ones():

@@ -137,7 +137,8 @@ def decoder_message(error: Exception) -> str:
   return re.sub(r"\s*\[Op:\w+\].*", "", message).strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
-def decode_problem(builder: tfds.core.DatasetBuilder, index: records.RecordIndex, row: int) -> Tuple[str, Optional[str]]:
+def decode_problem(builder: tfds.core.DatasetBuilder, index: records.RecordIndex,
+                   row: int) -> Tuple[str, Optional[str]]:
   """The file name of the example at ``row``, and why its record does not parse or its image does not decode.
 
   The reason is None where both work. This decodes the image: the pipeline

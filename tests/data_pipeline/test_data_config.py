@@ -11,7 +11,8 @@ def test_coco_defaults_follow_the_spec():
   data = default_data_config("coco/2017")
   assert data.dataset == "coco/2017"
   assert tuple(data.scale) == (1333, 800)
-  assert tuple(map(tuple, data.buckets)) == ((800, 1344), (1344, 800))
+  assert tuple(map(tuple, data.buckets)) == ((800, 1344), (1344, 800), (800, 1216), (1216, 800), (800, 1088),
+                                             (1088, 800))
   assert tuple(data.mean) == (123.675, 116.28, 103.53)
   assert tuple(data.std) == (58.395, 57.12, 57.375)
   assert (data.max_instances, data.flip_prob, data.min_size) == (100, 0.5, 32)

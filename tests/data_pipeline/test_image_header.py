@@ -82,8 +82,9 @@ def test_an_image_whose_data_only_decoding_finds_damaged_stops_the_pipeline_with
   path.write_text(json.dumps(annotations))
   config = small_config("coco_folder", tfds_data_dir=str(tmp_path / "tfds"), train_annotations=str(path),
                         train_images=str(images), val_annotations=str(path), val_images=str(images))
-  with pytest.raises(DataError, match=r"coco_folder/instances_\w+ train: image damaged.png cannot be decoded \(.+\); its header "
-                                      r"reads, so the metadata pass kept it. Replace the image file, or delete it"):
+  with pytest.raises(DataError, match=r"coco_folder/instances_\w+ train: image damaged.png cannot be decoded \(.+\); "
+                                      r"its header reads, so the metadata pass kept it. Replace the image file, or "
+                                      r"delete it"):
     next(pipeline.train_batches(config, 2, seed=0))
   with pytest.raises(DataError, match="image damaged.png cannot be decoded"):
     next(pipeline.eval_batches(config, 2))

@@ -69,8 +69,9 @@ def write_folder(root: pathlib.Path, count: int) -> dict:
 
 def timed_start(data_fields: dict) -> dict:
   began = time.perf_counter()
-  finished = subprocess.run([sys.executable, "-c", START, json.dumps(data_fields)], capture_output=True, text=True,
-                            check=True)
+  finished = subprocess.run([sys.executable, "-c", START, json.dumps(data_fields)], capture_output=True, text=True)
+  if finished.returncode != 0:
+    raise RuntimeError(f"the timed start failed:\n{finished.stderr[-3000:]}")
   phases = json.loads(finished.stdout.strip().splitlines()[-1])
   return {"process_seconds": round(time.perf_counter() - began, 2), **{k: round(v, 2) for k, v in phases.items()}}
 
@@ -79,10 +80,12 @@ def main(argv) -> int:
   parser = cli.ArgumentParser(prog="python benchmarks/bench_startup.py", description=__doc__.split("\n")[0],
                               config=None)
   parser.add_argument("--images", type=int, default=20_000)
-  parser.add_argument("--workdir", default=None, help="where the folder and the prepared dataset go")
+  parser.add_argument("--workdir", default=None, help="a new directory for the folder and the prepared dataset")
   args = parser.parse_args(argv)
   if args.images < 2:
     parser.error(f"--images must be at least 2, got {args.images}")
+  if args.workdir and pathlib.Path(args.workdir).exists():
+    parser.error(f"--workdir {args.workdir} exists; give a new directory, so that the first start is a first start")
   with tempfile.TemporaryDirectory() as scratch:
     root = pathlib.Path(args.workdir or scratch)
     fields = dict(write_folder(root / "folder", args.images), tfds_data_dir=str(root / "tfds"),

@@ -104,8 +104,8 @@ def study(height: np.ndarray, width: np.ndarray, candidates: Dict[str, Buckets] 
     index = geometry.bucket_index(resized_h, resized_w, buckets)
     shapes = np.asarray(buckets, np.float64)[index]
     padded = shapes[:, 0] * shapes[:, 1]
-    rows.append({"name": name, "default": set(map(tuple, buckets)) == set(map(tuple, COCO_BUCKETS)),
-                 "buckets": len(buckets), "buckets_used": len(np.unique(index)),
+    is_default = set(map(tuple, buckets)) == set(map(tuple, COCO_BUCKETS))
+    rows.append({"name": name, "default": is_default, "buckets": len(buckets), "buckets_used": len(np.unique(index)),
                  "padding_share": round(float(1 - area.sum() / padded.sum()), 4),
                  "over_own_share": round(float(1 - own.sum() / padded.sum()), 4)})
   return rows
@@ -127,7 +127,8 @@ def main(argv) -> int:
   print(f"{source}, scale {COCO_SCALE}")
   print(f"{'bucket set':<34}{'buckets':>8}{'used':>6}{'padding':>9}{'over own':>10}")
   for row in rows:
-    print(f"{row['name'] + (' (default)' if row['default'] else ''):<34}{row['buckets']:>8}{row['buckets_used']:>6}{row['padding_share']:>9.1%}"
+    name = row["name"] + (" (default)" if row["default"] else "")
+    print(f"{name:<34}{row['buckets']:>8}{row['buckets_used']:>6}{row['padding_share']:>9.1%}"
           f"{row['over_own_share']:>10.1%}")
   return 0
 

@@ -68,6 +68,7 @@ from configs import base_faster_rcnn  # noqa: E402
 from libra_jax import cli, config_loader, losses, seed_statistics  # noqa: E402
 from libra_jax.errors import ConfigError  # noqa: E402
 from libra_jax.training import loop  # noqa: E402
+from libra_jax.training.workdir import check_and_record_config  # noqa: E402
 
 DEFAULT_STEPS = 500
 DEFAULT_CONFIG = f"{config_loader.REPO_ROOT / 'configs' / 'shapes_libra_faster_rcnn.py'}:hard"
@@ -103,8 +104,10 @@ CUMULATIVE_ROWS = (
     Row("sampling_and_pyramid", "+ IoU-balanced sampling + balanced feature pyramid", frozenset({"sampling", "bfp"})),
     LIBRA,
 )
-# The gain of each cumulative row over the one above in the paper's COCO ablation, AP points (35.9 -> 38.5).
-PAPER_GAINS = {"iou_balanced_sampling": 0.9, "sampling_and_pyramid": 0.9, "libra": 0.8}
+# The gain of each cumulative row over the one above in the paper's COCO ablation, as AP fractions like COCOeval's
+# (its AP points 35.9 -> 36.8 -> 37.7 -> 38.5).
+PAPER_BASELINE_AP = 0.359
+PAPER_GAINS = {"iou_balanced_sampling": 0.009, "sampling_and_pyramid": 0.009, "libra": 0.008}
 ROWS = tuple(dict.fromkeys(PART_ROWS + CUMULATIVE_ROWS))  # every row either table needs, each once
 
 
@@ -172,9 +175,16 @@ def loss_row(spec: str, base_loss: Mapping[str, object]) -> Row:
     if not equals or not key:
       raise ConfigError(f"--loss_bbox entry {spec!r}: write name:key=value, e.g. balanced_l1:alpha=0.25")
     loss[key] = parse_value(value)
+    if not isinstance(loss[key], (bool, int, float, str)):
+      raise ConfigError(f"--loss_bbox entry {spec!r}: {key} must be a number, True/False or a word, got {value}")
   try:
+    if losses.get_loss(name).consumes not in ("deltas", "boxes"):
+      raise ConfigError(f"--loss_bbox entry {spec!r}: {name} is a {losses.get_loss(name).consumes} loss; the R-CNN "
+                        f"box head takes losses of deltas or boxes")
     losses.build_loss(loss)
-  except KeyError as error:
+  except (KeyError, ValueError, TypeError) as error:
+    if isinstance(error, ConfigError):
+      raise
     raise ConfigError(f"--loss_bbox entry {spec!r}: {error.args[0] if error.args else error}") from None
   if loss == dict(base_loss):
     return LIBRA
@@ -182,10 +192,17 @@ def loss_row(spec: str, base_loss: Mapping[str, object]) -> Row:
   return Row(slug, spec.strip(), ALL_PARTS, tuple(sorted(loss.items())))
 
 
-def finished_metrics(workdir: pathlib.Path, steps: int) -> Optional[Dict[str, float]]:
-  """The metrics of ``workdir/eval_<steps>.json``, or None if that run has not finished."""
-  path = workdir / f"eval_{steps}.json"
-  return json.loads(path.read_text()) if path.is_file() else None
+def finished_metrics(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Optional[Dict[str, float]]:
+  """The metrics of ``workdir/eval_<total_steps>.json``, or None if that run has not finished.
+
+  A finished run is reused only if it was trained with ``config``: otherwise a
+  ``UserError`` lists what differs (use a new ``--workdir``).
+  """
+  path = workdir / f"eval_{config.total_steps}.json"
+  if not path.is_file():
+    return None
+  check_and_record_config(config, workdir, resumed_step=config.total_steps, allow_changes=False, write=False)
+  return json.loads(path.read_text())
 
 
 def seed_list(base_seed: int, count: int) -> List[int]:
@@ -207,6 +224,8 @@ def train_rows(workdir, rows: Sequence[Row], steps: int, seeds: Sequence[int],
                base: ml_collections.ConfigDict) -> Results:
   """Trains (or reads back) every row with every seed, in ``workdir/<slug>/seed_<seed>``."""
   workdir = pathlib.Path(workdir)
+  if len({row.slug for row in rows}) != len(rows):
+    raise ValueError(f"rows need distinct directory names, got {[row.slug for row in rows]}")
   results: Results = {}
   total, done = len(rows) * len(seeds), 0
   for seed in seeds:
@@ -214,7 +233,7 @@ def train_rows(workdir, rows: Sequence[Row], steps: int, seeds: Sequence[int],
       done += 1
       config = row_config(row, steps, base, seed)
       run_dir = workdir / row.slug / f"seed_{seed}"
-      metrics = finished_metrics(run_dir, config.total_steps)
+      metrics = finished_metrics(config, run_dir)
       if metrics is None:
         print(f"[{done}/{total}] {row.label}, seed {seed}: training {config.total_steps} steps in {run_dir}",
               flush=True)
@@ -300,13 +319,12 @@ def seeded_table(rows: Sequence[Row], results: Results, reference: Row, parts: b
 
 def cumulative_table(rows: Sequence[Row], results: Results) -> str:
   """The paper's order: each row's AP (mean ± sd), its paired gain over the row above with a 95% interval, and
-  the paper's gain on COCO (AP points)."""
-  lines = ["| variant | AP | gain over the row above [95% interval] | paper's gain on COCO (AP points) |",
-           "|---|--:|--:|--:|"]
+  the paper's gain on COCO, all as AP fractions."""
+  lines = ["| variant | AP | gain over the row above [95% interval] | the paper's on COCO |", "|---|--:|--:|--:|"]
   for above, row in zip((None,) + tuple(rows), rows):
     gain = "" if above is None else _difference_cell(seed_statistics.paired_difference(_ap(results, row),
                                                                                        _ap(results, above)))
-    paper = f"+{PAPER_GAINS[row.slug]}" if row.slug in PAPER_GAINS else "(35.9 AP)"
+    paper = f"+{PAPER_GAINS[row.slug]:.3f}" if row.slug in PAPER_GAINS else f"(AP {PAPER_BASELINE_AP:.3f})"
     lines.append(f"| {row.label} | {_spread_cell(_ap(results, row))} | {gain} | {paper} |")
   return "\n".join(lines)
 

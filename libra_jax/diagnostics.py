@@ -38,17 +38,24 @@ def box_losses() -> List[str]:
   return sorted(name for name, loss in losses.registered_losses().items() if loss.consumes in ("deltas", "boxes"))
 
 
+# The R-CNN's delta normalization (mmdetection's DeltaXYWHBBoxCoder target_stds): a regression error x on dx is
+# a shift of 0.1 x box widths.
+RCNN_DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
+
+
 def _error_curve(loss: losses.RegisteredLoss, hparams: Dict[str, object]):
-  """The loss as a function of one regression error ``x``: the error on the ``dx`` delta, all else exact.
+  """The loss as a function of one regression error ``x``: the error on the normalized ``dx`` delta, as the
+  R-CNN head feeds its loss, with every other coordinate exact.
 
   A loss of decoded boxes sees the reference box ``(0, 0, 1, 1)`` shifted by
-  ``x`` box widths against the unshifted box (deltas decoded with unit stds).
+  ``x * 0.1`` box widths (``RCNN_DELTA_STDS``) against the unshifted box.
   """
   zeros = jnp.zeros(4, jnp.float32)
   if loss.consumes == "deltas":
     return lambda x: jnp.sum(loss.fn(zeros.at[0].set(x), zeros, **hparams))
   reference = jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32)
-  return lambda x: jnp.sum(loss.fn(box_ops.decode_deltas(reference, zeros.at[0].set(x)), reference, **hparams))
+  return lambda x: jnp.sum(loss.fn(box_ops.decode_deltas(reference, zeros.at[0].set(x), stds=RCNN_DELTA_STDS),
+                                   reference, **hparams))
 
 
 def regression_loss_curves(max_error: float = 1.5, num_points: int = 301, names: Optional[Sequence[str]] = None,
@@ -249,19 +256,21 @@ def main(argv) -> int:
   args = parser.parse_args(argv)
   if (args.config is None) != (args.workdir is None):
     parser.error("--config and --workdir go together")
+  cli.import_modules(args.imports)
+  loss_names = [name.strip() for name in args.losses.split(",") if name.strip()] if args.losses else None
+  for name in loss_names or ():
+    try:
+      kind = losses.get_loss(name).consumes
+    except KeyError as error:
+      parser.error(f"--losses: {error.args[0] if error.args else error}")
+    if kind not in ("deltas", "boxes"):
+      parser.error(f"--losses: {name} is a {kind} loss, not a box loss; box losses: {', '.join(box_losses())}")
   histogram_kwargs = {}
   if args.config is not None:
     cli.check_workdir(args.workdir, must_exist=True)
     candidates = model_candidates(args.config, args.workdir, args.num_batches)
     sampler = args.config.model.train.rcnn.sampler
     histogram_kwargs = dict(candidates=candidates, num_negatives=int(sampler.num * (1 - sampler.pos_fraction)))
-  cli.import_modules(args.imports)
-  loss_names = [name.strip() for name in args.losses.split(",") if name.strip()] if args.losses else None
-  for name in loss_names or ():
-    try:
-      losses.get_loss(name)
-    except KeyError as error:
-      parser.error(f"--losses: {error.args[0] if error.args else error}")
   for name, path in write_all(args.out, loss_names, **histogram_kwargs).items():
     print(f"{name}: {path}")
   return 0

@@ -12,10 +12,11 @@ from PIL import Image
 
 from configs import base_faster_rcnn, shapes_libra_faster_rcnn
 from libra_jax import ablation, cli
-from libra_jax.errors import ConfigError
+from libra_jax.errors import ConfigError, UserError
 from libra_jax.models.detectors import build_detector
 from libra_jax.tools.summary import abstract_batch
 from libra_jax.training import loop, optim
+from libra_jax.training.workdir import check_and_record_config
 
 # Where each part's settings live in the flattened config (written out here, not taken from the module).
 PART_KEYS = {
@@ -133,12 +134,12 @@ def test_cumulative_table_takes_each_gain_over_the_row_above():
              "sampling_and_pyramid": seeded(0.25, 0.36), "libra": seeded(0.3, 0.4)}
   _, rows = parse_table(ablation.cumulative_table(ablation.CUMULATIVE_ROWS, results))
   assert [r[0] for r in rows] == [row.label for row in ablation.CUMULATIVE_ROWS]
-  assert rows[0][2] == "" and rows[0][3] == "(35.9 AP)"
+  assert rows[0][2] == "" and rows[0][3] == "(AP 0.359)"
   # Gains 0.1 and 0.1: sd 0, so the interval is the point. Then 0.05, 0.06: mean 0.055, sd 0.00707, and
   # t(0.975, 1) = 12.706 gives a half-width of 12.706 * 0.00707 / sqrt(2) = 0.0635.
-  assert rows[1][2] == "**+0.100 [+0.100, +0.100]**" and rows[1][3] == "+0.9"
-  assert rows[2][2] == "+0.055 [-0.009, +0.119]" and rows[2][3] == "+0.9"
-  assert rows[3][3] == "+0.8"
+  assert rows[1][2] == "**+0.100 [+0.100, +0.100]**" and rows[1][3] == "+0.009"
+  assert rows[2][2] == "+0.055 [-0.009, +0.119]" and rows[2][3] == "+0.009"
+  assert rows[3][3] == "+0.008"
 
 
 def test_one_seed_gives_values_without_spread():
@@ -167,6 +168,9 @@ def test_cli_rejects_a_workdir_without_parent_bad_counts_and_bad_losses(tmp_path
   for argv, message in (([f"--workdir={tmp_path}/run", "--loss_bbox=l1,tukey"], "unknown loss 'tukey'"),
                         ([f"--workdir={tmp_path}/run", "--loss_bbox=giou:sharpness=2"], "sharpness"),
                         ([f"--workdir={tmp_path}/run", "--loss_bbox=giou:2"], "write name:key=value"),
+                        ([f"--workdir={tmp_path}/run", "--loss_bbox=sigmoid_focal"], "is a logits loss"),
+                        ([f"--workdir={tmp_path}/run", "--loss_bbox=l1:loss_weight=heavy"], "l1:loss_weight=heavy"),
+                        ([f"--workdir={tmp_path}/run", "--loss_bbox=l1:loss_weight=[1]"], "must be a number"),
                         ([f"--workdir={tmp_path}/run", "--import=no_such_module_here"], "--import=no_such_module")):
     with pytest.raises(ConfigError, match=message):
       ablation.main(argv)
@@ -201,6 +205,7 @@ def fake_training(calls):
     calls.append((config, pathlib.Path(workdir)))
     metrics = {name: 0.01 * len(calls) + 0.001 * i for i, name in enumerate(ablation.METRICS)}
     pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    check_and_record_config(config, workdir, None, allow_changes=False)  # as the real run records its config
     (pathlib.Path(workdir) / f"eval_{config.total_steps}.json").write_text(json.dumps(metrics))
     return metrics
 
@@ -238,6 +243,11 @@ def test_run_trains_each_row_and_seed_in_its_directory_writes_the_outputs_and_re
   again = ablation.run_ablation(workdir, steps=7, seeds=2)
   assert [path for _, path in calls] == [workdir / row.slug / "seed_1" for row in ablation.ROWS[2:]]
   assert [again[row.slug][0] for row in ablation.ROWS] == [results[row.slug][0] for row in ablation.ROWS]
+  # A finished run is not reused for another experiment in the same directory.
+  other = ablation.config_loader.load_config(ablation.DEFAULT_CONFIG)
+  other.optim.lr_per_16 = 0.5
+  with pytest.raises(UserError, match="was started with another config: optim.lr_per_16"):
+    ablation.run_ablation(workdir, steps=7, base=other, seeds=2)
 
 
 def test_loss_sweep_with_a_users_registered_loss(tmp_path, monkeypatch):

@@ -35,10 +35,11 @@ def test_regression_loss_curves_data():
   assert np.all(data["balanced_l1 a=0.5 g=1.5/grad"][inlier] > data["smooth_l1/grad"][inlier])
   # Every other registered box loss is drawn too. L1: gradient 1 away from 0.
   np.testing.assert_allclose(data["l1/grad"][x > 0], 1.0)
-  # GIoU of a unit box shifted by x widths against itself, for x < 1: IoU (1 - x) / (1 + x); the hull is the
-  # union, so the loss is 1 - IoU = 2x / (1 + x), with gradient 2 / (1 + x)^2.
-  np.testing.assert_allclose(data["giou/loss"][inlier], 2 * x[inlier] / (1 + x[inlier]), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(data["giou/grad"][inlier], 2 / (1 + x[inlier]) ** 2, rtol=1e-3)
+  # GIoU of a unit box shifted by s = 0.1 x widths (the R-CNN's delta std) against itself: IoU (1 - s) / (1 + s);
+  # the hull is the union, so the loss is 1 - IoU = 2s / (1 + s), with gradient 0.1 * 2 / (1 + s)^2 in x.
+  shift = 0.1 * x
+  np.testing.assert_allclose(data["giou/loss"], 2 * shift / (1 + shift), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(data["giou/grad"][x > 0], 0.2 / (1 + shift[x > 0]) ** 2, rtol=1e-3)  # 0 at the kink
   assert {key.split("/")[0] for key in data if "/" in key} >= {"iou", "giou", "l1", "smooth_l1"}
 
 
@@ -57,6 +58,8 @@ def test_named_and_imported_losses(tmp_path, monkeypatch):
     diagnostics.regression_loss_curves(names=["sigmoid_focal"])
   with pytest.raises(cli.UsageError, match="--losses: unknown loss 'tukey'"):
     diagnostics.main(["--out", str(tmp_path / "figures"), "--losses=tukey"])
+  with pytest.raises(cli.UsageError, match="--losses: cross_entropy is a logits loss, not a box loss"):
+    diagnostics.main(["--out", str(tmp_path / "figures"), "--losses=cross_entropy"])
 
 
 def test_negative_histograms_show_random_follows_candidates_and_balanced_finds_hard_ones():

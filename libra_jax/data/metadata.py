@@ -9,7 +9,7 @@ unsupported or cut-off image files (skipped), grayscale / alpha / CMYK /
 palette images (converted to RGB by the decoder), boxes smaller than one
 pixel (dropped, as mmdetection's ``CocoDataset`` does); each is counted in the
 table's ``report``. An image whose damage only decoding shows stops the
-pipeline when it is decoded, with ``decode_failures`` naming it.
+pipeline when it is decoded, with ``decode_problem`` naming it.
 
 Tables are kept per (dataset directory, split, slice) for the life of the
 process, so evaluating every epoch reads the split once, and on disk next to
@@ -59,7 +59,8 @@ class ImageTable:
     filename: ``[N]`` object array of str.
     height, width: ``[N]`` int32, the image's size in pixels, from its header
       (0 where undecodable).
-    decodable: ``[N]`` bool.
+    decodable: ``[N]`` bool: the record parses and the image's header passes
+      ``image_header``'s checks (damage only decoding shows is found later).
     boxes: ``[M, 4]`` float32, xyxy in pixels of the original image; each
       image's rows are ``row_splits[i]:row_splits[i + 1]``, non-crowd first.
     labels: ``[M]`` int32, contiguous class index.
@@ -141,8 +142,9 @@ def decode_problem(builder: tfds.core.DatasetBuilder, index: records.RecordIndex
                    row: int) -> Tuple[str, Optional[str]]:
   """The file name of the example at ``row``, and why its record does not parse or its image does not decode.
 
-  The reason is None where both work. This decodes the image: the pipeline
-  calls it only for the images of a batch that failed to decode.
+  The reason is None where both work. This decodes the image, so it runs only
+  for records the metadata pass could not parse and for the images of a
+  batch that failed to decode.
   """
   with tf.io.gfile.GFile(index.files[index.file[row]], "rb") as stream:
     stream.seek(int(index.offset[row]))

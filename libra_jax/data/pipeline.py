@@ -107,13 +107,13 @@ class Batches:
     try:
       element = next(self._iterator)
     except tf.errors.OpError as error:
+      self._iterator = iter(())  # the stream cannot go on past a batch it failed to read
       raise self._decode_error(error) from None
     self._pending.popleft()
     planned = PlannedBatch(rows=element["row"], flips=element["flip"], valid=element["valid"], bucket=-1)
     batch = targets.annotate(self.table, self._height, self._width, planned, self._max_instances)
     batch["image"] = element["image"]
     return batch
-
 
   def _decode_error(self, error: Exception) -> DataError:
     """The error for a batch that tf.data failed to read: it names the image that does not decode."""

@@ -40,9 +40,10 @@ def with_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
 
 @pytest.mark.parametrize("data, reason", [
     (encoded("JPEG")[:-300], "JPEG data ends before its end-of-image marker"),
+    (encoded("JPEG", progressive=True)[:-300], "JPEG data ends before"),
     (with_thumbnail(encoded("JPEG"), encoded("JPEG", size=(16, 12)))[:-300], "JPEG data ends before"),
     (encoded("PNG")[:-40], "PNG chunks are damaged or cut off"),
-    (encoded("TIFF"), "TIFF image; the pipeline decodes JPEG, PNG, GIF, BMP, WEBP"),
+    (encoded("TIFF"), "TIFF image; the pipeline decodes JPEG, MPO, PNG, GIF, BMP, WEBP"),
     (b"this is not an image", "not an image file PIL can identify"),
 ])
 def test_cut_off_unsupported_and_unreadable_files_are_refused_from_the_header(data, reason):
@@ -50,6 +51,21 @@ def test_cut_off_unsupported_and_unreadable_files_are_refused_from_the_header(da
     image_header.read(data)
   with pytest.raises(tf.errors.InvalidArgumentError):  # what decoding them would have done
     tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
+def test_a_phone_cameras_multi_picture_jpeg_is_read_by_its_first_picture():
+  picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (61, 83, 3), dtype=np.uint8))
+  buffer = io.BytesIO()
+  picture.save(buffer, format="MPO", save_all=True, append_images=[picture.resize((40, 30))])
+  data = buffer.getvalue()
+  header = image_header.read(data)
+  assert header.format == "MPO" and (header.height, header.width) == (61, 83)
+  assert tuple(tf.io.decode_image(data, channels=3, expand_animations=False).shape) == (61, 83, 3)
+  # The decoder reads the first picture only, so a cut in the second one does not matter; one in the first does.
+  first_end = data.index(b"\xff\xd9") + 2
+  assert image_header.read(data[:first_end + 40]).width == 83
+  with pytest.raises(image_header.HeaderError, match="truncated"):
+    image_header.read(data[:first_end - 40])
 
 
 def test_a_whole_jpeg_with_a_thumbnail_passes():
@@ -71,20 +87,31 @@ def test_an_image_whose_data_only_decoding_finds_damaged_stops_the_pipeline_with
   assert image_header.read(damaged).width == 80
   images = tmp_path / "images"
   images.mkdir()
-  (images / "whole.png").write_bytes(encoded("PNG", size=(80, 60)))
-  (images / "damaged.png").write_bytes(damaged)
-  annotations = {"images": [{"id": 1, "file_name": "whole.png", "width": 80, "height": 60},
-                            {"id": 2, "file_name": "damaged.png", "width": 80, "height": 60}],
+  names = [f"whole_{i}.png" for i in range(5)] + ["damaged.png", "whole_5.png"]  # ids 1-7, damaged 6
+  for name in names:
+    (images / name).write_bytes(damaged if name == "damaged.png" else encoded("PNG", size=(80, 60)))
+  annotations = {"images": [{"id": i, "file_name": name, "width": 80, "height": 60} for i, name in enumerate(names, 1)],
                  "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
-                                  "iscrowd": 0} for i in (1, 2)],
+                                  "iscrowd": 0} for i in range(1, len(names) + 1)],
                  "categories": [{"id": 1, "name": "thing"}]}
   path = tmp_path / "instances.json"
   path.write_text(json.dumps(annotations))
   config = small_config("coco_folder", tfds_data_dir=str(tmp_path / "tfds"), train_annotations=str(path),
                         train_images=str(images), val_annotations=str(path), val_images=str(images))
-  with pytest.raises(DataError, match=r"coco_folder/instances_\w+ train: image damaged.png cannot be decoded \(.+\); "
-                                      r"its header reads, so the metadata pass kept it. Replace the image file, or "
-                                      r"delete it"):
-    next(pipeline.train_batches(config, 2, seed=0))
-  with pytest.raises(DataError, match="image damaged.png cannot be decoded"):
-    next(pipeline.eval_batches(config, 2))
+  # Evaluation reads the images in record order, two at a time: the batches before the damaged image's come
+  # through (tf.data reads ahead of them), then its own stops the stream.
+  batches = pipeline.eval_batches(config, 2)
+  position = list(batches.table.filename).index("damaged.png")
+  assert position >= 4  # TFDS's preparation puts the records in the order of ids 3, 7, 4, 2, 5, 1, 6
+  for _ in range(position // 2):
+    assert batches.table.image_id[position] not in next(batches)["image_id"]
+  with pytest.raises(DataError, match=r"coco_folder/instances_\w+ validation: image damaged.png cannot be decoded "
+                                      r"\(.+\); its header reads, so the metadata pass kept it. Replace the image "
+                                      r"file, or delete it"):
+    next(batches)
+  with pytest.raises(StopIteration):  # the stream ends there
+    next(batches)
+  training = pipeline.train_batches(config, 2, seed=0)
+  with pytest.raises(DataError, match="train: image damaged.png cannot be decoded"):
+    for _ in range(8):  # a pass over the seven images takes four batches
+      next(training)

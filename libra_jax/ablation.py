@@ -178,14 +178,13 @@ def loss_row(spec: str, base_loss: Mapping[str, object]) -> Row:
     if not isinstance(loss[key], (bool, int, float, str)):
       raise ConfigError(f"--loss_bbox entry {spec!r}: {key} must be a number, True/False or a word, got {value}")
   try:
-    if losses.get_loss(name).consumes not in ("deltas", "boxes"):
-      raise ConfigError(f"--loss_bbox entry {spec!r}: {name} is a {losses.get_loss(name).consumes} loss; the R-CNN "
-                        f"box head takes losses of deltas or boxes")
+    kind = losses.get_loss(name).consumes
     losses.build_loss(loss)
   except (KeyError, ValueError, TypeError) as error:
-    if isinstance(error, ConfigError):
-      raise
     raise ConfigError(f"--loss_bbox entry {spec!r}: {error.args[0] if error.args else error}") from None
+  if kind not in losses.BOX_CONSUMES:
+    raise ConfigError(f"--loss_bbox entry {spec!r}: {name} is a {kind} loss; the R-CNN box head takes losses of "
+                      f"deltas or boxes")
   if loss == dict(base_loss):
     return LIBRA
   slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "loss_" + spec.strip().replace(":", "_"))

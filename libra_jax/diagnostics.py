@@ -35,7 +35,7 @@ BALANCED_L1_SETTINGS = ((0.5, 1.5), (0.3, 1.5), (0.5, 1.0), (0.5, 2.0))
 
 def box_losses() -> List[str]:
   """Names of the registered losses a box head can take (those consuming deltas or decoded boxes)."""
-  return sorted(name for name, loss in losses.registered_losses().items() if loss.consumes in ("deltas", "boxes"))
+  return sorted(name for name, loss in losses.registered_losses().items() if loss.consumes in losses.BOX_CONSUMES)
 
 
 # The R-CNN's delta normalization (mmdetection's DeltaXYWHBBoxCoder target_stds): a regression error x on dx is
@@ -78,7 +78,7 @@ def regression_loss_curves(max_error: float = 1.5, num_points: int = 301, names:
   curves = {}
   for name in (box_losses() if names is None else names):
     loss = losses.get_loss(name)
-    if loss.consumes not in ("deltas", "boxes"):
+    if loss.consumes not in losses.BOX_CONSUMES:
       raise ConfigError(f"{name} is a {loss.consumes} loss, not a box loss; box losses: {box_losses()}")
     if name == "balanced_l1":
       for alpha, gamma in settings:
@@ -263,7 +263,7 @@ def main(argv) -> int:
       kind = losses.get_loss(name).consumes
     except KeyError as error:
       parser.error(f"--losses: {error.args[0] if error.args else error}")
-    if kind not in ("deltas", "boxes"):
+    if kind not in losses.BOX_CONSUMES:
       parser.error(f"--losses: {name} is a {kind} loss, not a box loss; box losses: {', '.join(box_losses())}")
   histogram_kwargs = {}
   if args.config is not None:

@@ -38,6 +38,8 @@ from libra_jax.registry import Registry
 AVG_FACTOR_EPS = float(np.finfo(np.float32).eps)
 
 CONSUMES = ("deltas", "boxes", "logits")
+# What a box-regression head can feed a loss.
+BOX_CONSUMES = ("deltas", "boxes")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,7 +165,8 @@ def loss_row(spec: str, base_loss: Mapping[str, object]) -> Row:
   The loss starts from the config's own settings when ``name`` is the
   config's loss (so ``balanced_l1:alpha=0.25`` keeps its gamma and beta),
   otherwise from the name alone with the config's ``loss_weight``. A spec
-  that gives the config's own loss unchanged is the Libra row itself.
+  that gives the config's own loss unchanged is the Libra row itself (its runs
+  are shared), labelled with the spec.
   Raises ``ConfigError`` for an unknown loss or hyper-parameter.
   """
   name, *assignments = spec.strip().split(":")
@@ -186,7 +187,7 @@ def loss_row(spec: str, base_loss: Mapping[str, object]) -> Row:
     raise ConfigError(f"--loss_bbox entry {spec!r}: {name} is a {kind} loss; the R-CNN box head takes losses of "
                       f"deltas or boxes")
   if loss == dict(base_loss):
-    return LIBRA
+    return LIBRA._replace(label=f"{spec.strip()} (the Libra row)")
   slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "loss_" + spec.strip().replace(":", "_"))
   return Row(slug, spec.strip(), ALL_PARTS, tuple(sorted(loss.items())))
 

@@ -179,7 +179,7 @@ def test_cli_rejects_a_workdir_without_parent_bad_counts_and_bad_losses(tmp_path
 
 def test_loss_rows_start_from_the_configs_loss_or_the_name_alone():
   base = {"name": "balanced_l1", "alpha": 0.5, "gamma": 1.5, "beta": 1.0, "loss_weight": 1.0}
-  assert ablation.loss_row("balanced_l1", base) == ablation.LIBRA
+  assert ablation.loss_row("balanced_l1", base) == ablation.LIBRA._replace(label="balanced_l1 (the Libra row)")
   lower_alpha = ablation.loss_row("balanced_l1:alpha=0.25", base)
   assert dict(lower_alpha.loss_bbox) == dict(base, alpha=0.25) and lower_alpha.parts == ablation.ALL_PARTS
   assert dict(ablation.loss_row("giou:loss_weight=10", base).loss_bbox) == {"name": "giou", "loss_weight": 10}
@@ -266,6 +266,6 @@ def test_loss_sweep_with_a_users_registered_loss(tmp_path, monkeypatch):
   assert [path for _, path in calls] == [workdir / slug / f"seed_{seed}" for seed in (0, 1) for slug in slugs]
   assert calls[1][0].model.rcnn.loss_bbox.to_dict() == {"name": "my_sweep_l2", "scale": 2, "loss_weight": 1.0}
   header, rows = parse_table((workdir / "loss_sweep.md").read_text())
-  assert header[0] == "variant" and header[-1] == "AP - all three (Libra) [95% interval]"
-  assert [r[0] for r in rows] == ["all three (Libra)", "my_sweep_l2:scale=2", "l1"]
+  assert header[0] == "variant" and header[-1] == "AP - balanced_l1 (the Libra row) [95% interval]"
+  assert [r[0] for r in rows] == ["balanced_l1 (the Libra row)", "my_sweep_l2:scale=2", "l1"]
   assert (workdir / "loss_sweep.png").is_file() and (workdir / "loss_sweep.json").is_file()

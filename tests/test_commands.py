@@ -1,7 +1,10 @@
-"""Each command, run for real, answers a user's mistake with one line on stderr and a non-zero exit.
+"""Each command answers a user's mistake with one line on stderr and a non-zero exit.
 
-One case per command and per kind of mistake; the variants of each (every config key, every kind of bad
-annotation or weights file) are tested in-process in test_cli.py, test_convert.py and test_unprepared.py.
+Every tool runs for real, as a new process, once. train.py's other kinds of mistake run through its ``main``
+in this process, under ``cli.run`` as ``python train.py`` does: the same parser, checks and one-line report,
+without the seconds a new interpreter spends importing JAX and TensorFlow. The variants of each kind (every
+config key, every kind of bad annotation or weights file) are tested in test_cli.py, test_convert.py and
+test_unprepared.py.
 """
 
 import concurrent.futures
@@ -14,8 +17,8 @@ import numpy as np
 import pytest
 
 from support import tiny_train_overrides
+from libra_jax import cli
 
-pytestmark = pytest.mark.slow  # about 20 commands, each starting Python, JAX and often TensorFlow; one trains
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = "configs/shapes_libra_faster_rcnn.py"
@@ -78,9 +81,27 @@ def cases(tmp: pathlib.Path, shapes_dir: str):
   }
 
 
+# One per command, each run as a new process; train.py's other cases run through its main in this process.
+SUBPROCESS = ["unknown_key", "predict_missing_workdir", "inspect_bad_value", "summary_missing_config",
+              "diagnostics_config_alone", "ablation_unknown_loss", "bench_input_bad_batches",
+              "coco_eval_missing_annotations"]
+IN_PROCESS = ["missing_config", "zero_batch", "negative_batch", "zero_log_every", "workdir_is_a_file",
+              "distributed_without_coordinator", "annotations_not_json", "truncated_npz", "checkpoint_in_train_mode",
+              "init_checkpoint_in_eval_mode", "init_checkpoint_missing"]
+
+
+def assert_one_line(status, stderr, expected):
+  """A failure's exit status (1, or 2 for usage) and stderr: one ``error:`` line, the last, with ``expected``."""
+  assert status in (1, 2), (status, stderr[-3000:])
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and expected in errors[0], stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == errors[0]
+  assert "Traceback" not in stderr
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, shapes_tfds_dir):
-  """Runs every case (two at a time: this machine has two cores); ``name -> (CompletedProcess, expected text)``."""
+  """Runs each SUBPROCESS case (two at a time: this machine has two cores); ``name -> (CompletedProcess, text)``."""
   table = cases(tmp_path_factory.mktemp("commands"), shapes_tfds_dir)
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("LIBRA_JAX_VERBOSE", None)
@@ -89,32 +110,35 @@ def outcomes(tmp_path_factory, shapes_tfds_dir):
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    futures = {name: pool.submit(run, argv) for name, (argv, _) in table.items()}
+    futures = {name: pool.submit(run, table[name][0]) for name in SUBPROCESS}
   return {name: (future.result(), table[name][1]) for name, future in futures.items()}
 
 
-NAMES = [
-    "unknown_key", "missing_config", "zero_batch", "negative_batch", "zero_log_every", "workdir_is_a_file",
-    "distributed_without_coordinator", "annotations_not_json", "truncated_npz", "checkpoint_in_train_mode",
-    "init_checkpoint_in_eval_mode", "init_checkpoint_missing",
-    "predict_missing_workdir", "inspect_bad_value", "summary_missing_config",
-    "diagnostics_config_alone", "ablation_unknown_loss", "bench_input_bad_batches", "coco_eval_missing_annotations"]
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SUBPROCESS)
 def test_a_mistake_gets_one_line(outcomes, name):
   result, expected = outcomes[name]
-  assert result.returncode in (1, 2), (result.returncode, result.stderr[-3000:])
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
-  assert result.stderr.strip().splitlines()[-1] == errors[0]
-  assert "Traceback" not in result.stderr
+  assert_one_line(result.returncode, result.stderr, expected)
 
 
-def test_every_case_is_checked(outcomes):
-  assert sorted(outcomes) == sorted(NAMES)
+@pytest.mark.parametrize("name", IN_PROCESS)
+def test_a_mistake_given_to_train_py_gets_one_line(name, tmp_path, shapes_tfds_dir, capsys, monkeypatch):
+  import train
+  argv, expected = cases(tmp_path, shapes_tfds_dir)[name]
+  assert argv[0] == "train.py"
+  monkeypatch.chdir(ROOT)
+  monkeypatch.delenv("LIBRA_JAX_VERBOSE", raising=False)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exited:
+    cli.run(train.main, argv[1:])
+  assert_one_line(exited.value.code, capsys.readouterr().err, expected)
 
 
+def test_every_case_is_checked(tmp_path):
+  assert sorted(cases(tmp_path, "unused")) == sorted(SUBPROCESS + IN_PROCESS)
+
+
+@pytest.mark.slow
 def test_verbose_shows_the_traceback(tmp_path):
   result = subprocess.run([sys.executable, "train.py", f"--config={SHAPES}", f"--workdir={tmp_path}",
                            "--config.log_every=0", "--verbose"], cwd=ROOT, capture_output=True, text=True,
@@ -122,6 +146,7 @@ def test_verbose_shows_the_traceback(tmp_path):
   assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
+@pytest.mark.slow  # trains, as a new process
 def test_a_failed_checkpoint_save_stops_training_with_one_line(tmp_path, shapes_tfds_dir):
   # A file-size limit makes the checkpoint's writes fail as on a full disk ("File too large"), even for root.
   import resource

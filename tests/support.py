@@ -110,6 +110,12 @@ def tiny_train_overrides(tfds_dir, cache_dir, **extra):
   return values
 
 
+def shapes_config(values):
+  """The shapes config (``configs/shapes_libra_faster_rcnn.py``) with the ``"a.b" -> value`` overrides ``values``."""
+  from configs import shapes_libra_faster_rcnn
+  return apply_overrides(shapes_libra_faster_rcnn.get_config(), values)
+
+
 def apply_overrides(config, values):
   """Sets ``config[a][b] = value`` for each ``"a.b" -> value`` of ``values``; returns ``config``."""
   for path, value in values.items():

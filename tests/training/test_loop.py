@@ -1,9 +1,12 @@
-"""End-to-end tests of the training loop and train.py on the shapes dataset with a tiny model."""
+"""End-to-end tests of the training loop and train.py on the shapes dataset with a tiny model.
+
+(The non-finite loss runs are in test_nonfinite.py: a file of their own, so that the two pytest workers can
+share out this file's long tests and those.)
+"""
 
 import json
 import os
 import pathlib
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from support import (apply_overrides, assert_drawn_where_detected, largest_file, records, summary_steps,
+from support import (assert_drawn_where_detected, largest_file, records, shapes_config, summary_steps,
                      tiny_train_overrides)
 from libra_jax import cli, convert, diagnostics, predict
 from libra_jax.evaluation import driver
@@ -33,17 +36,13 @@ def dirs(shapes_tfds_dir):
   return shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
-def load_config(**values):
-  from configs import shapes_libra_faster_rcnn
-  return apply_overrides(shapes_libra_faster_rcnn.get_config(), values)
-
-
 @pytest.fixture(scope="module")
 def trained(dirs, tmp_path_factory):
   """A 40-step run of the tiny model, trained in this process: ``(overrides, config, workdir, final metrics)``."""
-  overrides = tiny_train_overrides(*dirs, total_steps=40, log_every=1,
-                             **{"optim.warmup_steps": 5, "optim.lr_per_16": 0.08})
-  config = load_config(**overrides)
+  # One checkpoint, at the end: the tests read the final weights only.
+  overrides = tiny_train_overrides(*dirs, total_steps=40, log_every=1, checkpoint_every=40,
+                                   **{"optim.warmup_steps": 5, "optim.lr_per_16": 0.08})
+  config = shapes_config(overrides)
   workdir = tmp_path_factory.mktemp("trained")
   return overrides, config, workdir, loop.train_and_evaluate(config, workdir)
 
@@ -91,23 +90,6 @@ def test_loss_goes_down_and_metrics_are_written(trained):
   assert confident == {name: [d for d in dets if d["score"] >= threshold] for name, dets in found.items()}
 
 
-def test_nonfinite_loss_stops_the_run_at_that_step_or_is_skipped(tmp_path, dirs):
-  config = load_config(**tiny_train_overrides(*dirs, total_steps=6, log_every=1000))
-  config.optim.update(lr_per_16=1e12, warmup_steps=0)
-  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at step \d+ .*no checkpoint was saved yet") as stop:
-    loop.train_and_evaluate(config, tmp_path / "stop")
-  stopped_at = int(re.search(r"at step (\d+)", str(stop.value)).group(1))
-  # Nothing of the bad weights was saved or evaluated, although step 4 saves and step 6 evaluates.
-  assert not list((tmp_path / "stop").glob("eval_*.json")) and not list((tmp_path / "stop" / "checkpoints").iterdir())
-  config.skip_nonfinite = True
-  config.log_every = 1
-  loop.train_and_evaluate(config, tmp_path / "skip")
-  # The same run, skipping instead of stopping, flags its first non-finite loss at the step named above.
-  flags = {r["step"]: r["finite"] for r in records(tmp_path / "skip")}
-  assert stopped_at == min(step for step, finite in flags.items() if finite == 0.0)
-  assert records(tmp_path / "skip")[-1]["skipped_steps"] > 0
-
-
 def run_train(workdir, overrides, wait=True, flags=(), **popen):
   args = [sys.executable, TRAIN, f"--config={CONFIG}", f"--workdir={workdir}", *flags]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -144,7 +126,7 @@ def test_a_run_stopped_killed_and_damaged_ends_as_the_uninterrupted_one(tmp_path
   # The first 16 steps of the straight run: the learning rate's milestones are set in epochs, so total_steps
   # does not change the steps themselves.
   overrides, _, straight_dir, _ = trained
-  overrides = dict(overrides, total_steps=16)
+  overrides = dict(overrides, total_steps=16, checkpoint_every=4)
   workdir = tmp_path / "interrupted"
   # 1. Once a run holds the directory (before it compiles), a second run there stops at once and names it.
   process = run_train(workdir, overrides, wait=False)
@@ -215,7 +197,7 @@ def test_fine_tuning_starts_from_a_whole_detector(tmp_path, trained):
                                                                                             straight_dir))))
   from_file = run_train(tmp_path / "from_file", dict(overrides, total_steps=1, init_checkpoint=weights))
   assert from_file.returncode == 0, from_file.stderr[-2000:]
-  loop.train_and_evaluate(load_config(**dict(overrides, total_steps=1, init_checkpoint=str(straight_dir))),
+  loop.train_and_evaluate(shapes_config(dict(overrides, total_steps=1, init_checkpoint=str(straight_dir))),
                           tmp_path / "from_dir")
   first = [records(tmp_path / name)[0]["loss"] for name in ("from_dir", "from_file")]
   assert first[0] == first[1] < 0.9 * records(straight_dir)[0]["loss"]

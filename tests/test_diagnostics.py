@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from libra_jax import cli, diagnostics
+from libra_jax import cli, diagnostics, losses
 from libra_jax.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -50,6 +50,8 @@ def test_named_and_imported_losses(tmp_path, monkeypatch):
       "def my_figure_l2(pred, target):\n"
       "  return (pred - target) ** 2\n")
   monkeypatch.syspath_prepend(str(tmp_path))
+  # The module's loss is registered into a copy of the registry, which the test's end puts back.
+  monkeypatch.setattr(losses._REGISTRY, "_entries", losses._REGISTRY.entries())
   diagnostics.main(["--out", str(tmp_path / "figures"), "--import=my_figure_losses", "--losses=my_figure_l2,l1"])
   assert_png(tmp_path / "figures" / "regression_losses.png")
   data = diagnostics.regression_loss_curves(names=["my_figure_l2"], num_points=11)

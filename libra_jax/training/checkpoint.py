@@ -11,7 +11,9 @@ reported by ``check_for_errors``, which the loop calls after every step.
 """
 
 import logging
+import os
 import pathlib
+import re
 import shutil
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -165,10 +167,18 @@ class Checkpointer:
 
 
 def _gist(error: Exception) -> str:
-  """An error's type and one-line text, its middle cut out when long (storage errors end with the cause)."""
+  """An error's type and one-line text, its middle cut out when long, and the system's words for an OS error code.
+
+  TensorStore's storage errors name the failed file, then a long spec, then
+  ``[os_error_code='28']``; the code's meaning ("No space left on device") is
+  not always in the text, so it is added.
+  """
   text = errors.message(error)
   if len(text) > 400:
     text = f"{text[:150]} ... {text[-200:]}"
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code and os.strerror(int(code.group(1))) not in text:
+    text += f" ({os.strerror(int(code.group(1)))})"
   return f"{type(error).__name__}: {text}"
 
 

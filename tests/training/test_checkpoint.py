@@ -1,6 +1,7 @@
 """Tests of libra_jax.training.checkpoint: exact round trips and retention."""
 
 import logging
+import os
 import resource
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from support import largest_file
 from libra_jax import runtime
-from libra_jax.training import step as step_lib
+from libra_jax.training import checkpoint, step as step_lib
 from libra_jax.errors import UserError
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 
@@ -95,3 +96,13 @@ def test_a_failed_background_save_stops_with_a_clear_error(tmp_path):
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
   checkpointer.manager.close()
+
+
+def test_a_storage_errors_os_code_is_named_in_words():
+  # TensorStore's text: the failed file, a long spec (cut out of the middle), then only the OS error's number.
+  long = ValueError("OUT_OF_RANGE: Error writing \"params/w/.zarray\" " + "x" * 600 + " [os_error_code='28']")
+  gist = checkpoint._gist(long)
+  assert gist.startswith("ValueError: OUT_OF_RANGE: Error writing") and " ... " in gist and len(gist) < 450
+  assert gist.endswith(f"[os_error_code='28'] ({os.strerror(28)})") and "No space left on device" in gist
+  # Where the text already says it, it is not said twice.
+  assert checkpoint._gist(OSError(f"{os.strerror(27)} [os_error_code=27]")).count(os.strerror(27)) == 1

@@ -174,11 +174,12 @@ def _gist(error: Exception) -> str:
   not always in the text, so it is added.
   """
   text = errors.message(error)
+  code = re.search(r"os_error_code='?(\d+)", text)
+  meaning = os.strerror(int(code.group(1))) if code else None
   if len(text) > 400:
     text = f"{text[:150]} ... {text[-200:]}"
-  code = re.search(r"os_error_code='?(\d+)", text)
-  if code and os.strerror(int(code.group(1))) not in text:
-    text += f" ({os.strerror(int(code.group(1)))})"
+  if meaning and meaning not in text:
+    text += f" ({meaning})"
   return f"{type(error).__name__}: {text}"
 
 

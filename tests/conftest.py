@@ -79,6 +79,14 @@ def tiny_retina():
   return build_detector(tiny_model_config("retina")), tiny_variables("retina")
 
 
+@pytest.fixture
+def scratch_loss_registry(monkeypatch):
+  """Losses registered during the test (say by a user module it imports) go into a copy of the registry, which
+  the test's end puts back: later tests in the worker see only the built-in losses."""
+  from libra_jax import losses
+  monkeypatch.setattr(losses._REGISTRY, "_entries", losses._REGISTRY.entries())
+
+
 def pytest_collection_modifyitems(items):
   """Slow tests first, so that the two workers start the long ones early and share out the short ones after."""
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)

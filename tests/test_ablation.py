@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import base_faster_rcnn, shapes_libra_faster_rcnn
-from libra_jax import ablation, cli, losses
+from libra_jax import ablation, cli
 from libra_jax.errors import ConfigError, UserError
 from libra_jax.models.detectors import build_detector
 from libra_jax.tools.summary import abstract_batch
@@ -250,15 +250,13 @@ def test_run_trains_each_row_and_seed_in_its_directory_writes_the_outputs_and_re
     ablation.run_ablation(workdir, steps=7, base=other, seeds=2)
 
 
-def test_loss_sweep_with_a_users_registered_loss(tmp_path, monkeypatch):
+def test_loss_sweep_with_a_users_registered_loss(tmp_path, monkeypatch, scratch_loss_registry):
   (tmp_path / "my_sweep_losses.py").write_text(
       "from libra_jax import losses\n"
       "@losses.register_loss('my_sweep_l2', consumes='deltas')\n"
       "def my_sweep_l2(pred, target, scale=1.0):\n"
       "  return scale * (pred - target) ** 2\n")
   monkeypatch.syspath_prepend(str(tmp_path))
-  # The module's loss is registered into a copy of the registry, which the test's end puts back.
-  monkeypatch.setattr(losses._REGISTRY, "_entries", losses._REGISTRY.entries())
   calls = []
   monkeypatch.setattr(loop, "train_and_evaluate", fake_training(calls))
   workdir = tmp_path / "sweep"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from libra_jax import cli, diagnostics, losses
+from libra_jax import cli, diagnostics
 from libra_jax.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,15 +43,13 @@ def test_regression_loss_curves_data():
   assert {key.split("/")[0] for key in data if "/" in key} >= {"iou", "giou", "l1", "smooth_l1"}
 
 
-def test_named_and_imported_losses(tmp_path, monkeypatch):
+def test_named_and_imported_losses(tmp_path, monkeypatch, scratch_loss_registry):
   (tmp_path / "my_figure_losses.py").write_text(
       "from libra_jax import losses\n"
       "@losses.register_loss('my_figure_l2', consumes='deltas')\n"
       "def my_figure_l2(pred, target):\n"
       "  return (pred - target) ** 2\n")
   monkeypatch.syspath_prepend(str(tmp_path))
-  # The module's loss is registered into a copy of the registry, which the test's end puts back.
-  monkeypatch.setattr(losses._REGISTRY, "_entries", losses._REGISTRY.entries())
   diagnostics.main(["--out", str(tmp_path / "figures"), "--import=my_figure_losses", "--losses=my_figure_l2,l1"])
   assert_png(tmp_path / "figures" / "regression_losses.png")
   data = diagnostics.regression_loss_curves(names=["my_figure_l2"], num_points=11)

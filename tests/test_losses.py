@@ -147,20 +147,17 @@ def test_build_loss_errors_name_the_problem():
     losses.register_loss("x", consumes="pixels")
 
 
-def test_register_and_select_a_new_loss():
+def test_register_and_select_a_new_loss(scratch_loss_registry):
   @losses.register_loss("test_scaled_l1", consumes="deltas")
   def scaled_l1(pred, target, scale=1.0):
     return scale * jnp.abs(pred - target)
 
-  try:
-    loss = losses.build_loss(dict(name="test_scaled_l1", scale=3.0, loss_weight=0.5))
-    assert loss.registered.consumes == "deltas"
-    np.testing.assert_allclose(loss(jnp.array([1.0, -1.0]), jnp.zeros(2)), 0.5 * 3.0 * 1.0)
-    assert losses.registered_losses()["test_scaled_l1"].hparams() == {"scale": 1.0}
-    with pytest.raises(ValueError, match="already registered"):
-      losses.register_loss("test_scaled_l1", consumes="deltas")(scaled_l1)
-  finally:
-    losses._REGISTRY.pop("test_scaled_l1")
+  loss = losses.build_loss(dict(name="test_scaled_l1", scale=3.0, loss_weight=0.5))
+  assert loss.registered.consumes == "deltas"
+  np.testing.assert_allclose(loss(jnp.array([1.0, -1.0]), jnp.zeros(2)), 0.5 * 3.0 * 1.0)
+  assert losses.registered_losses()["test_scaled_l1"].hparams() == {"scale": 1.0}
+  with pytest.raises(ValueError, match="already registered"):
+    losses.register_loss("test_scaled_l1", consumes="deltas")(scaled_l1)
 
 
 def test_every_registered_loss_declares_what_it_consumes():

@@ -131,39 +131,44 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   gt_valid, ignore_valid = detectors.gt_masks(batch)
   example_valid = batch["valid"].astype(jnp.float32)
 
+  # Each stage is jitted once: the same program computes the next stage's inputs, is timed, and is differentiated.
   def part(names, method):
-    """``(params of the named children, x) -> method(module, x)`` with the model's BatchNorm statistics."""
-    return lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, method=method), \
+    """A jitted ``(params of the named children, x) -> method(module, x)`` with the model's BatchNorm statistics."""
+    return jax.jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x, method=method)), \
         {name: params[name] for name in names}
 
   backbone_neck, backbone_params = part(("backbone", "neck"), lambda m, image: m.features(image))
   rpn_head, rpn_params = part(("rpn_head",), lambda m, features: m.rpn_outputs(features))
   box_head, box_params = part(("roi_head",), lambda m, pooled: m.box_head(pooled))
 
-  features = jax.jit(backbone_neck)(backbone_params, batch["image"])
-  logits, deltas = jax.jit(rpn_head)(rpn_params, features)
+  features = backbone_neck(backbone_params, batch["image"])
+  logits, deltas = rpn_head(rpn_params, features)
   per_level, anchors, anchor_valid = detectors.feature_anchors(features, cfg["anchors"], batch["image_shape"])
 
+  @jax.jit
   def rpn_losses(logits, deltas):
     losses = rpn_loss(rpn_keys, logits, deltas, anchors, anchor_valid, batch["boxes"], gt_valid, ignore_valid,
                       example_valid, train_cfg=cfg["train"]["rpn"], loss_cfg=cfg["rpn"])
     return losses["loss_rpn_cls"] + losses["loss_rpn_bbox"]
 
+  @jax.jit
   def proposals_of(logits, deltas):
     return detectors.batch_proposals(logits, deltas, per_level, anchor_valid, batch["image_shape"],
                                      cfg["train"]["rpn_proposal"])
 
-  proposals = jax.jit(proposals_of)(logits, deltas)
+  proposals = proposals_of(logits, deltas)
 
+  @jax.jit
   def sampling(proposals):
     return detectors.batch_sample_rois(rcnn_keys, proposals, batch, model.roi_head.num_classes,
                                        cfg["train"]["rcnn"])
 
-  sampled = jax.jit(sampling)(proposals)
-  align = lambda features: detectors.align_rois(features, sampled.rois, cfg["rcnn"])
-  pooled = jax.jit(align)(features)
-  cls_logits, reg_deltas = jax.jit(box_head)(box_params, pooled)
+  sampled = sampling(proposals)
+  align = jax.jit(lambda features: detectors.align_rois(features, sampled.rois, cfg["rcnn"]))
+  pooled = align(features)
+  cls_logits, reg_deltas = box_head(box_params, pooled)
 
+  @jax.jit
   def rcnn_losses(cls_logits, reg_deltas):
     losses = rcnn_loss(cls_logits, reg_deltas, sampled, example_valid, cfg=cfg["rcnn"])
     return losses["loss_cls"] + losses["loss_bbox"]
@@ -173,7 +178,7 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   opt_state = optimizer.init(params)
   update = jax.jit(lambda grads, state, p: optax.apply_updates(p, optimizer.update(grads, state, p)[0]))
 
-  timed = {  # name -> (forward function, its arguments, whether it has a backward pass)
+  timed = {  # name -> (jitted forward function, its arguments, whether it has a backward pass)
       "backbone_neck": (backbone_neck, (backbone_params, batch["image"]), True),
       "rpn_head": (rpn_head, (rpn_params, features), True),
       "rpn_loss": (rpn_losses, (logits, deltas), True),
@@ -185,7 +190,7 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   }
   forward, backward = {}, {}
   for name, (function, args, differentiable) in timed.items():
-    forward[name] = median_seconds(jax.jit(function), args, repeats)
+    forward[name] = median_seconds(function, args, repeats)
     backward[name] = max(median_seconds(forward_and_backward(function), args, repeats) - forward[name], 0.0) \
         if differentiable else 0.0
   forward["optimizer"], backward["optimizer"] = median_seconds(update, (params, opt_state, params), repeats), 0.0

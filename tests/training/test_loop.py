@@ -47,13 +47,17 @@ def trained(dirs, tmp_path_factory):
   return overrides, config, workdir, loop.train_and_evaluate(config, workdir)
 
 
-def test_loss_goes_down_and_metrics_are_written(trained):
+def test_classifiers_learn_and_metrics_are_written(trained):
   _, config, workdir, metrics = trained
   train = records(workdir)
   assert [r["step"] for r in train] == list(range(1, 41))
   for key in ("loss", "loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "lr", "images_per_sec"):
     assert all(np.isfinite(r[key]) for r in train), key
-  assert np.mean([r["loss"] for r in train[-10:]]) < 0.8 * np.mean([r["loss"] for r in train[:3]])
+  # Both classifiers learn: their losses fall well below where they started. (The total is no measure of
+  # learning this early: as proposals find the objects, positives appear and the box losses grow from about 0.)
+  for key in ("loss_rpn_cls", "loss_cls"):
+    assert np.mean([r[key] for r in train[-10:]]) < 0.6 * train[0][key], key
+  assert np.mean([r["num_pos_rois"] for r in train[-10:]]) > 2 * np.mean([r["num_pos_rois"] for r in train[:3]])
   # The first step's time, and the train step's compilations: one per bucket shape (one here), never more.
   [compiled] = records(workdir, "compile")
   assert compiled["step"] == 1 and compiled["first_step_seconds"] > 0 and compiled["train_step_compilations"] == 1

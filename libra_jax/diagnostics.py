@@ -17,6 +17,7 @@
 Each figure comes from a function that also returns the arrays behind it.
 """
 
+import functools
 import itertools
 import pathlib
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -87,8 +88,8 @@ def regression_loss_curves(max_error: float = 1.5, num_points: int = 301, names:
       curves[name] = _error_curve(loss, dict(beta=beta) if name == "smooth_l1" else {})
   data = {"error": error}
   for name, fn in curves.items():
-    data[f"{name}/loss"] = np.asarray(jax.vmap(fn)(error))
-    data[f"{name}/grad"] = np.abs(np.asarray(jax.vmap(jax.grad(fn))(error)))
+    data[f"{name}/loss"] = np.asarray(jax.jit(jax.vmap(fn))(error))
+    data[f"{name}/grad"] = np.abs(np.asarray(jax.jit(jax.vmap(jax.grad(fn)))(error)))
   return data
 
 
@@ -142,6 +143,16 @@ def model_candidates(config, workdir, num_batches: int = 4) -> List[np.ndarray]:
   return per_image
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def _negative_draws(keys, max_iou, is_negative, num_negatives: int):
+  """Masks ``[D, N]`` bool of the negatives picked by random and by IoU-balanced sampling, one row per key of
+  ``keys [D]``, from candidates ``max_iou [N]`` of which ``is_negative [N]`` may be picked."""
+  random_masks = jax.vmap(lambda k: sample.choose_random(k, is_negative, num_negatives))(keys)
+  balanced_masks = jax.vmap(
+      lambda k: sample.iou_balanced_negatives(k, max_iou, is_negative, num_negatives, floor_thr=0))(keys)
+  return random_masks, balanced_masks
+
+
 def negative_iou_histograms(candidates: Optional[Sequence[np.ndarray]] = None, seed: int = 0,
                             num_negatives: int = 384, num_draws: int = 50, neg_iou_thr: float = 0.5,
                             num_hist_bins: int = 10) -> Dict[str, np.ndarray]:
@@ -165,9 +176,7 @@ def negative_iou_histograms(candidates: Optional[Sequence[np.ndarray]] = None, s
   for index, max_iou in enumerate(candidates):
     is_negative = max_iou < neg_iou_thr
     keys = jax.random.split(jax.random.fold_in(key, index), num_draws)
-    random_masks = jax.vmap(lambda k: sample.choose_random(k, is_negative, num_negatives))(keys)
-    balanced_masks = jax.vmap(
-        lambda k: sample.iou_balanced_negatives(k, max_iou, is_negative, num_negatives, floor_thr=0))(keys)
+    random_masks, balanced_masks = _negative_draws(keys, max_iou, is_negative, num_negatives)
     for name, weights in (("candidates", is_negative.astype(np.float64)),
                           ("random", np.asarray(random_masks).sum(0)),
                           ("iou_balanced", np.asarray(balanced_masks).sum(0))):

@@ -11,6 +11,7 @@ itself or its input gradient. So, on the platforms in ``MATMUL_PLATFORMS``
   when it has a stride), so its forward pass and both gradients are matmuls;
 * a ``kh x kw`` convolution keeps XLA's forward pass and input gradient, and
   its filter gradient becomes ``kh * kw`` matmuls where that is faster
+  (wide filters, and medium ones on large maps)
   (:func:`matmul_filter_gradient_is_faster`): tap ``(i, j)`` is the input
   window shifted by ``(i, j)`` (strided like the convolution), contracted with
   the output gradient over batch and positions,
@@ -30,10 +31,10 @@ import jax.numpy as jnp
 from jax import lax
 
 MATMUL_PLATFORMS = ("cpu",)
-# Larger filters take the matmul filter gradient from this C_in * C_out on; from the smaller product below on where
-# the output has at least MATMUL_LARGE_MAP_POSITIONS positions (see matmul_filter_gradient_is_faster).
-MATMUL_MIN_CHANNEL_PRODUCT = 256 * 256
-MATMUL_MIN_CHANNEL_PRODUCT_LARGE_MAPS = 128 * 128
+# Filters wider than this C_in * C_out take the matmul filter gradient on every map; from the smaller product below
+# on, on maps of more than MATMUL_LARGE_MAP_POSITIONS output positions (see matmul_filter_gradient_is_faster).
+MATMUL_ANY_MAP_ABOVE_CHANNEL_PRODUCT = 256 * 256
+MATMUL_LARGE_MAPS_MIN_CHANNEL_PRODUCT = 128 * 128
 MATMUL_LARGE_MAP_POSITIONS = 8192
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -42,21 +43,35 @@ def matmul_filter_gradient_is_faster(filter_shape: Sequence[int], output_positio
   """Whether matmuls beat XLA:CPU's filter gradient for an ``[kh, kw, C_in, C_out]`` filter whose output has
   ``output_positions`` (batch x height x width) positions.
 
-  Measured on 2 cores (jax 0.10, batch 2, maps of 24x24 to 200x336, square
-  channel counts 16 to 256, strides 1 and 2; 2026-12-03, taps contracted as
-  ``[positions, C]`` matrices): a 1x1 filter's gradient, one matmul, is
-  1.1-10x faster than XLA's from 16x16 channels on; a 3x3 filter's nine
-  matmuls win from 256x256 channels (2-2.7x), and at 128x128 from 8,400
-  output positions (1.9-2.2x; 0.6-1.1x on smaller maps). At 32 and 64
-  channels they are about even or lose (0.4-1.3x). So: 1x1 filters, larger
-  ones from ``MATMUL_MIN_CHANNEL_PRODUCT``, and from
-  ``MATMUL_MIN_CHANNEL_PRODUCT_LARGE_MAPS`` on maps of
-  ``MATMUL_LARGE_MAP_POSITIONS`` and more.
+  A 1x1 filter's gradient, one matmul, is 1.1-10x faster than XLA's from
+  16x16 channels on (2 cores, jax 0.10, 2026-12-03). For 3x3 filters XLA's
+  own gradient is fast on small maps and slow on large ones. Its time over
+  the nine matmuls' (2 cores with AVX-512, 2026-12-04, the median of three
+  calls; ``2x64`` is batch 2 of 64x64, ``50x84`` batch 1):
+
+      channels     2x16  2x32  50x84  2x64  2x128  100x168  200x336
+      64 -> 64     0.49  0.70  0.63   0.57  0.62   0.40     0.61
+      128 -> 128   0.80  1.78  1.11   0.40  1.53   0.78     2.38
+      256 -> 256   0.93  1.08  0.83   0.60  2.40   1.22     3.79
+      512 -> 512   0.89  0.87  0.85   1.62  -      2.33     -
+      256 -> 720   1.13  1.15  1.32   1.93  3.38   2.19     6.10
+      256 -> 36    1.17  0.87  0.81   0.72  0.71   0.84     2.06
+
+  So: 1x1 filters; filters wider than ``MATMUL_ANY_MAP_ABOVE_CHANNEL_PRODUCT``
+  (256 x 720, 512 x 512); and from ``MATMUL_LARGE_MAPS_MIN_CHANNEL_PRODUCT``
+  on (128 x 128, 256 x 256) on maps of more than
+  ``MATMUL_LARGE_MAP_POSITIONS``. The whole RetinaNet R-50 train step at
+  512 x 512 batch 2, whose head runs 256 x 256 filters on maps of 8,192
+  positions and less, took 5.26-5.32 s with matmuls for every 256 x 256
+  filter and 4.69-4.71 s with this rule (two runs each, alternating). (On
+  the machine of 2026-12-03 the nine matmuls won for 256 x 256 filters on
+  every map from 24x24 at batch 2 on; the machines here differ from day to
+  day.)
   """
   kh, kw, c_in, c_out = filter_shape
   channels = c_in * c_out
-  return (kh * kw == 1 or channels >= MATMUL_MIN_CHANNEL_PRODUCT
-          or (channels >= MATMUL_MIN_CHANNEL_PRODUCT_LARGE_MAPS and output_positions >= MATMUL_LARGE_MAP_POSITIONS))
+  return (kh * kw == 1 or channels > MATMUL_ANY_MAP_ABOVE_CHANNEL_PRODUCT
+          or (channels >= MATMUL_LARGE_MAPS_MIN_CHANNEL_PRODUCT and output_positions > MATMUL_LARGE_MAP_POSITIONS))
 
 
 def pointwise_conv(x, w, strides: Tuple[int, int]):

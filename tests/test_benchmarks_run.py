@@ -9,7 +9,12 @@ import pytest
 
 from benchmarks import run
 
-needs_torchvision = pytest.mark.skipif(not run.torchvision_available(), reason="torch/torchvision not installed")
+
+def needs_torchvision(test):
+  """Skipped without torch and torchvision; slow, since each such test starts them in a new process (10-15 s), and
+  so ``-m "not slow"`` runs the same tests with or without the ``.[bench]`` extra."""
+  return pytest.mark.slow(pytest.mark.skipif(not run.torchvision_available(),
+                                             reason="torch/torchvision not installed")(test))
 
 
 def result(model, framework="libra_jax", mode="train", step_s=1.0, batch=1, height=256, width=256, **extra):

@@ -10,9 +10,9 @@ itself or its input gradient. So, on the platforms in ``MATMUL_PLATFORMS``
 * a 1x1 convolution is a matmul over the positions (after a strided slice
   when it has a stride), so its forward pass and both gradients are matmuls;
 * a ``kh x kw`` convolution keeps XLA's forward pass and input gradient, and
-  its filter gradient becomes ``kh * kw`` matmuls where that is faster
-  (wide filters, and medium ones on large maps)
-  (:func:`matmul_filter_gradient_is_faster`): tap ``(i, j)`` is the input
+  its filter gradient becomes ``kh * kw`` matmuls where that is faster (wide
+  filters, and medium ones on large maps:
+  :func:`matmul_filter_gradient_is_faster`): tap ``(i, j)`` is the input
   window shifted by ``(i, j)`` (strided like the convolution), contracted with
   the output gradient over batch and positions,
   ``dW[i, j] = sum_bhw x[b, s*h + i, s*w + j, :]^T g[b, h, w, :]``.

@@ -57,6 +57,12 @@ machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 ``extra_s_per_step`` (Libra parts): step time minus the baseline's at the same
 shape. ``peak_rss_mb``: the row's process's peak resident memory.
 
+Every row's process, ours and torchvision's alike, first sets glibc's malloc
+to keep freed memory (``libra_jax.host_memory``, which every libra_jax command
+does on the CPU): otherwise each step page-faults its large buffers in anew.
+Both frameworks gain from it; we gain more, having more temporary memory
+per step (README's benchmark section has the paired measurements).
+
 The full run: ResNet-50, both shapes, 3 timed steps per row, the Libra-part
 rows at 512 x 512 batch 2 only, the fixed-grid and bucket-padding rows at
 800 x 1344 only; 30 rows with torchvision.
@@ -92,7 +98,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # the row functions, in the worker processes: this process stays small (its memory would otherwise count in the
 # workers' peak RSS) and torch stays optional.
 sys.path.insert(0, str(ROOT))
-from libra_jax import cli  # noqa: E402  (argparse and logging only)
+from libra_jax import cli, host_memory  # noqa: E402  (argparse, logging and ctypes only)
 
 CONFIGS = {"libra_faster_rcnn": "configs/libra_faster_rcnn_r50_fpn_1x_coco.py",
            "faster_rcnn": "configs/faster_rcnn_r50_fpn_1x_coco.py",
@@ -237,6 +243,7 @@ def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path):
 
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
+  host_memory.keep_freed_host_memory()
   import jax
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -308,6 +315,7 @@ def torchvision_detector(family: str, depth: int, height: int, width: int, pretr
 
 def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
   """Measures one torchvision row on the CPU (run in a fresh process)."""
+  host_memory.keep_freed_host_memory()
   import torch
   import torchvision
   torch.manual_seed(0)

@@ -10,6 +10,9 @@
   environment, shows the traceback instead.
 - A run stopped by a signal after saving (``errors.Stopped``) prints one
   ``stopped:`` line saying where, and exits with status 0.
+- Where JAX computes on the CPU, freed host memory stays in the process
+  (:mod:`libra_jax.host_memory`): a step's buffers are not page-faulted in anew
+  every step.
 
 A command builds its flags with :class:`ArgumentParser` and runs its
 ``main(argv)`` through :func:`run`.
@@ -23,7 +26,7 @@ import pathlib
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from libra_jax import errors
+from libra_jax import errors, host_memory
 from libra_jax.errors import ConfigError, UserError
 
 VERBOSE_ENV = "LIBRA_JAX_VERBOSE"
@@ -141,6 +144,8 @@ def run(main: Callable[[Sequence[str]], Optional[int]], argv: Optional[Sequence[
   """Runs ``main(argv)`` as a command: exits with its return value, or prints a failure as one line."""
   argv = list(sys.argv[1:] if argv is None else argv)
   setup_logging()
+  if host_memory.jax_computes_on_host():
+    host_memory.keep_freed_host_memory()
   try:
     code = main(argv)
   except KeyboardInterrupt:

@@ -12,8 +12,11 @@ machine that was 0.5-2 s of a 5-10 s step.
 ``MALLOC_MMAP_MAX_=0`` and ``MALLOC_TRIM_THRESHOLD_=-1`` would at start-up:
 one arena for every thread (the only one that can grow past 64 MB without
 ``mmap``), no ``mmap`` for large blocks, and no trimming of the heap. A freed
-block then stays in the process and the next step reuses it without a fault.
-The cost: the process keeps its peak host memory until it exits.
+block then stays in the process and a later step reuses it without a fault.
+The heap settles after two steps: the second still adds memory (smaller blocks
+allocated in between split the first step's freed buffer), later ones add
+none. The cost: the process keeps that memory until it exits (Faster R-CNN
+R-50 at 512 x 512 batch 2: a peak of 5.0 GB against 3.3 GB).
 
 Threads that allocated before the call keep their own arenas, and XLA:CPU's
 worker threads start with the backend, so it must run before the first JAX

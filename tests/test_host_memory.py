@@ -1,6 +1,5 @@
 """Freed host memory stays in the process: a second large buffer is not page-faulted in again."""
 
-import ctypes
 import importlib.metadata
 import json
 import subprocess
@@ -10,8 +9,6 @@ import textwrap
 import pytest
 
 from libra_jax import cli, host_memory
-
-GLIBC = hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
 # A child process allocates, fills and frees a 256 MB buffer (as XLA:CPU does with a step's temporaries),
 # then counts the page faults of doing it again.
@@ -37,7 +34,7 @@ def second_buffer_faults(mode: str) -> int:
   return json.loads(result.stdout)
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+@pytest.mark.skipif(not host_memory.uses_glibc(), reason="mallopt is glibc's")
 def test_a_freed_buffer_is_reused_without_page_faults():
   default, kept = second_buffer_faults("default"), second_buffer_faults("keep")
   # By default the 256 MB come from a fresh mmap, faulted in page by page: 65,536 faults for 4 KB pages, at

@@ -2,27 +2,43 @@
 
 Static-shape form of mmdetection's ``MaxIoUAssigner``: ground truth comes padded
 to a fixed number of rows with a validity mask, and padded rows never match.
+
+The overlaps are laid out ``[N candidates, G gts]`` and every argmax is written
+as plain max/min reductions: XLA:CPU reduces a ``[G, N]`` matrix over its
+major axis, and computes any argmax (a two-operand reduction), several times
+slower than a row or column max of ``[N, G]``. For the RPN at 800x1344
+(268,569 anchors, 100 gt rows) the assignment went from 135-155 to 52 ms.
 """
 
 from typing import Tuple, Union
 
 import jax.numpy as jnp
+from jax import lax
 
 from libra_jax.ops.boxes import iou
 
 
 def _ignored_candidates(boxes, ignore_boxes, ignore_valid, ignore_iof_thr):
   """``[N]`` bool: candidates covered by an ignore region by more than the threshold."""
-  overlap = iou(boxes, ignore_boxes, mode="iof")
-  overlap = jnp.where(ignore_valid[None, :], overlap, -1.0)
+  overlap = _materialized(jnp.where(ignore_valid[None, :], iou(boxes, ignore_boxes, mode="iof"), -1.0))
   return jnp.max(overlap, axis=1, initial=-1.0) > ignore_iof_thr
 
 
-def _last_true_row(mask):
-  """For ``mask [G, N]``: (any row true ``[N]``, index of the last true row ``[N]``)."""
-  num_rows = mask.shape[0]
-  last = num_rows - 1 - jnp.argmax(mask[::-1], axis=0)
-  return jnp.any(mask, axis=0), last
+def _materialized(overlaps):
+  """``overlaps`` computed into memory before it is reduced.
+
+  XLA:CPU runs a reduction that has the IoU arithmetic fused into it 3-4x
+  slower than the arithmetic and the reduction apart (``[268569, 100]``:
+  43 ms fused, 10 + 5 ms apart). The barrier changes no value.
+  """
+  return lax.optimization_barrier(overlaps)
+
+
+def _first_index_of_max(values, maxima, axis: int):
+  """``jnp.argmax(values, axis)`` (the first index on ties) of a 2-D ``values``, given its maxima along ``axis``."""
+  size = values.shape[axis]
+  index = lax.broadcasted_iota(jnp.int32, values.shape, axis)
+  return jnp.min(jnp.where(values == jnp.expand_dims(maxima, axis), index, size), axis=axis)
 
 
 def max_iou_assign(boxes, gt_boxes, gt_valid, pos_iou_thr: float,
@@ -63,16 +79,17 @@ def max_iou_assign(boxes, gt_boxes, gt_valid, pos_iou_thr: float,
   boxes = jnp.asarray(boxes, jnp.float32)
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   gt_valid = jnp.asarray(gt_valid, bool)
-  overlaps = jnp.where(gt_valid[:, None], iou(gt_boxes, boxes), -1.0)
+  overlaps = jnp.where(gt_valid[None, :], iou(boxes, gt_boxes), -1.0)
   if ignore_boxes is not None and ignore_iof_thr > 0:
     if ignore_valid is None:
       raise ValueError("ignore_boxes needs ignore_valid (a [I] bool mask)")
     ignored = _ignored_candidates(boxes, jnp.asarray(ignore_boxes, jnp.float32),
                                   jnp.asarray(ignore_valid, bool), ignore_iof_thr)
-    overlaps = jnp.where(ignored[None, :], -1.0, overlaps)
+    overlaps = jnp.where(ignored[:, None], -1.0, overlaps)
+  overlaps = _materialized(overlaps)
 
-  max_iou = jnp.max(overlaps, axis=0)
-  best_gt = jnp.argmax(overlaps, axis=0).astype(jnp.int32)
+  max_iou = jnp.max(overlaps, axis=1)
+  best_gt = _first_index_of_max(overlaps, max_iou, axis=1)
   gt_inds = jnp.full(max_iou.shape, -1, jnp.int32)
   if isinstance(neg_iou_thr, (tuple, list)):
     low, high = neg_iou_thr
@@ -83,15 +100,16 @@ def max_iou_assign(boxes, gt_boxes, gt_valid, pos_iou_thr: float,
   gt_inds = jnp.where(max_iou >= pos_iou_thr, best_gt + 1, gt_inds)
 
   if match_low_quality:
-    gt_best = jnp.max(overlaps, axis=1)
+    gt_best = jnp.max(overlaps, axis=0)
     claims = gt_valid & (gt_best >= min_pos_iou)
     if gt_max_assign_all:
-      claimed = claims[:, None] & (overlaps == gt_best[:, None])
+      claimed = claims[None, :] & (overlaps == gt_best[None, :])
     else:
-      first_best = jnp.argmax(overlaps, axis=1)
-      claimed = claims[:, None] & (jnp.arange(boxes.shape[0])[None, :] == first_best[:, None])
-    any_claim, last_claim = _last_true_row(claimed)
-    gt_inds = jnp.where(any_claim, last_claim.astype(jnp.int32) + 1, gt_inds)
+      first_best = _first_index_of_max(overlaps, gt_best, axis=0)
+      claimed = claims[None, :] & (jnp.arange(boxes.shape[0])[:, None] == first_best[None, :])
+    # The last claiming gt wins (later gts overwrite earlier ones); -1 where none claims.
+    last_claim = jnp.max(jnp.where(claimed, jnp.arange(gt_boxes.shape[0], dtype=jnp.int32)[None, :], -1), axis=1)
+    gt_inds = jnp.where(last_claim >= 0, last_claim + 1, gt_inds)
 
   has_gt = jnp.any(gt_valid)
   gt_inds = jnp.where(has_gt, gt_inds, 0)

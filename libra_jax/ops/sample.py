@@ -7,9 +7,14 @@ ones, so nothing changes shape with the data. Counts follow the reference
 IoUBalancedNegSampler) exactly; which candidates are drawn is random, so
 parity with the reference is statistical.
 
-Building blocks: each candidate draws a uniform key; sorting by (group, key)
-ranks candidates within their group at random, and "choose k at random" is
-"rank < k". No loops over boxes, bins or instances.
+Building blocks: each candidate draws a random 23-bit key (the mantissa of a
+``jax.random.uniform`` draw); the candidates are ordered by (key, index), and
+"choose k at random" takes the first k candidates in that order. Within
+several groups at once (:func:`choose_per_group`), sorting by (group, key)
+ranks each group's candidates. A single group (:func:`choose_random`, which
+the RPN runs over every anchor) needs no sort: it finds the k-th key by
+bisection, 24 counts over the candidates, then the cut among equal keys by
+bisection over the index. No loops over boxes, bins or instances.
 
 The positive/negative samplers are registered in :data:`SAMPLERS` under the
 names a config's ``sampler.type`` uses (``"random"``, ``"libra"``); each is
@@ -21,10 +26,40 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from libra_jax.registry import Registry
 
 SAMPLERS = Registry("sampler")
+
+
+KEY_BITS = 23
+
+
+def _random_keys(key, num: int):
+  """``[num]`` int32 uniform random keys in ``[0, 2**KEY_BITS)``: the mantissas of ``jax.random.uniform(key, (num,))``."""
+  return lax.bitcast_convert_type(jax.random.uniform(key, (num,)) + 1.0, jnp.int32) & ((1 << KEY_BITS) - 1)
+
+
+def _smallest_satisfying(predicate, low: int, high: int):
+  """The smallest int32 ``t`` in ``(low, high]`` with ``predicate(t)``, or ``high`` if there is none.
+
+  ``predicate`` must be monotone (false up to some point, true from it on);
+  its value at ``low`` and ``high`` is never used. A fixed number of bisection
+  steps, so it traces to one small loop.
+  """
+  def step(_, bounds):
+    below, above = bounds
+    middle = below + (above - below) // 2
+    holds = (middle > below) & predicate(middle)
+    moves = middle > below
+    return jnp.where(moves & ~holds, middle, below), jnp.where(holds, middle, above)
+
+  steps = max(high - low, 1).bit_length()
+  # The first step runs before the loop, so that the loop's bounds start with the type the predicate gives
+  # them (inside shard_map they vary over the devices, as the candidates do).
+  first = step(0, (jnp.int32(low), jnp.int32(high)))
+  return lax.fori_loop(1, steps, step, first)[1]
 
 
 def _random_ranks(key, groups):
@@ -35,11 +70,11 @@ def _random_ranks(key, groups):
     groups: ``[N]`` int group id per element.
 
   Returns:
-    ``[N]`` int32: the members of each group numbered 0, 1, ... in a
-    uniformly random order.
+    ``[N]`` int32: the members of each group numbered 0, 1, ... in the order
+    of their random keys (ties by index).
   """
   num = groups.shape[0]
-  order = jnp.lexsort((jax.random.uniform(key, (num,)), groups))
+  order = jnp.lexsort((_random_keys(key, num), groups))
   sorted_groups = groups[order]
   position = jnp.arange(num, dtype=jnp.int32)
   starts = jnp.concatenate([jnp.ones((1,), bool), sorted_groups[1:] != sorted_groups[:-1]])
@@ -57,6 +92,13 @@ def _count_distinct_positive(values):
 def choose_random(key, candidates, k) -> jnp.ndarray:
   """Chooses ``min(k, #candidates)`` of the candidates uniformly without replacement.
 
+  The first ``k`` candidates in (random key, index) order, the same choice as
+  ranking them with :func:`choose_per_group` in a single group, found
+  without sorting: ``t``, the ``k``-th smallest key, by bisection over the
+  keys, then the cut among the candidates whose key equals ``t`` by
+  bisection over the index. About 45 counts over ``N``; at the RPN's 268,569
+  anchors 11 ms on 2 CPU cores against 100 ms for the sort and its scatter.
+
   Args:
     key: PRNG key.
     candidates: ``[N]`` bool.
@@ -65,8 +107,19 @@ def choose_random(key, candidates, k) -> jnp.ndarray:
   Returns:
     ``[N]`` bool, a subset of ``candidates``.
   """
-  rank = _random_ranks(key, jnp.where(candidates, 0, 1))
-  return candidates & (rank < k)
+  num = candidates.shape[0]
+  keys = _random_keys(key, num)
+  k = jnp.asarray(k, jnp.int32)
+  # The k-th smallest key, or 2**KEY_BITS (above every key) when there are fewer than k candidates.
+  cut_key = _smallest_satisfying(lambda t: jnp.sum(candidates & (keys <= t), dtype=jnp.int32) >= k,
+                                 -1, 1 << KEY_BITS)
+  below = candidates & (keys < cut_key)
+  at_cut = candidates & (keys == cut_key)
+  wanted_at_cut = k - jnp.sum(below, dtype=jnp.int32)
+  index = jnp.arange(num, dtype=jnp.int32)
+  cut_index = _smallest_satisfying(lambda m: jnp.sum(at_cut & (index < m), dtype=jnp.int32) >= wanted_at_cut,
+                                   -1, num)
+  return below | (at_cut & (index < cut_index))
 
 
 def choose_per_group(key, groups, candidates, quota) -> jnp.ndarray:

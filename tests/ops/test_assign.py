@@ -113,3 +113,50 @@ def test_vmap_over_a_batch_equals_per_image():
   for i in range(2):
     single, _ = max_iou_assign(boxes, batch_gts[i], batch_valid[i], 0.7, 0.3, 0.3)
     np.testing.assert_array_equal(gt_inds[i], single)
+
+
+def reference_assign(boxes, gt_boxes, gt_valid, pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality,
+                     gt_max_assign_all):
+  """mmdetection's assignment rules as loops over the valid gts, in NumPy float32."""
+  gts = np.flatnonzero(gt_valid)
+  if len(gts) == 0:
+    return np.zeros(len(boxes), np.int32)
+  area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+  overlaps = np.zeros((len(gts), len(boxes)), np.float32)
+  for row, g in enumerate(gts):
+    wh = np.maximum(np.minimum(boxes[:, 2:], gt_boxes[g, 2:]) - np.maximum(boxes[:, :2], gt_boxes[g, :2]), 0)
+    inter = wh[:, 0] * wh[:, 1]
+    overlaps[row] = inter / np.maximum(area(boxes) + area(gt_boxes[g:g + 1]) - inter, np.float32(1e-6))
+  max_iou, best = overlaps.max(0), overlaps.argmax(0)
+  gt_inds = np.full(len(boxes), -1, np.int32)
+  gt_inds[(max_iou >= 0) & (max_iou < neg_iou_thr)] = 0
+  gt_inds[max_iou >= pos_iou_thr] = gts[best[max_iou >= pos_iou_thr]] + 1
+  if match_low_quality:
+    for row, g in enumerate(gts):
+      best_of_gt = overlaps[row].max()
+      if best_of_gt >= min_pos_iou:
+        if gt_max_assign_all:
+          gt_inds[overlaps[row] == best_of_gt] = g + 1
+        else:
+          gt_inds[overlaps[row].argmax()] = g + 1
+  return gt_inds
+
+
+@pytest.mark.parametrize("gt_max_assign_all", [True, False])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_matches_the_loop_rules_on_boxes_with_many_exact_ties(name, gt_max_assign_all):
+  # Boxes on a 16-pixel integer grid, many of them repeated, so that IoUs tie exactly between candidates and
+  # between gts; every intersection and union is an exact integer, so float32 gives the same IoUs everywhere.
+  # Gts repeat too, so that gts tie for a candidate.
+  rng = np.random.default_rng(7)
+
+  def grid_boxes(count, draws):
+    corners = rng.integers(0, 12, (count, 2))
+    unique = np.concatenate([corners, corners + rng.integers(1, 6, (count, 2))], 1).astype(np.float32)
+    return unique[rng.integers(0, count, draws)]
+
+  boxes, gt_boxes = grid_boxes(300, 600), grid_boxes(6, 12)
+  gt_valid = rng.random(12) < 0.75
+  settings = dict(SETTINGS[name], gt_max_assign_all=gt_max_assign_all)
+  gt_inds, _ = jax.jit(lambda b, g, v: max_iou_assign(b, g, v, **settings))(boxes, gt_boxes, gt_valid)
+  np.testing.assert_array_equal(gt_inds, reference_assign(boxes, gt_boxes, gt_valid, **settings))

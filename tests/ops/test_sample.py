@@ -45,6 +45,30 @@ def test_choose_random_counts_and_uniformity():
   assert not np.asarray(sample.choose_random(jax.random.key(1), candidates, 0)).any()
 
 
+@pytest.mark.parametrize("num,k", [(1, 1), (7, 0), (7, -3), (50, 10), (50, 60), (268569, 256), (268569, 200000)])
+def test_choose_random_without_a_sort_equals_ranking_in_one_group(num, k):
+  # Two independent ways to the first k candidates in (random key, index) order: bisection, and the sort that
+  # ranks a single group. At 268,569 candidates many 23-bit keys repeat, so the cut falls among equal keys.
+  for seed in range(3):
+    candidates = np.asarray(jax.random.uniform(jax.random.key(100 + seed), (num,)) < 0.6)
+    key = jax.random.key(seed)
+    chosen = np.asarray(jax.jit(sample.choose_random)(key, candidates, k))
+    ranked = np.asarray(sample.choose_per_group(key, np.zeros(num, np.int32), candidates, k))
+    np.testing.assert_array_equal(chosen, ranked)
+    assert chosen.sum() == min(max(k, 0), candidates.sum()) and not chosen[~candidates].any()
+  if num > 2**12:
+    # A cut among equal keys: the candidates are those with keys up to a repeated key, and k takes all keys
+    # below it and one of its copies, which must be the first by index.
+    keys = np.asarray(sample._random_keys(key, num))
+    values, counts = np.unique(keys, return_counts=True)
+    repeated = values[counts > 1][0]
+    candidates = keys <= repeated
+    k = int((keys < repeated).sum()) + 1
+    chosen = np.asarray(jax.jit(sample.choose_random)(key, candidates, k))
+    copies = np.flatnonzero(keys == repeated)
+    assert chosen.sum() == k and chosen[copies[0]] and not chosen[copies[1:]].any()
+
+
 def test_choose_per_group_takes_quota_or_all():
   groups = np.repeat([3, 7, 9], [20, 4, 10])
   candidates = np.ones(34, bool)

@@ -82,7 +82,7 @@ def step_seconds(config, height: int, width: int, batch_size: int, repeats: int,
   platforms = conv.MATMUL_PLATFORMS
   conv.MATMUL_PLATFORMS = platforms if matmul else ()
   try:  # the step is traced and compiled here, with the filter gradients chosen above
-    one_step = compiled_train_step(model, optimizer, variables, batch)
+    one_step, _ = compiled_train_step(model, optimizer, variables, batch)
   finally:
     conv.MATMUL_PLATFORMS = platforms
   return median_seconds(one_step, (), repeats)

@@ -35,11 +35,22 @@ and the box head's matmuls (clipped to [0, 1]).
 The staged losses are checked against the model's own on the same batch and
 keys (``staged_loss``, ``model_loss``): the stages are the step's.
 
+``--trace DIR`` also records two whole steps with ``jax.profiler`` into DIR
+(TensorBoard's profile plugin and Perfetto read it). On the CPU it then
+measures the same share a second way, inside the whole step:
+``non_conv_fraction_ops`` is the traced steps' time in operations that are
+neither convolutions nor matmuls (``benchmarks/trace_ops.py``: each XLA
+operation's own time, a fusion counted under the convolution or matmul it
+contains) over the time of all of them, and ``op_seconds`` gives the seconds
+per step of each kind. That share is stricter than the stages': BatchNorm,
+ReLU and the residual adds inside the backbone count as non-convolution work
+there (XLA:CPU does not fuse them into its convolutions; an accelerator's
+compiler mostly does).
+
 ``--json`` prints one JSON object (``step_s``, ``stages``: name -> seconds,
 forward plus backward; ``forward``, ``backward``: name -> seconds;
-``non_conv_fraction``, ...). ``--trace DIR`` also records two whole steps
-with ``jax.profiler`` into DIR (TensorBoard's profile plugin and Perfetto read
-it). Run it with the cores to itself.
+``non_conv_fraction``, ``op_seconds``, ``non_conv_fraction_ops``, ...). Run
+it with the cores to itself.
 """
 
 import json
@@ -47,16 +58,18 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import trace_ops  # noqa: E402
 from libra_jax import cli  # noqa: E402
 
 STAGES = ("backbone_neck", "rpn_head", "rpn_loss", "proposals", "rcnn_sampling", "roi_align", "rcnn_head",
           "rcnn_loss", "optimizer")
 CONV_STAGES = ("backbone_neck", "rpn_head", "rcnn_head")
+TRACED_STEPS = 2
 
 
 def median_seconds(function: Callable, args: Sequence[Any], repeats: int) -> float:
@@ -83,10 +96,13 @@ def forward_and_backward(function: Callable) -> Callable:
   return jax.jit(both)
 
 
-def compiled_train_step(model, optimizer, variables, batch) -> Callable[[], Any]:
-  """``make_train_step`` on one device, compiled now for ``batch`` (numpy): a call takes one step, returns its metrics.
+def compiled_train_step(model, optimizer, variables, batch) -> Tuple[Callable[[], Any], Any]:
+  """``make_train_step`` on one device, compiled now for ``batch`` (numpy).
 
-  The state starts from ``variables`` (whose arrays the first call donates) and carries from call to call.
+  Returns ``(one_step, compiled)``: a call of ``one_step()`` takes one step
+  and returns its metrics; ``compiled`` is the compiled program. The state
+  starts from ``variables`` (whose arrays the first call donates) and
+  carries from call to call.
   """
   import jax
 
@@ -103,7 +119,7 @@ def compiled_train_step(model, optimizer, variables, batch) -> Callable[[], Any]
     state, metrics = compiled(state, global_batch)
     return metrics
 
-  return one_step
+  return one_step, compiled
 
 
 def profile(config, height: int, width: int, batch_size: int, repeats: int, trace_dir=None) -> Dict[str, Any]:
@@ -198,12 +214,15 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   staged_loss = float(rpn_losses(logits, deltas) + rcnn_losses(cls_logits, reg_deltas))
   model_loss = float(jax.jit(lambda v, b, k: model.apply(v, b, train=True, keys=k)["loss"])(variables, batch, keys))
   # The train step donates its state, which starts from these very arrays: it comes last.
-  one_step = compiled_train_step(model, optimizer, variables, jax.device_get(batch))
+  one_step, compiled = compiled_train_step(model, optimizer, variables, jax.device_get(batch))
   step_s = median_seconds(one_step, (), repeats)
+  op_seconds = None
   if trace_dir:
     with jax.profiler.trace(str(trace_dir)):
-      for _ in range(2):
+      for _ in range(TRACED_STEPS):
         jax.block_until_ready(one_step())
+    if jax.devices()[0].platform == "cpu":
+      op_seconds = trace_ops.seconds_by_kind(trace_dir, compiled.as_text(), steps=TRACED_STEPS)
 
   stages = {name: forward[name] + backward[name] for name in STAGES}
   conv = sum(stages[name] for name in CONV_STAGES)
@@ -211,7 +230,14 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
           "batch": batch_size, "repeats": repeats, "device": jax.devices()[0].platform, "jax": jax.__version__,
           "step_s": step_s, "stages": stages, "forward": forward, "backward": backward,
           "stages_sum_s": sum(stages.values()), "non_conv_fraction": min(max(1.0 - conv / step_s, 0.0), 1.0),
-          "staged_loss": staged_loss, "model_loss": model_loss}
+          "staged_loss": staged_loss, "model_loss": model_loss, **op_shares(op_seconds)}
+
+
+def op_shares(op_seconds) -> Dict[str, Any]:
+  """The result's fields from the traced steps' seconds per kind of operation (none without a CPU trace)."""
+  if op_seconds is None:
+    return {}
+  return {"op_seconds": op_seconds, "non_conv_fraction_ops": op_seconds["other"] / sum(op_seconds.values())}
 
 
 def format_table(result: Dict[str, Any]) -> str:
@@ -226,6 +252,10 @@ def format_table(result: Dict[str, Any]) -> str:
   lines.append(f"{'step':<38}{result['step_s']:>10.3f}")
   lines.append(f"non_conv_fraction {result['non_conv_fraction']:.3f}; staged loss {result['staged_loss']:.6f}, "
                f"model loss {result['model_loss']:.6f}")
+  if "op_seconds" in result:
+    seconds = result["op_seconds"]
+    lines.append(f"traced step by operation: convolutions {seconds['conv']:.3f} s, matmuls {seconds['dot']:.3f} s, "
+                 f"other {seconds['other']:.3f} s; non_conv_fraction_ops {result['non_conv_fraction_ops']:.3f}")
   return "\n".join(lines)
 
 

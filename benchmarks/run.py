@@ -46,8 +46,12 @@ Shapes: 800 x 1344 batch 1 (COCO's 1333 x 800 bucket) and 512 x 512 batch 2.
 Inputs are synthetic batches in the input contract (random images, 8 real
 boxes per image), already on the device; parameters are randomly initialized
 (``model.init``; no pretrained weights). Each row: two warm-up steps, then
-``steps`` timed steps, each waited for; ``images_per_sec = batch * steps /
-time``. ``compile_s``: tracing, lowering and compiling the step with an empty
+``steps`` timed steps, each waited for; ``step_s`` is their median and
+``images_per_sec = batch / step_s``. The median, not the mean: on this
+project's 2-core virtual machine about one step in five of an 8-9 s train
+step took 13-15 s instead (2026-12-04, paired runs of this version's step
+and the one before it, after the warm-up steps, in both), and one such step
+in three moves a mean by 20%. ``compile_s``: tracing, lowering and compiling the step with an empty
 persistent compilation cache (the run's own, fresh temporary directory; each
 row's step is a program no earlier row compiled, which the row checks);
 ``compile_cached_s``: the same after ``jax.clear_caches()``, served from that
@@ -63,7 +67,7 @@ does on the CPU): otherwise each step page-faults its large buffers in anew.
 Both frameworks gain from it; we gain more, having more temporary memory
 per step (README's benchmark section has the paired measurements).
 
-The full run: ResNet-50, both shapes, 3 timed steps per row, the Libra-part
+The full run: ResNet-50, both shapes, 5 timed steps per row, the Libra-part
 rows at 512 x 512 batch 2 only, the fixed-grid and bucket-padding rows at
 800 x 1344 only; 30 rows with torchvision.
 
@@ -88,6 +92,7 @@ import json
 import multiprocessing
 import pathlib
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -112,7 +117,7 @@ BOXES_PER_IMAGE = 8
 # The second step still page-faults in memory the heap adds once (libra_jax.host_memory); later steps reuse it.
 WARMUP_STEPS = 2
 MATMUL_SIZE = 2048
-FULL = dict(depth=50, shapes=((800, 1344, 1), (512, 512, 2)), steps=3,
+FULL = dict(depth=50, shapes=((800, 1344, 1), (512, 512, 2)), steps=5,
             ours=(("libra_faster_rcnn", "train"), ("libra_faster_rcnn", "infer"), ("faster_rcnn", "train"),
                   ("faster_rcnn", "infer"), ("retinanet", "train"), ("retinanet", "infer")),
             parts=LIBRA_PARTS, part_shapes=((512, 512, 2),), grid_shapes=((800, 1344, 1),),
@@ -163,13 +168,15 @@ def peak_rss_mb() -> float:
 
 
 def seconds_per_step(step: Callable[[], None], warmup: int, steps: int) -> float:
-  """Mean wall time of ``step()`` (which must wait for its result) over ``steps`` calls after ``warmup``."""
+  """Median wall time of ``step()`` (which must wait for its result) over ``steps`` calls after ``warmup``."""
   for _ in range(warmup):
     step()
-  start = time.perf_counter()
+  times = []
   for _ in range(steps):
+    start = time.perf_counter()
     step()
-  return (time.perf_counter() - start) / steps
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def synthetic_targets(height: int, width: int, batch: int, seed: int = 0):

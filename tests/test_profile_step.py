@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from benchmarks import profile_step
+from benchmarks import profile_step, trace_ops
 from libra_jax import cli
 
 pytestmark = pytest.mark.slow  # about twenty small programs compiled
@@ -33,6 +33,10 @@ def test_every_stage_is_timed_and_the_staged_losses_are_the_models(tmp_path, cap
   # The stages, compiled one by one, compute the loss of the model's own forward pass (to float rounding).
   np.testing.assert_allclose(result["staged_loss"], result["model_loss"], rtol=1e-4)
   assert list(pathlib.Path(tmp_path / "trace").rglob("*.xplane.pb"))
+  # The traced steps, by operation: the detector's convolutions ran, and the share is the others' over all.
+  seconds = result["op_seconds"]
+  assert set(seconds) == set(trace_ops.KINDS) and seconds["conv"] > 0 and seconds["dot"] > 0
+  assert result["non_conv_fraction_ops"] == pytest.approx(seconds["other"] / sum(seconds.values()))
 
 
 def test_a_one_stage_detector_is_refused_in_one_line():

@@ -51,8 +51,8 @@ def _smallest_satisfying(predicate, low: int, high: int):
   def step(_, bounds):
     below, above = bounds
     middle = below + (above - below) // 2
-    holds = (middle > below) & predicate(middle)
-    moves = middle > below
+    moves = middle > below  # false once the bounds are adjacent
+    holds = moves & predicate(middle)
     return jnp.where(moves & ~holds, middle, below), jnp.where(holds, middle, above)
 
   steps = max(high - low, 1).bit_length()

@@ -1,0 +1,110 @@
+"""Time per kind of operation inside a compiled program, from a ``jax.profiler`` trace of it on the CPU.
+
+XLA:CPU records every thunk it runs (a fusion, a dot, a convolution, a
+scatter, a ``while``) as a trace event named after its HLO instruction, on the
+thread that ran it. :func:`seconds_by_kind` matches those names to the
+program's optimized HLO text (``compiled.as_text()``) and sums each event's
+*exclusive* time (its duration less that of events nested in it on the same
+thread: the body of a ``while``, say) into three kinds:
+
+  conv   instructions that are, or fusions that contain, a ``convolution``;
+  dot    the same for ``dot`` (matmuls: the box head, and the 1x1
+         convolutions and filter gradients that ``libra_jax.ops.conv`` writes
+         as matmuls);
+  other  everything else: elementwise fusions (BatchNorm, ReLU, residual
+         adds, losses), reductions, gathers, scatters, sorts, loop overhead.
+
+A fusion is counted whole under its kind, so a convolution's fused output
+arithmetic counts as convolution, as it would on an accelerator. Events whose
+names are not instructions of the program (the runtime's own bookkeeping,
+Python frames) are left out. Only the CPU's trace names its events this way;
+on other platforms the instruction names differ and this does not apply.
+"""
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+from typing import Dict, Iterable, List
+
+KINDS = ("conv", "dot", "other")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", re.M)
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+_OPCODE = re.compile(r"(?:^|\s)([a-z][\w\-]*)\(")
+
+
+def _kind_of_opcodes(opcodes) -> str:
+  opcodes = set(opcodes)
+  return "conv" if "convolution" in opcodes else "dot" if "dot" in opcodes else "other"
+
+
+def instruction_kinds(hlo_text: str) -> Dict[str, str]:
+  """Instruction name -> ``'conv'``, ``'dot'`` or ``'other'`` for every instruction of an HLO module's text.
+
+  An instruction that calls a computation (a fusion) has the kind of what
+  that computation contains; a ``while`` keeps ``'other'`` for itself (the
+  instructions of its body are classified on their own).
+  """
+  bodies = {name: body for name, body in _COMPUTATION.findall(hlo_text)}
+  kinds = {}
+  for name, rest in _INSTRUCTION.findall(hlo_text):
+    called = _CALLS.search(rest)
+    if called:
+      kinds[name] = _kind_of_opcodes(_OPCODE.findall(bodies.get(called.group(1), "")))
+    else:
+      opcode = _OPCODE.search(rest)
+      kinds[name] = _kind_of_opcodes([opcode.group(1)] if opcode else [])
+  return kinds
+
+
+def exclusive_seconds(events: Iterable[dict]) -> List[tuple]:
+  """``(name, seconds)`` of complete trace events (``ph == 'X'``, ``ts``/``dur`` in microseconds), each less
+  the time of the events nested inside it on its thread."""
+  per_thread = collections.defaultdict(list)
+  for event in events:
+    if event.get("ph") == "X":
+      per_thread[(event.get("pid"), event.get("tid"))].append(event)
+  result = []
+  for thread_events in per_thread.values():
+    thread_events.sort(key=lambda e: (e["ts"], -e["dur"]))
+    nested = [0.0] * len(thread_events)
+    open_events: List[int] = []
+    for i, event in enumerate(thread_events):
+      while open_events and thread_events[open_events[-1]]["ts"] + thread_events[open_events[-1]]["dur"] <= event["ts"]:
+        open_events.pop()
+      if open_events:
+        nested[open_events[-1]] += event["dur"]
+      open_events.append(i)
+    result.extend((event["name"], (event["dur"] - inside) / 1e6) for event, inside in zip(thread_events, nested))
+  return result
+
+
+def seconds_by_kind(trace_dir, hlo_text: str, steps: int = 1) -> Dict[str, float]:
+  """Seconds per step of each kind in ``KINDS``, from the newest ``*.trace.json.gz`` under ``trace_dir``.
+
+  Args:
+    trace_dir: a directory ``jax.profiler.trace`` wrote into.
+    hlo_text: the traced program's optimized HLO (``compiled.as_text()``).
+    steps: how many runs of the program the trace holds; the sums are divided by it.
+
+  Raises:
+    FileNotFoundError: no trace file under ``trace_dir``.
+    ValueError: no event of the trace names an instruction of the program.
+  """
+  traces = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  if not traces:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  kinds = instruction_kinds(hlo_text)
+  totals = dict.fromkeys(KINDS, 0.0)
+  matched = 0
+  for name, seconds in exclusive_seconds(events):
+    if name in kinds:
+      totals[kinds[name]] += seconds / steps
+      matched += 1
+  if not matched:
+    raise ValueError(f"no event of {traces[-1]} names an instruction of the program: not a CPU trace of it?")
+  return totals

@@ -42,7 +42,8 @@ measures the same share a second way, inside the whole step:
 neither convolutions nor matmuls (``benchmarks/trace_ops.py``: each XLA
 operation's own time, a fusion counted under the convolution or matmul it
 contains) over the time of all of them, and ``op_seconds`` gives the seconds
-per step of each kind. That share is stricter than the stages': BatchNorm,
+per step of each kind (operation time, which may exceed the step's wall time
+where operations overlap). That share is stricter than the stages': BatchNorm,
 ReLU and the residual adds inside the backbone count as non-convolution work
 there (XLA:CPU does not fuse them into its convolutions; an accelerator's
 compiler mostly does).

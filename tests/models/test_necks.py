@@ -46,11 +46,27 @@ def test_resize_rules_by_hand():
 
 
 @pytest.mark.parametrize("in_size,out_size", [((25, 38), (13, 19)), ((13, 19), (25, 38)), ((50, 76), (13, 19)),
-                                              ((7, 10), (13, 19)), ((16, 24), (8, 12))])
+                                              ((7, 10), (13, 19)), ((16, 24), (8, 12)), ((8, 12), (16, 24)),
+                                              ((8, 12), (32, 48)), ((8, 12), (16, 48)), ((8, 12), (16, 19))])
 def test_resize_rules_match_numpy_reference(in_size, out_size):
   x = np.random.default_rng(0).normal(size=(2,) + in_size + (3,)).astype(np.float32)
   np.testing.assert_array_equal(layers.resize_nearest(jnp.asarray(x), out_size), numpy_nearest(x, out_size))
   np.testing.assert_array_equal(layers.adaptive_max_pool(jnp.asarray(x), out_size), numpy_adaptive_max(x, out_size))
+
+
+@pytest.mark.parametrize("out_size", [(16, 24), (32, 36), (13, 19)])
+def test_resize_nearest_gradient_sums_each_pixels_copies(out_size):
+  # By whole-number factors the resize is a broadcast and its gradient a sum, otherwise a gather and a
+  # scatter-add; both must give every input pixel the sum of the weights of the outputs that copy it.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 8, 12, 3)).astype(np.float32)
+  weights = rng.normal(size=(2,) + out_size + (3,)).astype(np.float32)
+  gradient = jax.grad(lambda x: jnp.sum(layers.resize_nearest(x, out_size) * weights))(jnp.asarray(x))
+  expected = np.zeros_like(x)
+  for i in range(out_size[0]):
+    for j in range(out_size[1]):
+      expected[:, (i * 8) // out_size[0], (j * 12) // out_size[1]] += weights[:, i, j]
+  np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-6)
 
 
 def params_from_state_dict(module, inputs, state_dict):

@@ -56,9 +56,7 @@ it with the cores to itself.
 
 import json
 import pathlib
-import statistics
 import sys
-import time
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -76,13 +74,9 @@ TRACED_STEPS = 2
 def median_seconds(function: Callable, args: Sequence[Any], repeats: int) -> float:
   """Median wall time of ``function(*args)``, waited for, over ``repeats`` calls after one warm-up call."""
   import jax
-  jax.block_until_ready(function(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(function(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+
+  from benchmarks.run import seconds_per_step
+  return seconds_per_step(lambda: jax.block_until_ready(function(*args)), 1, repeats)
 
 
 def forward_and_backward(function: Callable) -> Callable:

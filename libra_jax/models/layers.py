@@ -5,10 +5,12 @@ a child called ``conv``, so the Flax path ``neck/0/lateral_convs/0/conv``
 joined by dots is the state-dict prefix ``neck.0.lateral_convs.0.conv``.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -106,17 +108,53 @@ def _adaptive_windows(in_size: int, out_size: int) -> Sequence[Tuple[int, int]]:
   return [((i * in_size) // out_size, math.ceil((i + 1) * in_size / out_size)) for i in range(out_size)]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def window_max_pool(x: jnp.ndarray, window: Tuple[int, int]) -> jnp.ndarray:
+  """Max over non-overlapping ``window`` (rows, columns) tiles: ``x [B, H, W, C]`` -> ``[B, H / kh, W / kw, C]``.
+
+  ``H`` and ``W`` must be multiples of the window. The gradient goes to the
+  first maximum of each tile in row-major order, as PyTorch's max pooling and
+  XLA's ``select_and_scatter`` (``nn.max_pool``'s gradient) give it. It is
+  computed as a comparison with the tile's maximum instead, because XLA:CPU
+  runs ``select_and_scatter`` slowly: 91 against 17 ms for the 4x4 tiles of a
+  ``[2, 128, 128, 256]`` map.
+  """
+  return _window_max_tiles(x, window).max(axis=(2, 4))
+
+
+def _window_max_tiles(x: jnp.ndarray, window: Tuple[int, int]) -> jnp.ndarray:
+  """``x [B, H, W, C]`` -> ``[B, H / kh, kh, W / kw, kw, C]``."""
+  batch, height, width, channels = x.shape
+  return x.reshape(batch, height // window[0], window[0], width // window[1], window[1], channels)
+
+
+def _window_max_pool_forward(x, window):
+  pooled = window_max_pool(x, window)
+  return pooled, (x, pooled)
+
+
+def _window_max_pool_backward(window, residuals, cotangent):
+  x, pooled = residuals
+  position = (np.arange(window[0])[:, None] * window[1] + np.arange(window[1])[None, :])[None, None, :, None, :, None]
+  is_max = _window_max_tiles(x, window) == pooled[:, :, None, :, None, :]
+  first = jnp.min(jnp.where(is_max, position, window[0] * window[1]), axis=(2, 4), keepdims=True)
+  gradient = jnp.where(position == first, cotangent[:, :, None, :, None, :], jnp.zeros((), x.dtype))
+  return (gradient.reshape(x.shape),)
+
+
+window_max_pool.defvjp(_window_max_pool_forward, _window_max_pool_backward)
+
+
 def adaptive_max_pool(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
   """PyTorch's ``adaptive_max_pool2d`` of ``x [B, H, W, C]`` to ``size`` (static).
 
   Windows may overlap or differ in size when the sizes do not divide. When the
-  input is an exact multiple of the output it is a plain strided max-pool.
+  input is an exact multiple of the output it is :func:`window_max_pool`.
   """
   in_h, in_w = x.shape[1:3]
   out_h, out_w = size
   if in_h % out_h == 0 and in_w % out_w == 0:
-    window = (in_h // out_h, in_w // out_w)
-    return nn.max_pool(x, window, strides=window)
+    return window_max_pool(x, (in_h // out_h, in_w // out_w))
   x = jnp.stack([jnp.max(x[:, lo:hi], axis=1) for lo, hi in _adaptive_windows(in_h, out_h)], axis=1)
   return jnp.stack([jnp.max(x[:, :, lo:hi], axis=2) for lo, hi in _adaptive_windows(in_w, out_w)], axis=2)
 

@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +68,31 @@ def test_resize_nearest_gradient_sums_each_pixels_copies(out_size):
     for j in range(out_size[1]):
       expected[:, (i * 8) // out_size[0], (j * 12) // out_size[1]] += weights[:, i, j]
   np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [(2, 2), (4, 4), (2, 3)])
+def test_window_max_pool_gradient_goes_to_each_tiles_first_maximum(window):
+  # Small integers tie often inside a tile; PyTorch (and nn.max_pool's select_and_scatter) give the whole
+  # gradient to the first maximum in row-major order, and so must the comparison-based backward.
+  rng = np.random.default_rng(2)
+  x = rng.integers(0, 3, size=(2, 4 * window[0], 3 * window[1], 5)).astype(np.float32)
+  weights = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
+  pooled = layers.window_max_pool(jnp.asarray(x), window)
+  gradient = jax.grad(lambda x: jnp.sum(layers.window_max_pool(x, window) * weights))(jnp.asarray(x))
+  expected_pooled = np.zeros_like(weights)
+  expected = np.zeros_like(x)
+  for b in range(2):
+    for i in range(4):
+      for j in range(3):
+        for c in range(5):
+          tile = x[b, i * window[0]:(i + 1) * window[0], j * window[1]:(j + 1) * window[1], c]
+          row, col = divmod(int(np.argmax(tile)), window[1])
+          expected_pooled[b, i, j, c] = tile.max()
+          expected[b, i * window[0] + row, j * window[1] + col, c] = weights[b, i, j, c]
+  np.testing.assert_array_equal(pooled, expected_pooled)
+  np.testing.assert_array_equal(gradient, expected)
+  reduce_window = jax.grad(lambda x: jnp.sum(flax.linen.max_pool(x, window, strides=window) * weights))
+  np.testing.assert_array_equal(gradient, reduce_window(jnp.asarray(x)))
 
 
 def params_from_state_dict(module, inputs, state_dict):

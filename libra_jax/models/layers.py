@@ -112,14 +112,17 @@ def _adaptive_windows(in_size: int, out_size: int) -> Sequence[Tuple[int, int]]:
 def window_max_pool(x: jnp.ndarray, window: Tuple[int, int]) -> jnp.ndarray:
   """Max over non-overlapping ``window`` (rows, columns) tiles: ``x [B, H, W, C]`` -> ``[B, H / kh, W / kw, C]``.
 
-  ``H`` and ``W`` must be multiples of the window. The gradient goes to the
-  first maximum of each tile in row-major order, as PyTorch's max pooling and
-  XLA's ``select_and_scatter`` (``nn.max_pool``'s gradient) give it. It is
-  computed as a comparison with the tile's maximum instead, because XLA:CPU
-  runs ``select_and_scatter`` slowly: 91 against 17 ms for the 4x4 tiles of a
-  ``[2, 128, 128, 256]`` map.
+  ``H`` and ``W`` must be multiples of the window. The forward pass is
+  ``nn.max_pool``'s. The gradient goes to the first maximum of each tile in
+  row-major order, as PyTorch's max pooling and XLA's ``select_and_scatter``
+  (``nn.max_pool``'s own gradient) give it, but is computed as a comparison
+  with the tile's maximum, because XLA:CPU runs ``select_and_scatter``
+  slowly: 91 against 17 ms for the 4x4 tiles of a ``[2, 128, 128, 256]`` map.
+  (A forward pass by reshaping into tiles was as fast, but with it XLA:CPU at
+  ``--xla_backend_optimization_level=0``, the test suite's setting, returned
+  NaN gradients for the balanced pyramid behind its non-local block.)
   """
-  return _window_max_tiles(x, window).max(axis=(2, 4))
+  return nn.max_pool(x, window, strides=window)
 
 
 def _window_max_tiles(x: jnp.ndarray, window: Tuple[int, int]) -> jnp.ndarray:

@@ -95,6 +95,24 @@ def test_window_max_pool_gradient_goes_to_each_tiles_first_maximum(window):
   np.testing.assert_array_equal(gradient, reduce_window(jnp.asarray(x)))
 
 
+def test_bfp_gradients_equal_those_through_select_and_scatter(monkeypatch):
+  # The whole pyramid (non-local block, pooling both ways, a P6 that does not divide) under the suite's XLA
+  # settings: the comparison-based pooling gradient must give what nn.max_pool's own gradient gives.
+  rng = np.random.default_rng(3)
+  shapes = [(2, 32, 40, 8), (2, 16, 20, 8), (2, 8, 10, 8), (2, 4, 5, 8), (2, 2, 3, 8)]
+  features = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes]
+  weights = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes]
+  module = BalancedFeaturePyramid()
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.1, jnp.float32),
+                        module.init(jax.random.key(0), features))
+  loss = lambda params, features: sum(jnp.sum(out * w) for out, w in zip(module.apply(params, features), weights))
+  ours = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, features)
+  monkeypatch.setattr(layers, "window_max_pool", lambda x, window: flax.linen.max_pool(x, window, strides=window))
+  reference = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, features)
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def params_from_state_dict(module, inputs, state_dict):
   target = jax.eval_shape(module.init, jax.random.key(0), inputs)
   variables, report = convert.state_dict_to_flax(state_dict, target)

@@ -1,21 +1,40 @@
-"""2-D convolution as matmuls where XLA:CPU's convolution kernels are slow.
+"""2-D convolution where XLA:CPU's convolution kernels are slow: matmuls, and filter gradients in bands.
 
 XLA:CPU runs a 1x1 convolution well below its matmul rate (35-140 GFLOP/s
 against 55-210 for the same product as a matmul, at ResNet-50 FPN's shapes for
-an 800x1344 image: ``benchmarks/bench_conv_grad.py``), and computes a larger
-convolution's filter (weight) gradient about 5x slower than the convolution
-itself or its input gradient. So, on the platforms in ``MATMUL_PLATFORMS``
-(the CPU; accelerators keep XLA's convolutions, which are their fast path):
+an 800x1344 image: ``benchmarks/bench_conv_grad.py``), and its filter (weight)
+gradient of a larger convolution slows down as the map grows: 160-180 GFLOP/s
+over about 2,000 output positions, 60-100 over 8,000-17,000 and 27 over
+67,200 (256 -> 256 3x3 filters), while the forward pass and the input
+gradient keep 170-200. So, on the platforms in ``MATMUL_PLATFORMS`` (the CPU;
+accelerators keep XLA's convolutions, which are their fast path):
 
 * a 1x1 convolution is a matmul over the positions (after a strided slice
   when it has a stride), so its forward pass and both gradients are matmuls;
 * a ``kh x kw`` convolution keeps XLA's forward pass and input gradient, and
-  its filter gradient becomes ``kh * kw`` matmuls where that is faster (wide
-  filters, and medium ones on large maps:
-  :func:`matmul_filter_gradient_is_faster`): tap ``(i, j)`` is the input
-  window shifted by ``(i, j)`` (strided like the convolution), contracted with
-  the output gradient over batch and positions,
-  ``dW[i, j] = sum_bhw x[b, s*h + i, s*w + j, :]^T g[b, h, w, :]``.
+  its filter gradient is the sum of XLA's own filter gradients over bands of
+  output rows of about ``FILTER_GRADIENT_BAND_POSITIONS`` positions each
+  (:func:`banded_filter_gradient`): band ``[r0, r1)`` reads input rows
+  ``[s*r0 - pad, s*(r1 - 1) - pad + kh)``. Maps of one band keep XLA's
+  convolution as it is.
+
+Measured on 2 cores with AVX-512 (2026-12-04, jax 0.10, median of three calls,
+ms; ``bench_conv_grad.py`` times the layers and the whole step), filter
+gradients of 3x3 filters, XLA's own, the nine tap matmuls this module used
+before, and bands of 2,048 positions::
+
+    map (output)   channels        XLA   nine matmuls   bands
+    1x200x336      256 -> 256     2149        700         501-554
+    1x100x168      256 -> 256      219        183         147
+    2x128x128      256 -> 256      846        359         242
+    2x64x64        256 -> 256       68         91          56
+    1x100x168      128 -> 128       37         66          44
+    2x64x64        256 -> 720      389        180         164
+    1x100x168      256 -> 720      744        360         326
+    1x100x168 /2   128 -> 128       88         74          57
+
+(bands of 1,024 positions were within 10% of these, and twice as many
+operations to compile; a ``fori_loop`` over equal bands ran 70x slower.)
 
 :func:`conv_general_dilated` has the signature of ``lax.conv_general_dilated``
 (what ``flax.linen.Conv`` calls) and applies this to ungrouped, undilated NHWC
@@ -27,51 +46,18 @@ import functools
 from typing import Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 MATMUL_PLATFORMS = ("cpu",)
-# Filters wider than this C_in * C_out take the matmul filter gradient on every map; from the smaller product below
-# on, on maps of more than MATMUL_LARGE_MAP_POSITIONS output positions (see matmul_filter_gradient_is_faster).
-MATMUL_ANY_MAP_ABOVE_CHANNEL_PRODUCT = 256 * 256
-MATMUL_LARGE_MAPS_MIN_CHANNEL_PRODUCT = 128 * 128
-MATMUL_LARGE_MAP_POSITIONS = 8192
+# Output positions (batch x rows x width) per band of a banded filter gradient.
+FILTER_GRADIENT_BAND_POSITIONS = 2048
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def matmul_filter_gradient_is_faster(filter_shape: Sequence[int], output_positions: int) -> bool:
-  """Whether matmuls beat XLA:CPU's filter gradient for an ``[kh, kw, C_in, C_out]`` filter whose output has
-  ``output_positions`` (batch x height x width) positions.
-
-  A 1x1 filter's gradient, one matmul, is 1.1-10x faster than XLA's from
-  16x16 channels on (2 cores, jax 0.10, 2026-12-03). For 3x3 filters XLA's
-  own gradient is fast on small maps and slow on large ones. Its time over
-  the nine matmuls' (2 cores with AVX-512, 2026-12-04, the median of three
-  calls; ``2x64`` is batch 2 of 64x64, ``50x84`` batch 1):
-
-      channels     2x16  2x32  50x84  2x64  2x128  100x168  200x336
-      64 -> 64     0.49  0.70  0.63   0.57  0.62   0.40     0.61
-      128 -> 128   0.80  1.78  1.11   0.40  1.53   0.78     2.38
-      256 -> 256   0.93  1.08  0.83   0.60  2.40   1.22     3.79
-      512 -> 512   0.89  0.87  0.85   1.62  -      2.33     -
-      256 -> 720   1.13  1.15  1.32   1.93  3.38   2.19     6.10
-      256 -> 36    1.17  0.87  0.81   0.72  0.71   0.84     2.06
-
-  So: 1x1 filters; filters wider than ``MATMUL_ANY_MAP_ABOVE_CHANNEL_PRODUCT``
-  (256 x 720, 512 x 512); and from ``MATMUL_LARGE_MAPS_MIN_CHANNEL_PRODUCT``
-  on (128 x 128, 256 x 256) on maps of more than
-  ``MATMUL_LARGE_MAP_POSITIONS``. The whole RetinaNet R-50 train step at
-  512 x 512 batch 2, whose head runs 256 x 256 filters on maps of 8,192
-  positions and less, took 5.26-5.32 s with matmuls for every 256 x 256
-  filter and 4.69-4.71 s with this rule (two runs each, alternating). (On
-  the machine of 2026-12-03 the nine matmuls won for 256 x 256 filters on
-  every map from 24x24 at batch 2 on; the machines here differ from day to
-  day.)
-  """
-  kh, kw, c_in, c_out = filter_shape
-  channels = c_in * c_out
-  return (kh * kw == 1 or channels > MATMUL_ANY_MAP_ABOVE_CHANNEL_PRODUCT
-          or (channels >= MATMUL_LARGE_MAPS_MIN_CHANNEL_PRODUCT and output_positions > MATMUL_LARGE_MAP_POSITIONS))
+def band_rows(output_shape: Sequence[int]) -> int:
+  """Output rows per band of the filter gradient of an NHWC convolution whose output is ``output_shape``."""
+  batch, _, width, _ = output_shape
+  return max(1, FILTER_GRADIENT_BAND_POSITIONS // (batch * width))
 
 
 def pointwise_conv(x, w, strides: Tuple[int, int]):
@@ -88,7 +74,7 @@ def _xla_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ..
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_matmul_filter_gradient(x, w, strides, padding):
+def _conv_banded_filter_gradient(x, w, strides, padding):
   return _xla_conv(x, w, strides, padding)
 
 
@@ -96,33 +82,50 @@ def _forward(x, w, strides, padding):
   return _xla_conv(x, w, strides, padding), (x, w)
 
 
-def filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, int],
-                    padding: Sequence[Tuple[int, int]]):
-  """``dL/dW [kh, kw, C_in, C_out]`` of an NHWC convolution from its input ``x`` and output gradient ``g``, by matmuls."""
-  (top, bottom), (left, right) = padding
-  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  out_h, out_w = g.shape[1:3]
-  # Positions flattened first: contracted as 4-D arrays, XLA:CPU transposed every window to channels-major
-  # for the matmul, and those transposes took as long as the matmuls (256 channels at 200x336: 990 against
-  # 585 ms for the nine taps).
-  positions = g.reshape(-1, g.shape[3])
-  taps = []
-  for i in range(kernel_size[0]):
-    for j in range(kernel_size[1]):
-      window = lax.slice(padded, (0, i, j, 0),
-                         (padded.shape[0], i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1,
-                          padded.shape[3]), (1, strides[0], strides[1], 1))
-      taps.append(jnp.einsum("nc,no->co", window.reshape(-1, padded.shape[3]), positions))
-  return jnp.stack(taps).reshape(kernel_size + taps[0].shape)
+def xla_filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, int],
+                        padding: Sequence[Tuple[int, int]]):
+  """``dL/dW [kh, kw, C_in, C_out]`` of an NHWC convolution by XLA's filter-gradient convolution.
+
+  ``x [B, H, W, C_in]`` is the input, ``g [B, H_out, W_out, C_out]`` the
+  output gradient: ``dW[i, j] = sum_bhw xpad[b, s*h + i, s*w + j, :]^T g[b, h, w, :]``,
+  a convolution of ``x`` (batch as the contracted feature) by ``g`` dilated by
+  the strides. The high padding is trimmed (negative where the convolution
+  never reads the last rows or columns) so that the result is ``kh x kw``.
+  """
+  (top, _), (left, _) = padding
+  bottom = (g.shape[1] - 1) * strides[0] + kernel_size[0] - top - x.shape[1]
+  right = (g.shape[2] - 1) * strides[1] + kernel_size[1] - left - x.shape[2]
+  return lax.conv_general_dilated(x, g, window_strides=(1, 1), padding=((top, bottom), (left, right)),
+                                  rhs_dilation=strides, dimension_numbers=("CHWN", "IHWO", "HWNC"))
+
+
+def banded_filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, int],
+                           padding: Sequence[Tuple[int, int]]):
+  """``dL/dW`` as the sum of :func:`xla_filter_gradient` over bands of :func:`band_rows` output rows.
+
+  Band ``[r0, r1)`` of ``g`` reads input rows ``[s*r0 - top, s*(r1 - 1) - top + kh)``,
+  the part outside ``x`` being the band's own padding.
+  """
+  (top, _), columns = padding
+  rows = band_rows(g.shape)
+  total = None
+  for first in range(0, g.shape[1], rows):
+    last = min(g.shape[1], first + rows)
+    start, stop = first * strides[0] - top, (last - 1) * strides[0] + kernel_size[0] - top
+    low, high = max(start, 0), min(stop, x.shape[1])
+    band = xla_filter_gradient(x[:, low:high], g[:, first:last], kernel_size, strides,
+                               ((low - start, stop - high), columns))
+    total = band if total is None else total + band
+  return total
 
 
 def _backward(strides, padding, residuals, g):
   x, w = residuals
   _, input_gradient = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
-  return input_gradient(g)[0], filter_gradient(x, g, w.shape[:2], strides, padding).astype(w.dtype)
+  return input_gradient(g)[0], banded_filter_gradient(x, g, w.shape[:2], strides, padding).astype(w.dtype)
 
 
-_conv_matmul_filter_gradient.defvjp(_forward, _backward)
+_conv_banded_filter_gradient.defvjp(_forward, _backward)
 
 
 def _vary_alike(value, other):
@@ -136,17 +139,22 @@ def _vary_alike(value, other):
   return lax.pcast(value, missing, to="varying") if missing else value
 
 
-def _output_positions(lhs_shape, rhs_shape, strides, padding) -> int:
-  """``B * H_out * W_out`` of an NHWC convolution without dilation."""
+def _output_shape(lhs_shape, rhs_shape, strides, padding) -> Tuple[int, int, int, int]:
+  """``[B, H_out, W_out, C_out]`` of an NHWC convolution without dilation."""
   sizes = [(size + low + high - kernel) // stride + 1
            for size, kernel, stride, (low, high) in zip(lhs_shape[1:3], rhs_shape[:2], strides, padding)]
-  return lhs_shape[0] * sizes[0] * sizes[1]
+  return (lhs_shape[0], sizes[0], sizes[1], rhs_shape[3])
+
+
+def _several_bands(output_shape) -> bool:
+  """Whether the filter gradient of a convolution with this output shape spans more than one band."""
+  return band_rows(output_shape) < output_shape[1]
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
-  """``lax.conv_general_dilated``, with matmuls where they apply (see the module docstring)."""
+  """``lax.conv_general_dilated``, with matmuls and banded filter gradients where they apply (module docstring)."""
   plain = (feature_group_count == 1 and batch_group_count == 1 and precision is None
            and preferred_element_type is None and lhs.ndim == 4 and not isinstance(padding, str)
            and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
@@ -155,9 +163,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
            and jax.default_backend() in MATMUL_PLATFORMS)
   if plain and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
     return pointwise_conv(lhs, rhs, tuple(window_strides))
-  if plain and matmul_filter_gradient_is_faster(rhs.shape, _output_positions(lhs.shape, rhs.shape, window_strides,
-                                                                             padding)):
+  if plain and _several_bands(_output_shape(lhs.shape, rhs.shape, window_strides, padding)):
     lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
-    return _conv_matmul_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    return _conv_banded_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, batch_group_count, precision, preferred_element_type)

@@ -1,4 +1,5 @@
-"""The convolution with matmuls and banded filter gradients: XLA's forward and input gradient, the same filter gradient."""
+"""The convolution with matmuls and banded filter gradients: XLA's forward and input gradient, the same
+filter gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,8 @@ def small_bands(monkeypatch):
 
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 2, 3), (3, 2, 0), (4, 3, 1)])
 def test_values_and_gradients_equal_xlas(kernel, stride, pad, small_bands):
-  # Strided maps have bands of 2 or 3 rows and a shorter last one; padding 0 with stride 2 (and 4x4 by 3) never reads the last
-  # row or column, so the filter gradient's high padding is negative.
+  # Strided maps have bands of 2 or 3 rows and a shorter last one; padding 0 with stride 2 (and 4x4 by 3)
+  # never reads the last row or column, so the filter gradient's high padding is negative.
   rng = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, 11, 13, 3)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)

@@ -1,6 +1,6 @@
 """Train and inference throughput, compile time, memory and FLOP/s of the detectors, beside torchvision's.
 
-    python benchmarks/run.py [--quick] [--json]
+    python benchmarks/run.py [--quick | --accelerator] [--json]
 
 Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
   * Libra Faster R-CNN (configs/libra_faster_rcnn_r50_fpn_1x_coco.py), the
@@ -80,6 +80,14 @@ and compiles its step twice (25 to 70 s cold on 2 cores), so it takes 3 to 4
 minutes on a 2-core CPU (3 min 18 s on 2026-11-28, with another job on the
 same cores part of the time).
 
+``--accelerator`` measures one GPU or TPU (JAX's default device; torch's
+CUDA device for torchvision): ResNet-50 at 800 x 1344 batch 2, mmdetection's
+training shape and per-GPU batch, 10 timed steps; our six main rows,
+torchvision's six, then the three Libra-part rows. Libra Faster R-CNN's
+train row also gets ``ratio_vs_mmdetection_v100``: its images/s over one
+V100's share of mmdetection's published 0.216 s an iteration (8 V100s, 2
+images each: 9.26 images/s a GPU). Memory is still the host's peak RSS.
+
 Output: a table on stdout; with ``--json``, one JSON object per row on stdout
 instead and the table on stderr. Progress goes to stderr.
 """
@@ -125,6 +133,15 @@ FULL = dict(depth=50, shapes=((800, 1344, 1), (512, 512, 2)), steps=5,
 QUICK = dict(depth=18, shapes=((256, 256, 1),), steps=2,
              ours=(("libra_faster_rcnn", "train"), ("faster_rcnn", "train"), ("faster_rcnn", "infer")),
              parts=(), part_shapes=(), grid_shapes=(), torchvision=("faster_rcnn",))
+# One GPU or TPU: mmdetection's training shape and per-GPU batch (images padded to 800 x 1344 in the 1333 x 800
+# bucket, 2 a GPU), torchvision on torch's CUDA device.
+ACCELERATOR = dict(depth=50, shapes=((800, 1344, 2),), steps=10, ours=FULL["ours"],
+                   parts=LIBRA_PARTS, part_shapes=((800, 1344, 2),), grid_shapes=(),
+                   torchvision=("faster_rcnn", "retinanet"), accelerator=True)
+SETTINGS = {"full": FULL, "quick": QUICK, "accelerator": ACCELERATOR}
+# mmdetection's published training speed of Libra Faster R-CNN R-50 FPN 1x: 0.216 s an iteration on 8 V100s, 2
+# images a GPU; so one V100's share, in images per second.
+MMDETECTION_V100_IMAGES_PER_SEC = 2 / 0.216
 
 
 def model_name(family: str, depth: int, part: Optional[str] = None) -> str:
@@ -132,20 +149,30 @@ def model_name(family: str, depth: int, part: Optional[str] = None) -> str:
   return f"{family}_r{depth}_fpn" + (f"+{part}" if part else "")
 
 
-def plan(quick: bool, with_torchvision: bool) -> List[Dict[str, Any]]:
-  """The rows to measure, in order: dicts of what a worker needs (JSON-able)."""
-  setting = QUICK if quick else FULL
+def plan(setting_name: str, with_torchvision: bool) -> List[Dict[str, Any]]:
+  """The rows of ``SETTINGS[setting_name]`` to measure, in order: dicts of what a worker needs (JSON-able).
+
+  Per shape: our main rows, torchvision's, then the part and variant rows
+  (so that a run cut short has the comparisons first).
+  """
+  setting = SETTINGS[setting_name]
   depth = setting["depth"]
   baseline = model_name("faster_rcnn", depth)
   rows = []
   for height, width, batch in setting["shapes"]:
-    shape = dict(height=height, width=width, batch=batch, depth=depth, steps=setting["steps"])
+    shape = dict(height=height, width=width, batch=batch, depth=depth, steps=setting["steps"],
+                 accelerator=setting.get("accelerator", False))
     for config, mode in setting["ours"]:
       row = dict(shape, framework="libra_jax", config=config, part=None, mode=mode,
                  model=model_name(config, depth))
       if config == "libra_faster_rcnn" and mode == "train":
         row["baseline"] = baseline
       rows.append(row)
+    if with_torchvision:
+      rows += [dict(shape, framework=framework, family=family, mode=mode, model=model_name(family, depth))
+               for family in setting["torchvision"]
+               for framework, mode in (("torchvision", "train"), ("torchvision_plain", "train"),
+                                       ("torchvision", "infer"))]
     for part in setting["parts"] if (height, width, batch) in setting["part_shapes"] else ():
       rows.append(dict(shape, framework="libra_jax", config="faster_rcnn", part=part, mode="train",
                        model=model_name("faster_rcnn", depth, part), baseline=baseline))
@@ -154,11 +181,6 @@ def plan(quick: bool, with_torchvision: bool) -> List[Dict[str, Any]]:
       rows.append(dict(shape, framework="libra_jax", config="libra_faster_rcnn", part=part, mode=mode,
                        model=model_name("libra_faster_rcnn", depth, part),
                        baseline=model_name("libra_faster_rcnn", depth)))
-    if with_torchvision:
-      rows += [dict(shape, framework=framework, family=family, mode=mode, model=model_name(family, depth))
-               for family in setting["torchvision"]
-               for framework, mode in (("torchvision", "train"), ("torchvision_plain", "train"),
-                                       ("torchvision", "infer"))]
   return rows
 
 
@@ -258,10 +280,12 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from libra_jax.models.detectors import build_detector
   from libra_jax.training import optim
-  from libra_jax.evaluation.driver import make_predict_step
+  from libra_jax.evaluation.predict_step import make_predict_step
   from libra_jax.runtime import batch_sharding, make_mesh, replicated
   from libra_jax.training.step import make_train_step, new_train_state
 
+  if row["accelerator"] and jax.default_backend() == "cpu":
+    raise RuntimeError("an accelerator row, but JAX sees only the CPU (install jax[cuda12] or jax[tpu])")
   config = detector_config(row)
   model = build_detector(config.model)
   mesh = make_mesh()
@@ -290,7 +314,8 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
 
   seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
   flops = compiled.cost_analysis()["flops"]
-  return dict(row, version=jax.__version__, device=jax.devices()[0].platform, step_s=seconds,
+  return dict(row, version=jax.__version__, device=jax.devices()[0].platform,
+              device_kind=jax.devices()[0].device_kind, step_s=seconds,
               images_per_sec=row["batch"] / seconds, compile_s=cold, compile_cached_s=cached,
               flops_per_step=flops, flops_per_sec=flops / seconds, peak_rss_mb=peak_rss_mb())
 
@@ -322,19 +347,32 @@ def torchvision_detector(family: str, depth: int, height: int, width: int, pretr
 
 
 def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
-  """Measures one torchvision row on the CPU (run in a fresh process)."""
+  """Measures one torchvision row (run in a fresh process): on the CPU, or on torch's CUDA device for an accelerator row.
+
+  On CUDA each step ends with ``torch.cuda.synchronize()``, as ours waits for
+  its result; torch's defaults stand (TF32 in cuDNN convolutions, which
+  XLA's GPU convolutions use too; no ``cudnn.benchmark``, as mmdetection).
+  """
   host_memory.keep_freed_host_memory()
   import torch
   import torchvision
+  if row["accelerator"] and not torch.cuda.is_available():
+    raise RuntimeError("an accelerator row, but torch sees no CUDA device")
+  device = torch.device("cuda" if row["accelerator"] else "cpu")
   torch.manual_seed(0)
   height, width, batch = row["height"], row["width"], row["batch"]
   model = torchvision_detector(row["family"], row["depth"], height, width,
-                               pretrained_setup=row["framework"] == "torchvision")
+                               pretrained_setup=row["framework"] == "torchvision").to(device)
   boxes, labels = synthetic_targets(height, width, batch)
   # Faster R-CNN's class 0 is the background; RetinaNet has none.
   labels = labels + (1 if row["family"] == "faster_rcnn" else 0)
-  images = list(torch.rand(batch, 3, height, width))
-  targets = [dict(boxes=torch.from_numpy(b), labels=torch.from_numpy(l)) for b, l in zip(boxes, labels)]
+  images = list(torch.rand(batch, 3, height, width, device=device))
+  targets = [dict(boxes=torch.from_numpy(b).to(device), labels=torch.from_numpy(l).to(device))
+             for b, l in zip(boxes, labels)]
+
+  def wait():
+    if device.type == "cuda":
+      torch.cuda.synchronize()
   with torch.no_grad():
     ran_height, ran_width = model.transform(images)[0].tensors.shape[-2:]
   if row["mode"] == "train":
@@ -346,15 +384,20 @@ def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
       optimizer.zero_grad()
       loss.backward()
       optimizer.step()
+      wait()
   else:
     model.eval()
 
     def step():
       with torch.inference_mode():
         model(images)
+      wait()
 
   seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
-  return dict(row, version=f"torch {torch.__version__}, torchvision {torchvision.__version__}", device="cpu",
+  # JAX calls a CUDA device's platform "gpu": the comparisons pair rows by that name.
+  return dict(row, version=f"torch {torch.__version__}, torchvision {torchvision.__version__}",
+              device="gpu" if device.type == "cuda" else "cpu",
+              device_kind=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               step_s=seconds, images_per_sec=batch / seconds, compile_s=None, compile_cached_s=None,
               flops_per_step=None, flops_per_sec=None, peak_rss_mb=peak_rss_mb(),
               ran_height=int(ran_height), ran_width=int(ran_width))
@@ -383,8 +426,10 @@ def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
   ``ratio_vs_torchvision`` (``_plain``): a libra_jax row's images/s over the
   ``torchvision`` (``torchvision_plain``) row of the same model, mode, shape
   and device kind. ``extra_s_per_step``: a row's step time minus that of its
-  ``baseline`` row (same mode and shape). Rows with an ``error`` are left as
-  they are and match nothing.
+  ``baseline`` row (same mode and shape). ``ratio_vs_mmdetection_v100``
+  (Libra Faster R-CNN R-50 training at 800 x 1344 on an accelerator): its
+  images/s over one V100's share of mmdetection's published speed. Rows with
+  an ``error`` are left as they are and match nothing.
   """
   def key(row, model):
     return model, row["mode"], row["height"], row["width"], row["batch"]
@@ -405,6 +450,9 @@ def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
     baseline = ours.get(key(row, row.get("baseline")))
     if baseline is not None:
       row["extra_s_per_step"] = row["step_s"] - baseline["step_s"]
+    if (row["model"], row["mode"], row["height"], row["width"]) == (model_name("libra_faster_rcnn", 50), "train",
+                                                                    800, 1344) and row["device"] != "cpu":
+      row["ratio_vs_mmdetection_v100"] = row["images_per_sec"] / MMDETECTION_V100_IMAGES_PER_SEC
 
 
 def shape_label(row: Dict[str, Any]) -> str:
@@ -425,7 +473,8 @@ COLUMNS = (("model", lambda row: row["model"]), ("framework", lambda row: row["f
            ("of matmul", _number("flops_fraction", "{:.0%}")),
            ("vs tv", _number("ratio_vs_torchvision", "{:.2f}x")),
            ("vs tv plain", _number("ratio_vs_torchvision_plain", "{:.2f}x")),
-           ("extra s/step", _number("extra_s_per_step", "{:+.3f}")))
+           ("extra s/step", _number("extra_s_per_step", "{:+.3f}")),
+           ("vs mmdet V100", _number("ratio_vs_mmdetection_v100", "{:.2f}x")))
 TEXT_COLUMNS = 4
 
 
@@ -462,12 +511,16 @@ def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
 def main(argv) -> int:
   parser = cli.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n")[0], config=None)
   parser.add_argument("--quick", action="store_true", help="ResNet-18, 256x256 batch 1, fewer rows (minutes)")
+  parser.add_argument("--accelerator", action="store_true",
+                      help="ResNet-50 at 800x1344 batch 2 on JAX's GPU/TPU and torch's CUDA device")
   parser.add_argument("--json", action="store_true", help="JSON lines on stdout, the table on stderr")
   args = parser.parse_args(argv)
+  if args.quick and args.accelerator:
+    parser.error("--quick and --accelerator are two different sets of rows: choose one")
   with_torchvision = torchvision_available()
   if not with_torchvision:
     print("torch/torchvision not importable: torchvision rows skipped (pip install -e .[bench])", file=sys.stderr)
-  rows = plan(args.quick, with_torchvision)
+  rows = plan("quick" if args.quick else "accelerator" if args.accelerator else "full", with_torchvision)
   matmul_rate = run_isolated(matmul_flops_per_sec)
   date = datetime.date.today().isoformat()
   results = []
@@ -475,7 +528,9 @@ def main(argv) -> int:
     for index, row in enumerate(rows, 1):
       start = time.perf_counter()
       results.append(dict(measure(row, cache_dir), date=date))
-      outcome = results[-1].get("error") or f"{results[-1]['images_per_sec']:.3f} images/s"
+      done = results[-1]
+      outcome = done.get("error") or (f"{done['images_per_sec']:.3f} images/s, {done['step_s']:.4f} s/step"
+                                      + (f", compile {done['compile_s']:.1f} s" if done["compile_s"] else ""))
       print(f"[{index}/{len(rows)}] {row['model']} {row['framework']} {row['mode']} {shape_label(row)}: "
             f"{outcome} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
   add_comparisons(results, matmul_rate)
@@ -483,8 +538,9 @@ def main(argv) -> int:
   if with_torchvision:
     versions += [f"torch {importlib.metadata.version('torch')}",
                  f"torchvision {importlib.metadata.version('torchvision')}"]
-  header = (f"libra_jax benchmarks, {date}, {', '.join(versions)}; float32 matmul {MATMUL_SIZE}x{MATMUL_SIZE}: "
-            f"{matmul_rate / 1e9:.1f} GFLOP/s")
+  kinds = sorted({row["device_kind"] for row in results if "device_kind" in row})
+  header = (f"libra_jax benchmarks, {date}, {', '.join(versions)}, on {' and '.join(kinds) or '?'}; float32 matmul "
+            f"{MATMUL_SIZE}x{MATMUL_SIZE}: {matmul_rate / 1e9:.1f} GFLOP/s")
   table = format_table(results, header)
   if args.json:
     for result in results:

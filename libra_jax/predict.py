@@ -40,6 +40,7 @@ from libra_jax import cli, runtime
 from libra_jax.data import geometry, images, pipeline, sources
 from libra_jax.data.tf_runtime import tf
 from libra_jax.evaluation import driver
+from libra_jax.evaluation.predict_step import make_predict_step
 from libra_jax.models.detectors import build_detector
 
 
@@ -92,7 +93,7 @@ def detect(config, variables, images: Sequence[np.ndarray], class_names: Sequenc
   """Detections of each ``[H, W, 3]`` uint8 image, in its own pixels (``predict_files``'s JSON entries)."""
   model = build_detector(config.model)
   mesh = runtime.make_mesh()
-  step = driver.make_predict_step(model, mesh)
+  step = make_predict_step(model, mesh)
   batch_size = config.eval_batch_size
   prepared = [prepare(image, config.data) for image in images]
   by_bucket = collections.defaultdict(list)

@@ -17,16 +17,17 @@ def needs_torchvision(test):
                                              reason="torch/torchvision not installed")(test))
 
 
-def result(model, framework="libra_jax", mode="train", step_s=1.0, batch=1, height=256, width=256, **extra):
+def result(model, framework="libra_jax", mode="train", step_s=1.0, batch=1, height=256, width=256, device="cpu",
+           **extra):
   """A measured row as the workers return it (only the fields the comparisons read)."""
   return dict(model=model, framework=framework, mode=mode, height=height, width=width, batch=batch,
-              device="cpu", step_s=step_s, images_per_sec=batch / step_s,
+              device=device, step_s=step_s, images_per_sec=batch / step_s,
               flops_per_sec=None if framework == "torchvision" else 2e9, **extra)
 
 
 def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
-  for quick in (True, False):
-    rows = run.plan(quick, with_torchvision=True)
+  for name, setting in run.SETTINGS.items():
+    rows = run.plan(name, with_torchvision=True)
     names = {(r["model"], r["framework"], r["mode"], r["height"], r["batch"]) for r in rows}
     assert len(names) == len(rows)
     for row in rows:
@@ -35,23 +36,29 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
       if row["framework"] in run.TORCHVISION_SETUPS:
         assert (row["model"], "libra_jax", row["mode"], row["height"], row["batch"]) in names
     parts = [r["part"] for r in rows if r.get("part")]
-    setting = run.QUICK if quick else run.FULL
     assert sorted(parts) == sorted(list(setting["parts"]) * len(setting["part_shapes"])
                                    + ["fixed_roi_grid", "fixed_roi_grid", "bucket_padding"]
                                    * len(setting["grid_shapes"]))
-  full = run.plan(False, with_torchvision=True)
+  full = run.plan("full", with_torchvision=True)
   assert {(r["height"], r["width"], r["batch"]) for r in full} == {(800, 1344, 1), (512, 512, 2)}
   assert {r["depth"] for r in full} == {50}
   # Per shape: 6 rows of ours; 6 of torchvision (per model: train and infer in the fair setup, train in the plain
   # one); the 3 Libra-part rows at 512 x 512 only; the 2 fixed-grid rows (train, infer) and the bucket-padding
   # row (infer) at 800 x 1344 only.
-  assert len(full) == 30 and len(run.plan(False, with_torchvision=False)) == 18
-  tv = [(r["framework"], r["model"], r["mode"]) for r in run.plan(True, with_torchvision=True)
+  assert len(full) == 30 and len(run.plan("full", with_torchvision=False)) == 18
+  assert not any(r["accelerator"] for r in full)
+  tv = [(r["framework"], r["model"], r["mode"]) for r in run.plan("quick", with_torchvision=True)
         if r["framework"] != "libra_jax"]
   assert sorted(tv) == [("torchvision", "faster_rcnn_r18_fpn", "infer"),
                         ("torchvision", "faster_rcnn_r18_fpn", "train"),
                         ("torchvision_plain", "faster_rcnn_r18_fpn", "train")]
-  assert all(r["framework"] == "libra_jax" for r in run.plan(True, with_torchvision=False))
+  assert all(r["framework"] == "libra_jax" for r in run.plan("quick", with_torchvision=False))
+  accelerator = run.plan("accelerator", with_torchvision=True)
+  assert {(r["height"], r["width"], r["batch"], r["depth"], r["accelerator"]) for r in accelerator} == {
+      (800, 1344, 2, 50, True)}
+  # Our 6 main rows, torchvision's 6, then the 3 parts: the comparisons come first in a run cut short.
+  assert [r["framework"] != "libra_jax" for r in accelerator[:12]].count(True) == 6
+  assert [r["part"] for r in accelerator[12:]] == list(run.LIBRA_PARTS)
 
 
 def test_each_part_changes_only_its_own_switches():
@@ -107,6 +114,18 @@ def test_comparisons_by_hand():
   assert "ratio_vs_torchvision" not in failed and "flops_fraction" not in failed
 
 
+def test_mmdetection_ratio_only_for_libra_training_at_cocos_shape_on_an_accelerator():
+  gpu = dict(device="gpu", height=800, width=1344, batch=2)
+  rows = [result("libra_faster_rcnn_r50_fpn", step_s=0.1, **gpu),
+          result("libra_faster_rcnn_r50_fpn", mode="infer", step_s=0.05, **gpu),
+          result("faster_rcnn_r50_fpn", step_s=0.1, **gpu),
+          result("libra_faster_rcnn_r50_fpn", step_s=4.0, height=800, width=1344, batch=2)]
+  run.add_comparisons(rows, matmul_rate=1e12)
+  # 20 images/s against 2 images per 0.216 s.
+  assert rows[0]["ratio_vs_mmdetection_v100"] == pytest.approx(20 / (2 / 0.216))
+  assert not any("ratio_vs_mmdetection_v100" in row for row in rows[1:])
+
+
 def test_table_formatting():
   rows = [result("faster_rcnn_r50_fpn", step_s=2.0, compile_s=61.04, compile_cached_s=3.96, peak_rss_mb=2048.4,
                  ratio_vs_torchvision=1.5, ratio_vs_torchvision_plain=1.75, flops_fraction=0.125),
@@ -116,9 +135,9 @@ def test_table_formatting():
   assert lines[0] == "HEADER"
   assert lines[1].split() == ["model", "framework", "mode", "shape", "img/s", "s/step", "compile", "s", "cached", "s",
                               "peak", "MB", "GFLOP/s", "of", "matmul", "vs", "tv", "vs", "tv", "plain", "extra",
-                              "s/step"]
+                              "s/step", "vs", "mmdet", "V100"]
   assert lines[2].split() == ["faster_rcnn_r50_fpn", "libra_jax", "train", "256x256", "b1", "0.500", "2.000",
-                              "61.0", "4.0", "2048", "2.0", "12%", "1.50x", "1.75x", "-"]
+                              "61.0", "4.0", "2048", "2.0", "12%", "1.50x", "1.75x", "-", "-"]
   assert lines[3].split()[5:9] == ["0.250", "4.000", "-", "-"]
   assert lines[4] == "retinanet_r50_fpn infer 256x256 b1: failed: BrokenProcessPool: killed"
   assert len({len(line) for line in lines[1:4]}) == 1

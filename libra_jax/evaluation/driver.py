@@ -8,34 +8,24 @@ through the same data-parallel step the training run evaluates with.
 import json
 import logging
 import pathlib
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from libra_jax import convert, runtime
 from libra_jax.data import pipeline
 from libra_jax.errors import ConfigError, UserError
 from libra_jax.evaluation import ground_truth
 from libra_jax.evaluation.coco_eval import CocoAccumulator
+from libra_jax.evaluation.predict_step import make_predict_step
 from libra_jax.models.detectors import abstract_variables, build_detector
 from libra_jax.training.checkpoint import Checkpointer
 from libra_jax.training.metrics import MetricWriter
 
 _log = logging.getLogger(__name__)
-
-
-def make_predict_step(model, mesh: Mesh) -> Callable[[Dict[str, Any], Dict[str, jnp.ndarray]], Any]:
-  """A jitted ``(variables, global batch) -> Detections`` data-parallel over ``mesh`` (batch split on ``'data'``)."""
-
-  def per_device(variables, batch):
-    return model.apply(variables, batch, train=False)
-
-  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(runtime.DATA_AXIS)), out_specs=P(runtime.DATA_AXIS))
-  return jax.jit(mapped)
 
 
 def checked_model(config, mesh) -> Tuple[pipeline.DatasetInfo, object]:

@@ -40,6 +40,7 @@ from libra_jax import convert, runtime
 from libra_jax.data import pipeline
 from libra_jax.errors import NonFiniteLossError, Stopped, UserError
 from libra_jax.evaluation import driver
+from libra_jax.evaluation.predict_step import make_predict_step
 from libra_jax.models.detectors import jitted_init
 from libra_jax.training import optim
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
@@ -147,7 +148,7 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
 
   schedule = optim.schedule_from_config(config.optim, config.global_batch_size, config.steps_per_epoch)
   train_step = make_train_step(model, optimizer, mesh, skip_nonfinite=config.skip_nonfinite)
-  predict = driver.make_predict_step(model, mesh)
+  predict = make_predict_step(model, mesh)
   batches: Iterator = pipeline.train_batches(
       config.data, per_host, seed=config.seed, start_batch=start, shard_index=jax.process_index(),
       num_shards=jax.process_count(), shards_per_host=mesh.size // jax.process_count(),

@@ -14,7 +14,7 @@ import pytest
 
 from support import synthetic_batch
 from libra_jax import runtime
-from libra_jax.evaluation import driver
+from libra_jax.evaluation.predict_step import make_predict_step
 from libra_jax.training import optim, step as step_lib
 
 RUNNER = pathlib.Path(__file__).with_name("step_runner.py")
@@ -147,7 +147,7 @@ def test_steps_keep_frozen_parts_compile_once_and_skip_nonfinite(tiny_training):
 
 def test_predict_step_runs_on_the_mesh(tiny_training):
   model, _, mesh, initial_state, variables = tiny_training
-  predict = driver.make_predict_step(model, mesh)
+  predict = make_predict_step(model, mesh)
   detections = predict(variables, jax.device_put(synthetic_batch(), runtime.batch_sharding(mesh)))
   expected = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, synthetic_batch())
   np.testing.assert_allclose(detections.scores, expected.scores, rtol=1e-5, atol=1e-6)

@@ -241,7 +241,7 @@ print("same")
 @needs_torchvision
 def test_one_torchvision_row_in_a_fresh_process():
   row = dict(framework="torchvision", family="faster_rcnn", model="faster_rcnn_r18_fpn", mode="train", height=128,
-             width=192, batch=1, depth=18, steps=1)
+             width=192, batch=1, depth=18, steps=1, accelerator=False)
   measured = run.run_isolated(run.measure_torchvision, row)
   assert (measured["ran_height"], measured["ran_width"]) == (128, 192)
   assert measured["images_per_sec"] == pytest.approx(1 / measured["step_s"])

@@ -3,7 +3,11 @@
 Usage: ``python benchmarks/bench_roi_align.py``. The case is one 800 x 1216
 image with 256-channel P2..P5 maps (strides 4..32) and 512 RoIs pooled to
 7 x 7, as in the Faster R-CNN box head, with 2 x 2 samples per bin and with
-mmcv's adaptive grid (``sampling_ratio=0``); one JSON line per grid.
+mmcv's adaptive grid (``sampling_ratio=0``), the latter with 1, 4 and 16
+pixel pairs per step of its pooling loops
+(``adaptive_roi_align.PAIRS_PER_STEP``: 1 is the library's choice; the
+others show what a step of the loop costs on an accelerator); one JSON line
+per setting.
 """
 
 import json
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from libra_jax.ops import adaptive_roi_align
 from libra_jax.ops.roi_align import map_roi_levels, multilevel_roi_align
 
 
@@ -46,7 +51,7 @@ def _time_ms(fn, args, iterations: int) -> float:
 def bench_roi_align(num_rois: int = 512, channels: int = 256, output_size: int = 7,
                     sampling_ratio: int = 2, image_size: Sequence[int] = (800, 1216),
                     strides: Sequence[int] = (4, 8, 16, 32), iterations: int = 10,
-                    seed: int = 0) -> Dict[str, float]:
+                    seed: int = 0, pairs_per_step: int = 1) -> Dict[str, float]:
   """Times jitted ``multilevel_roi_align``, forward and forward + backward.
 
   Args:
@@ -59,6 +64,8 @@ def bench_roi_align(num_rois: int = 512, channels: int = 256, output_size: int =
     strides: image pixels per map pixel of each level.
     iterations: timed calls after one warm-up call.
     seed: seed of the random features and RoIs.
+    pairs_per_step: ``adaptive_roi_align.PAIRS_PER_STEP`` while compiling
+      (the adaptive grid's loops; restored afterwards).
 
   Returns:
     ``compile_s`` (seconds to lower and compile the forward pass),
@@ -84,10 +91,15 @@ def bench_roi_align(num_rois: int = 512, channels: int = 256, output_size: int =
   def backward(feats, boxes):
     return jax.grad(lambda f: jnp.sum(forward(f, boxes) * cotangent))(feats)
 
-  start = time.perf_counter()
-  forward_compiled = jax.jit(forward).lower(features, rois).compile()
-  compile_s = time.perf_counter() - start
-  backward_compiled = jax.jit(backward).lower(features, rois).compile()
+  library_choice = adaptive_roi_align.PAIRS_PER_STEP
+  adaptive_roi_align.PAIRS_PER_STEP = pairs_per_step
+  try:
+    start = time.perf_counter()
+    forward_compiled = jax.jit(forward).lower(features, rois).compile()
+    compile_s = time.perf_counter() - start
+    backward_compiled = jax.jit(backward).lower(features, rois).compile()
+  finally:
+    adaptive_roi_align.PAIRS_PER_STEP = library_choice
 
   result = {
       "compile_s": compile_s,
@@ -100,5 +112,8 @@ def bench_roi_align(num_rois: int = 512, channels: int = 256, output_size: int =
 
 
 if __name__ == "__main__":
-  for ratio in (2, 0):
-    print(json.dumps(dict(sampling_ratio=ratio, **bench_roi_align(sampling_ratio=ratio))))
+  print(json.dumps(dict(device=jax.devices()[0].device_kind, sampling_ratio=2, **bench_roi_align(sampling_ratio=2))),
+        flush=True)
+  for pairs in (1, 4, 16):
+    print(json.dumps(dict(device=jax.devices()[0].device_kind, sampling_ratio=0, pairs_per_step=pairs,
+                          **bench_roi_align(sampling_ratio=0, pairs_per_step=pairs))), flush=True)

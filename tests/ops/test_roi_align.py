@@ -360,3 +360,27 @@ def test_adaptive_rois_pooled_in_groups_of_like_grids(monkeypatch):
                              out_specs=jax.P("data"))
   sharded = jax.device_put(features[None], jax.NamedSharding(mesh, jax.P("data")))
   np.testing.assert_allclose(jax.jit(per_device)(sharded)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("pairs_per_step", [2, 3])
+def test_adaptive_pooling_loops_give_the_same_sums_with_several_pairs_per_step(monkeypatch, pairs_per_step):
+  # Pairs past a group's largest grid add exact zeros, so unrolling the loops adds the same terms in the same
+  # order (XLA's fusions of the unrolled body may round the last bit differently), with group sizes (4) and pair
+  # counts that the unrolling does not divide.
+  monkeypatch.setattr(adaptive_roi_align, "GROUP_SIZE", 4)
+  rng = np.random.default_rng(9)
+  features = rng.normal(size=(13, 17, 3)).astype(np.float32)
+  rois = random_rois(rng, 19, 26, 34)
+  cotangent = rng.normal(size=(19, 3, 3, 3)).astype(np.float32)
+
+  def values_and_gradient():
+    pool = functools.partial(roi_align, rois=rois, output_size=3, spatial_scale=0.5, sampling_ratio=0)
+    gradient = jax.grad(lambda f: jnp.sum(pool(f) * cotangent))
+    return np.asarray(jax.jit(pool)(features)), np.asarray(jax.jit(gradient)(features))
+
+  one_pair = values_and_gradient()
+  monkeypatch.setattr(adaptive_roi_align, "PAIRS_PER_STEP", pairs_per_step)
+  unrolled = values_and_gradient()
+  np.testing.assert_allclose(unrolled[0], one_pair[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(unrolled[1], one_pair[1], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(one_pair[0], reference_roi_align(features, rois, (3, 3), 0.5, 0, True), atol=1e-5)

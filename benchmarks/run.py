@@ -359,7 +359,7 @@ def torchvision_detector(family: str, depth: int, height: int, width: int, pretr
 
 
 def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
-  """Measures one torchvision row (run in a fresh process): on the CPU, or on torch's CUDA device for an accelerator row.
+  """Measures one torchvision row (in a fresh process) on the CPU, or on torch's CUDA device for an accelerator row.
 
   On CUDA each step ends with ``torch.cuda.synchronize()``, as ours waits for
   its result; torch's defaults stand (TF32 in cuDNN convolutions, which

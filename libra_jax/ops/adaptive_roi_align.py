@@ -49,12 +49,13 @@ import numpy as np
 _CANDIDATES = 6
 # RoIs per pooling loop (see the module docstring): 64 to 256 measured alike.
 GROUP_SIZE = 128
-# Pixel pairs per step of the pooling loops, in pair order. Pairs past a group's last contribute exact zeros,
-# so any value adds the same terms in the same order (XLA may round the last bit differently). One on the CPU, where each pair is a large gather and the
-# loop's steps cost nothing. On a GPU each step also waits for the loop's condition on the host: Faster R-CNN
-# R-50 at 800x1344 batch 2 ran 660 pair steps forward and as many backward in a train step, and Libra Faster
-# R-CNN's larger random-weight proposals 944, which matches its 7.6 ms (16%) longer step on an H200
-# (2026-12-04; 17 ms longer inference, 816 steps against 421). Larger values await a GPU measurement.
+# Pixel pairs per step of the pooling loops, in pair order. Pairs past a group's last contribute exact
+# zeros, so any value adds the same terms in the same order (XLA may round the last bit differently). One
+# on the CPU, where each pair is a large gather and the loop's steps cost nothing. On a GPU each step also
+# waits for the loop's condition on the host: Faster R-CNN R-50 at 800x1344 batch 2 ran 660 pair steps
+# forward and as many backward in a train step, and Libra Faster R-CNN's larger random-weight proposals
+# 944, which matches its 7.6 ms (16%) longer step on an H200 (2026-12-04; 17 ms longer inference, 816
+# steps against 421). Larger values await a GPU measurement (benchmarks/bench_roi_align.py).
 PAIRS_PER_STEP = 1
 
 

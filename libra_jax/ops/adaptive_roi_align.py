@@ -160,7 +160,7 @@ def _num_pairs(plan: _Plan) -> jnp.ndarray:
 
 
 def _pair_indices_and_weights(plan: _Plan, pair):
-  """Row of ``flat_features`` and weight of pixel pair ``pair`` (scalar int32) of every bin: ``[K, out_h, out_w]`` each."""
+  """Flat-feature row and weight of pixel pair ``pair`` (int32 scalar) of every bin: ``[K, out_h, out_w]`` each."""
   dy = pair // plan.x.num_pixels
   dx = pair % plan.x.num_pixels
   rows, y_weights = pixel_weights(plan.y, dy)

@@ -10,7 +10,10 @@ Instead of one step per box, the sorted boxes are processed in tiles of
 earlier tile is dropped with one ``[T, N]`` IoU block, then (b) suppression
 inside the tile is resolved by a fixed-point iteration over a ``[T, T]`` block.
 All shapes are static, so ``nms`` and ``batched_nms`` work under ``jit``
-(``max_output`` static, thresholds may be traced) and ``vmap``.
+(``max_output`` static, thresholds may be traced) and ``vmap``. The tiles go
+in score order, so the loop stops once ``max_output`` boxes are kept or no
+valid box is left: the result is the same, and RPN proposals (1,000 kept of
+several thousand) skip most of the later tiles.
 """
 
 from typing import Optional, Tuple, Union
@@ -94,8 +97,13 @@ def _iou_exceeds(boxes, coords, areas, iou_threshold):
 
 
 def _greedy_keep(boxes: jnp.ndarray, valid: jnp.ndarray, groups: Optional[jnp.ndarray],
-                 iou_threshold) -> jnp.ndarray:
-  """Greedy keep flags of boxes already sorted by descending score.
+                 iou_threshold, max_output: int) -> jnp.ndarray:
+  """Greedy keep flags of boxes already sorted by descending score, as far as the first ``max_output`` kept.
+
+  The tiles are visited in order and the loop ends after the tile that
+  brings the kept count to ``max_output``, or before a tile holding no valid
+  box at or after its start: no later box can be among the first
+  ``max_output`` kept. Flags past that point stay False.
 
   Args:
     boxes: ``[N, 4]`` float, xyxy pixels, in visiting order.
@@ -103,9 +111,11 @@ def _greedy_keep(boxes: jnp.ndarray, valid: jnp.ndarray, groups: Optional[jnp.nd
     groups: ``[N]`` int group ids (only boxes of the same group suppress each
       other), or None for a single group.
     iou_threshold: float scalar, possibly traced.
+    max_output: static int, how many kept boxes are wanted.
 
   Returns:
-    ``[N]`` bool keep flags.
+    ``[N]`` bool keep flags; the first ``max_output`` True ones (all, if
+    fewer) are those of the greedy algorithm over all ``N``.
   """
   num_boxes = boxes.shape[0]
   tile = min(TILE_SIZE, -(-num_boxes // 8) * 8)
@@ -136,7 +146,21 @@ def _greedy_keep(boxes: jnp.ndarray, valid: jnp.ndarray, groups: Optional[jnp.nd
     candidate = jax.lax.dynamic_slice_in_dim(valid, start, tile) & ~suppressed
     return jax.lax.dynamic_update_slice_in_dim(keep, _resolve_tile(candidate, inner), start, 0)
 
-  keep = jax.lax.fori_loop(0, num_tiles, process_tile, jnp.zeros_like(valid))
+  # One past the last valid box: tiles starting there or later keep nothing.
+  valid_end = jnp.max(jnp.where(valid, jnp.arange(valid.shape[0]) + 1, 0))
+
+  def more(state):
+    t, _, kept = state
+    return (t < num_tiles) & (kept < max_output) & (t * tile < valid_end)
+
+  def step(state):
+    t, keep, kept = state
+    keep = process_tile(t, keep)
+    return t + 1, keep, jnp.sum(keep, dtype=jnp.int32)
+
+  # The kept count starts from `valid` so that, under shard_map, it has the per-device type the loop gives it.
+  start = (jnp.int32(0), jnp.zeros_like(valid), jnp.sum(jnp.zeros_like(valid), dtype=jnp.int32))
+  _, keep, _ = jax.lax.while_loop(more, step, start)
   return keep[:num_boxes]
 
 
@@ -165,7 +189,7 @@ def _nms(boxes, scores, groups, iou_threshold, max_output, score_threshold):
   order = jnp.argsort(-jnp.where(valid, scores, -jnp.inf), stable=True)
   if groups is not None:
     groups = groups[order]
-  keep = _greedy_keep(boxes[order], valid[order], groups, iou_threshold)
+  keep = _greedy_keep(boxes[order], valid[order], groups, iou_threshold, max_output)
 
   (positions,) = jnp.nonzero(keep, size=max_output, fill_value=0)
   count = jnp.minimum(jnp.sum(keep, dtype=jnp.int32), max_output)

@@ -278,3 +278,20 @@ def test_vmap_over_images_equals_a_loop():
   for image in range(3):
     expected = reference_nms(boxes[image], scores[image], thresholds[image])
     check_result(np.asarray(indices[image]), int(counts[image]), expected, 150)
+
+
+@pytest.mark.parametrize("max_output", [20, 150, 400])
+def test_images_whose_loops_end_at_different_tiles_under_vmap(max_output):
+  # Three tiles and a bit per image. The loop ends once max_output boxes are kept or no valid box is left, which
+  # happens at different tiles for each image (one image keeps few boxes, one has only its first 50 valid, one
+  # needs every tile); the vmapped loop runs until the last image is done and must leave the others' flags alone.
+  num_boxes = 3 * TILE_SIZE + 5
+  data = [clustered(num_boxes, num_centers=centers, seed=seed) for seed, centers in ((11, 4), (12, 60), (13, 200))]
+  boxes = np.stack([b for b, _ in data])
+  scores = np.stack([s for _, s in data])
+  scores[1, np.argsort(-scores[1])[50:]] = -np.inf
+  run = jax.jit(jax.vmap(functools.partial(nms, max_output=max_output), in_axes=(0, 0, None)))
+  indices, counts = run(boxes, scores, jnp.float32(0.5))
+  for image in range(3):
+    expected = reference_nms(boxes[image], scores[image], 0.5)
+    check_result(np.asarray(indices[image]), int(counts[image]), expected, max_output)

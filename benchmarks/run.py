@@ -51,9 +51,11 @@ boxes per image), already on the device; parameters are randomly initialized
 project's 2-core virtual machine about one step in five of an 8-9 s train
 step took 13-15 s instead (2026-12-04, paired runs of this version's step
 and the one before it, after the warm-up steps, in both), and one such step
-in three moves a mean by 20%. ``compile_s``: tracing, lowering and compiling the step with an empty
-persistent compilation cache (the run's own, fresh temporary directory; each
-row's step is a program no earlier row compiled, which the row checks);
+in three moves a mean by 20%. ``compile_s``: tracing, lowering and compiling
+the step (the cyclic garbage collector paused, as the train loop compiles)
+with an empty persistent compilation cache (the run's own, fresh temporary
+directory; each row's step is a program no earlier row compiled, which the
+row checks);
 ``compile_cached_s``: the same after ``jax.clear_caches()``, served from that
 cache. ``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
 counted once) over the measured step time; ``flops_fraction``: that over the
@@ -267,19 +269,25 @@ def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path):
   """Compiles ``jitted`` for ``args`` with the persistent cache, then again from it.
 
   Returns ``(compiled, cold seconds, cached seconds)``; each time covers
-  tracing, lowering and compiling (or loading from the cache).
+  tracing, lowering and compiling (or loading from the cache), with Python's
+  cyclic garbage collector paused, as the train and evaluation loops compile
+  (``runtime.CompilationLog``).
   """
   import jax
+
+  from libra_jax.runtime import cyclic_gc_paused
   entries = set(cache_dir.iterdir())
   start = time.perf_counter()
-  jitted.lower(*args).compile()
+  with cyclic_gc_paused():
+    jitted.lower(*args).compile()
   cold = time.perf_counter() - start
   if not set(cache_dir.iterdir()) - entries:
     raise RuntimeError(f"the cold compile added nothing to the persistent cache {cache_dir}: the program was "
                        f"already there, or the cache is off, so the compile times would be wrong")
   jax.clear_caches()
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  with cyclic_gc_paused():
+    compiled = jitted.lower(*args).compile()
   return compiled, cold, time.perf_counter() - start
 
 

@@ -1,5 +1,6 @@
 """What the evaluation driver checks before anything compiles."""
 
+import gc
 import types
 
 import pytest
@@ -41,13 +42,30 @@ def test_a_compilation_is_announced_once_per_image_size(caplog):
   import logging
   import numpy as np
   log = runtime.CompilationLog("detection step")
-  calls = []
+  collector_on = []
   with caplog.at_level(logging.INFO, logger="libra_jax.runtime"):
     for height, width in ((64, 96), (64, 96), (96, 64), (64, 96)):
       with log.around(np.zeros((2, height, width, 3))):
-        calls.append((height, width))
+        collector_on.append(gc.isenabled())
   lines = [record.getMessage() for record in caplog.records]
-  assert len(calls) == 4 and [line.split(" images")[0] for line in lines] == [
+  assert [line.split(" images")[0] for line in lines] == [
       "compiling the detection step for 64x96", "compiled the detection step for 64x96",
       "compiling the detection step for 96x64", "compiled the detection step for 96x64"]
   assert lines[1].endswith(" s") and "or reading it from the compilation cache" in lines[0]
+  # The cyclic garbage collector is paused for the calls that compile, and only for them.
+  assert collector_on == [False, True, False, True] and gc.isenabled()
+
+
+def test_the_collector_pause_restores_the_state_it_found():
+  with pytest.raises(KeyError):
+    with runtime.cyclic_gc_paused():
+      assert not gc.isenabled()
+      raise KeyError("a failed compilation")
+  assert gc.isenabled()
+  gc.disable()
+  try:
+    with runtime.cyclic_gc_paused():
+      pass
+    assert not gc.isenabled()
+  finally:
+    gc.enable()

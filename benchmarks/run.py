@@ -265,20 +265,23 @@ def detector_config(row: Dict[str, Any]):
   return config
 
 
-def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path):
+def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path, pause_collector: bool = True):
   """Compiles ``jitted`` for ``args`` with the persistent cache, then again from it.
 
   Returns ``(compiled, cold seconds, cached seconds)``; each time covers
-  tracing, lowering and compiling (or loading from the cache), with Python's
-  cyclic garbage collector paused, as the train and evaluation loops compile
-  (``runtime.CompilationLog``).
+  tracing, lowering and compiling (or loading from the cache). With
+  ``pause_collector``, Python's cyclic garbage collector is paused meanwhile,
+  as the train and evaluation loops compile (``runtime.CompilationLog``).
   """
+  import contextlib
+
   import jax
 
   from libra_jax.runtime import cyclic_gc_paused
+  collector = cyclic_gc_paused if pause_collector else contextlib.nullcontext
   entries = set(cache_dir.iterdir())
   start = time.perf_counter()
-  with cyclic_gc_paused():
+  with collector():
     jitted.lower(*args).compile()
   cold = time.perf_counter() - start
   if not set(cache_dir.iterdir()) - entries:
@@ -286,13 +289,19 @@ def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path):
                        f"already there, or the cache is off, so the compile times would be wrong")
   jax.clear_caches()
   start = time.perf_counter()
-  with cyclic_gc_paused():
+  with collector():
     compiled = jitted.lower(*args).compile()
   return compiled, cold, time.perf_counter() - start
 
 
-def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
-  """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
+def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: bool = True):
+  """The step of a libra_jax row and of its experiment ``config``, compiled cold and then from the cache
+  (``compile_cold_and_cached``).
+
+  Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``.
+  Returns ``(compiled, cold seconds, cached seconds, step)``; ``step()`` takes
+  one step and waits for it.
+  """
   host_memory.keep_freed_host_memory()
   import jax
   jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -306,7 +315,6 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
 
   if row["accelerator"] and jax.default_backend() == "cpu":
     raise RuntimeError("an accelerator row, but JAX sees only the CPU (install jax[cuda12] or jax[tpu])")
-  config = detector_config(row)
   model = build_detector(config.model)
   mesh = make_mesh()
   example = synthetic_batch(row["height"], row["width"], row["batch"], config.data.max_instances)
@@ -318,7 +326,7 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
     state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
     state = jax.device_put(state, replicated(mesh))
     compiled, cold, cached = compile_cold_and_cached(make_train_step(model, optimizer, mesh), (state, batch),
-                                                     pathlib.Path(cache_dir))
+                                                     pathlib.Path(cache_dir), pause_collector)
 
     def step():
       nonlocal state
@@ -327,11 +335,17 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   else:
     variables = jax.device_put(variables, replicated(mesh))
     compiled, cold, cached = compile_cold_and_cached(make_predict_step(model, mesh), (variables, batch),
-                                                     pathlib.Path(cache_dir))
+                                                     pathlib.Path(cache_dir), pause_collector)
 
     def step():
       jax.block_until_ready(compiled(variables, batch))
+  return compiled, cold, cached, step
 
+
+def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
+  """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
+  import jax
+  compiled, cold, cached, step = compiled_row(row, detector_config(row), cache_dir)
   seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
   flops = compiled.cost_analysis()["flops"]
   return dict(row, version=jax.__version__, device=jax.devices()[0].platform,

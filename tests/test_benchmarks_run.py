@@ -166,7 +166,16 @@ from benchmarks import run
 jax.config.update("jax_compilation_cache_dir", {str(tmp_path)!r})
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-f = jax.jit(lambda x: jnp.sin(x) @ x.T)
+import gc
+collector_on = []  # gc.isenabled() each time a function is traced
+
+def traced(body):
+  def record(x):
+    collector_on.append(gc.isenabled())
+    return body(x)
+  return jax.jit(record)
+
+f = traced(lambda x: jnp.sin(x) @ x.T)
 x = jnp.ones((8, 8))
 compiled, cold, cached = run.compile_cold_and_cached(f, (x,), pathlib.Path({str(tmp_path)!r}))
 try:
@@ -174,13 +183,19 @@ try:
   refused = False
 except RuntimeError:
   refused = True
-print(json.dumps(dict(value=float(compiled(x).sum()), cold=cold, cached=cached, refused=refused)))
+paused = collector_on[:2]
+run.compile_cold_and_cached(traced(lambda x: jnp.cos(x) @ x.T), (x,), pathlib.Path({str(tmp_path)!r}),
+                            pause_collector=False)
+print(json.dumps(dict(value=float(compiled(x).sum()), cold=cold, cached=cached, refused=refused, paused=paused,
+                      not_paused=collector_on[-2:], after=gc.isenabled())))
 """
   out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120)
   got = json.loads(out.stdout.splitlines()[-1])
   assert got["refused"] and got["cold"] > 0 and got["cached"] > 0
   assert got["value"] == pytest.approx(64 * np.sin(1.0) * 8, rel=1e-5)
   assert any(tmp_path.iterdir())
+  # Both compiles (cold, then cached after jax.clear_caches) trace with the collector paused, unless asked not to.
+  assert got["paused"] == [False, False] and got["not_paused"] == [True, True] and got["after"]
 
 
 def test_sigterm_ends_the_row_in_flight_and_is_remembered():

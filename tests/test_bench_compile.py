@@ -1,0 +1,34 @@
+"""benchmarks/bench_compile.py: the two collector settings alternate, each in its own process, and their medians."""
+
+import json
+
+import pytest
+
+from benchmarks import bench_compile, run
+from libra_jax import cli
+
+CONFIG = "--config=configs/shapes_libra_faster_rcnn.py"
+
+
+def test_settings_alternate_and_each_gets_its_median(monkeypatch, capsys):
+  calls = []
+
+  def fake_compiled_row(row, config, cache_dir, pause_collector):
+    calls.append(pause_collector)
+    # Cached seconds 1, 2, 3, ... in call order; cold ten times that.
+    return None, 10.0 * len(calls), float(len(calls)), None
+
+  monkeypatch.setattr(run, "run_isolated", lambda function, *args: function(*args))
+  monkeypatch.setattr(run, "compiled_row", fake_compiled_row)
+  assert bench_compile.main([CONFIG, "--height=64", "--width=96", "--batch=2", "--repeats=3", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert calls == [False, True] * 3
+  assert [run["cached_s"] for run in result["runs"]["on"]] == [1.0, 3.0, 5.0]
+  assert [run["cold_s"] for run in result["runs"]["paused"]] == [20.0, 40.0, 60.0]
+  assert result["median_cached_s"] == {"on": 3.0, "paused": 4.0}
+  assert (result["height"], result["width"], result["batch"]) == (64, 96, 2)
+
+
+def test_no_repeats_is_a_usage_error():
+  with pytest.raises(cli.UsageError, match="--repeats must be at least 1"):
+    bench_compile.main([CONFIG, "--repeats=0"])

@@ -92,7 +92,8 @@ def step_seconds(config, height: int, width: int, batch_size: int, repeats: int,
 
 def main(argv) -> int:
   parser = cli.ArgumentParser(prog="python benchmarks/bench_conv_grad.py", description=__doc__.split("\n")[0],
-                              config="optional", default_config=str(ROOT / "configs/libra_faster_rcnn_r50_fpn_1x_coco.py"))
+                              config="optional",
+                              default_config=str(ROOT / "configs/libra_faster_rcnn_r50_fpn_1x_coco.py"))
   add_step_flags(parser, height=512, width=512, batch=2)
   parser.add_argument("--skip_layers", action="store_true", help="only the whole train step")
   parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")

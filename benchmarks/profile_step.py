@@ -243,7 +243,8 @@ def format_table(result: Dict[str, Any]) -> str:
     total = result["stages"][name]
     lines.append(f"{name:<15}{result['forward'][name]:>11.3f}{result['backward'][name]:>12.3f}{total:>10.3f}"
                  f"{total / result['step_s']:>9.1%}")
-  lines.append(f"{'stages, summed':<38}{result['stages_sum_s']:>10.3f}{result['stages_sum_s'] / result['step_s']:>9.1%}")
+  summed = result["stages_sum_s"]
+  lines.append(f"{'stages, summed':<38}{summed:>10.3f}{summed / result['step_s']:>9.1%}")
   lines.append(f"{'step':<38}{result['step_s']:>10.3f}")
   lines.append(f"non_conv_fraction {result['non_conv_fraction']:.3f}; staged loss {result['staged_loss']:.6f}, "
                f"model loss {result['model_loss']:.6f}")

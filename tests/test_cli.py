@@ -61,8 +61,8 @@ def test_a_loaded_config_is_locked_against_new_keys():
     ("model.rcnn.loss_bbox.name=tukey", "config.model.rcnn.loss_bbox: unknown loss 'tukey'; known: balanced_l1,"),
     ("model.rpn.loss_cls.loss_weigth=2.0", "did you mean model.rpn.loss_cls.loss_weight?"),
     ("model.type=cascade", "unknown detector type 'cascade'; known: faster_rcnn, retinanet"),
-    ("model.train.rcnn.sampler.type=ohem", "config.model.train.rcnn.sampler.type: unknown sampler 'ohem'; known: libra, "
-     "random"),
+    ("model.train.rcnn.sampler.type=ohem",
+     "config.model.train.rcnn.sampler.type: unknown sampler 'ohem'; known: libra, random"),
     ("model.num_classes=0", "config.model.num_classes must be >= 1"),
     ("distributed=True", "config.distributed=True needs a coordinator: pass --config.coordinator_address=HOST:PORT"),
 ])

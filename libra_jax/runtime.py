@@ -104,9 +104,9 @@ def check_batch_sizes(config, mesh: Mesh) -> None:
 def cyclic_gc_paused():
   """Python's cyclic garbage collector off inside (reference counting still frees memory), as it was after.
 
-  Tracing a detector's step allocates millions of short-lived objects, so
-  the collector runs its full pass over every live object (TensorFlow's and
-  the input pipeline's included) many times during one trace. With
+  Tracing a detector's step allocates millions of short-lived objects, and
+  the collector's passes over the live objects (TensorFlow's and the input
+  pipeline's included) add up during one trace. With
   TensorFlow imported (505,000 live objects), tracing Libra Faster R-CNN
   R-50's train step at 800x1344 took 3.2-3.9 s with the collector on and
   2.3-3.2 s with it paused, in alternation in one process (2026-12-04).

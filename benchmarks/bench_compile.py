@@ -3,10 +3,11 @@
     python benchmarks/bench_compile.py --config=configs/libra_faster_rcnn_r50_fpn_1x_coco.py \
         [--config.KEY=VALUE ...] [--height 800 --width 1344 --batch 1] [--repeats 3] [--json]
 
-Each repeat runs two fresh processes, the collector on in the first and
-paused in the second (``libra_jax.runtime.cyclic_gc_paused``, as the train and
-evaluation loops compile), so that the two settings alternate through the
-run. Each process compiles the train step as ``benchmarks/run.py`` does
+Each repeat runs two fresh processes, one with the collector on and one
+with it paused (``libra_jax.runtime.cyclic_gc_paused``, as the train and
+evaluation loops compile); the order flips every repeat (on, paused, paused,
+on, ...), so that a drift of the machine's speed through the run favours
+neither. Each process compiles the train step as ``benchmarks/run.py`` does
 (``run.compiled_row``): cold into an empty persistent compilation cache, then
 again from it after ``jax.clear_caches()``; both times cover tracing,
 lowering and compiling or loading. Prints each process's two times and the
@@ -39,13 +40,15 @@ def compile_times(row: Dict[str, Any], config, pause_collector: bool) -> Dict[st
 
 def main(argv) -> int:
   parser = cli.ArgumentParser(prog="python benchmarks/bench_compile.py", description=__doc__.split("\n")[0])
-  add_step_flags(parser, height=800, width=1344, batch=1)
+  add_step_flags(parser, height=800, width=1344, batch=1,
+                 repeats_help="pairs of fresh processes, one per collector setting (medians are reported)")
   parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of lines")
   args = parse_step_flags(parser, argv)
   row = dict(height=args.height, width=args.width, batch=args.batch, mode="train", accelerator=False)
   times = {name: [] for name in SETTINGS}
-  for _ in range(args.repeats):
-    for name, pause in SETTINGS.items():
+  for repeat in range(args.repeats):
+    order = list(SETTINGS.items())
+    for name, pause in order if repeat % 2 == 0 else order[::-1]:
       times[name].append(run.run_isolated(compile_times, row, args.config, pause))
       if not args.json:
         last = times[name][-1]

@@ -255,12 +255,13 @@ def format_table(result: Dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def add_step_flags(parser: cli.ArgumentParser, height: int, width: int, batch: int) -> None:
+def add_step_flags(parser: cli.ArgumentParser, height: int, width: int, batch: int,
+                   repeats_help: str = "timed calls of each program (the median is reported)") -> None:
   """``--height``, ``--width``, ``--batch`` (with these defaults) and ``--repeats``: the step a benchmark times."""
   parser.add_argument("--height", type=int, default=height, help="padded image height in pixels")
   parser.add_argument("--width", type=int, default=width, help="padded image width in pixels")
   parser.add_argument("--batch", type=int, default=batch, help="images per step")
-  parser.add_argument("--repeats", type=int, default=3, help="timed calls of each program (the median is reported)")
+  parser.add_argument("--repeats", type=int, default=3, help=repeats_help)
 
 
 def parse_step_flags(parser: cli.ArgumentParser, argv):

@@ -102,6 +102,7 @@ instead and the table on stderr. Progress goes to stderr.
 """
 
 import concurrent.futures
+import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
@@ -273,8 +274,6 @@ def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path, pause_collect
   ``pause_collector``, Python's cyclic garbage collector is paused meanwhile,
   as the train and evaluation loops compile (``runtime.CompilationLog``).
   """
-  import contextlib
-
   import jax
 
   from libra_jax.runtime import cyclic_gc_paused

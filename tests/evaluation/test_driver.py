@@ -56,6 +56,22 @@ def test_a_compilation_is_announced_once_per_image_size(caplog):
   assert collector_on == [False, True, False, True] and gc.isenabled()
 
 
+def test_the_collector_pause_collects_the_young_generation_before_it_returns():
+  generations = []  # of each collection started
+  callback = lambda phase, info: generations.append(info["generation"]) if phase == "start" else None
+  threshold = gc.get_threshold()
+  gc.set_threshold(10**9)  # no collection starts by itself, so any is the pause's own
+  gc.callbacks.append(callback)
+  try:
+    with runtime.cyclic_gc_paused():
+      kept = [[] for _ in range(20_000)]
+    collected = list(generations)
+  finally:
+    gc.callbacks.remove(callback)
+    gc.set_threshold(*threshold)
+  assert collected == [0] and len(kept) == 20_000
+
+
 def test_the_collector_pause_restores_the_state_it_found():
   with pytest.raises(KeyError):
     with runtime.cyclic_gc_paused():

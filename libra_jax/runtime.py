@@ -106,14 +106,16 @@ def cyclic_gc_paused():
 
   Tracing a detector's step allocates millions of short-lived objects, and
   the collector's passes over the live objects (TensorFlow's and the input
-  pipeline's included) add up during one trace. With
-  TensorFlow imported (505,000 live objects), tracing Libra Faster R-CNN
-  R-50's train step at 800x1344 took 3.2-3.9 s with the collector on and
-  2.3-3.2 s with it paused, in alternation in one process (2026-12-04).
+  pipeline's included) add up during one trace. With TensorFlow imported
+  (505,000 live objects), tracing Libra Faster R-CNN R-50's train step at
+  800x1344 took 3.2-3.9 s with the collector on and 2.3-3.2 s with it
+  paused, in alternation in one process (2026-12-04).
+
   On the way out (when it turns the collector back on) it collects the
   youngest generation, which the pause let grow: the collection that the
   next allocation would start anyway, so that a time taken around the
-  ``with`` includes it (0.07-0.08 s after Libra R-50's train step compiled for 128x128 images).
+  ``with`` includes it (0.07-0.08 s after Libra R-50's train step compiled
+  for 128x128 images).
   """
   enabled = gc.isenabled()
   gc.disable()

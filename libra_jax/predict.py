@@ -94,6 +94,7 @@ def detect(config, variables, images: Sequence[np.ndarray], class_names: Sequenc
   model = build_detector(config.model)
   mesh = runtime.make_mesh()
   step = make_predict_step(model, mesh)
+  compilation = runtime.CompilationLog("detection step")
   batch_size = config.eval_batch_size
   prepared = [prepare(image, config.data) for image in images]
   by_bucket = collections.defaultdict(list)
@@ -107,7 +108,9 @@ def detect(config, variables, images: Sequence[np.ndarray], class_names: Sequenc
                                    [np.zeros_like(prepared[chunk[0]][key])] * (batch_size - len(chunk)))
                for key in prepared[chunk[0]]}
       batch["labels"][len(chunk):] = -1
-      output = jax.tree.map(np.asarray, step(variables, runtime.to_global(batch, mesh)))
+      with compilation.around(batch["image"]):
+        output = step(variables, runtime.to_global(batch, mesh))
+      output = jax.tree.map(np.asarray, output)
       for slot, index in enumerate(chunk):
         found[index] = _in_original_pixels(output, slot, batch["scale"][slot], images[index].shape[:2], class_names)
   return found

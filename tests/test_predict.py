@@ -3,6 +3,7 @@ model sees (the input pipeline's)."""
 
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def test_prepare_follows_the_input_contract():
   assert not batch["image"][0, 128:].any()
 
 
-def test_predict_files_writes_pngs_and_json(tmp_path, shapes_tfds_dir, tiny_faster, capsys):
+def test_predict_files_writes_pngs_and_json(tmp_path, shapes_tfds_dir, tiny_faster, capsys, caplog):
   config = shapes_libra_faster_rcnn.get_config()
   config.model = tiny_model_config("faster")
   config.data.tfds_data_dir = shapes_tfds_dir
@@ -40,8 +41,11 @@ def test_predict_files_writes_pngs_and_json(tmp_path, shapes_tfds_dir, tiny_fast
   Image.fromarray(rng.integers(0, 255, (110, 150, 3), dtype=np.uint8)).save(tmp_path / "other" / "a.png")
   out = tmp_path / "out"
   files = [tmp_path / name for name in ("a.png", "broken.jpg", "gray.png", "b.png", "other/a.png")]
-  results = predict.predict_files(config, variables, files, out)
+  with caplog.at_level(logging.INFO, logger="libra_jax.runtime"):
+    results = predict.predict_files(config, variables, files, out)
   assert "broken.jpg: cannot read the image" in capsys.readouterr().err
+  # One compilation (announced, with the garbage collector paused) per bucket: landscape and portrait.
+  assert sum(record.getMessage().startswith("compiling the detection step") for record in caplog.records) == 2
   # Four readable images: three landscape ones in two batches, a portrait one alone. The two a.png get a drawing
   # each, named apart.
   readable = (0, 2, 3, 4)

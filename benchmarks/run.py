@@ -58,7 +58,8 @@ directory; each row's step is a program no earlier row compiled, which the
 row checks);
 ``compile_cached_s``: the same after ``jax.clear_caches()``, served from that
 cache. ``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
-counted once) over the measured step time; ``flops_fraction``: that over the
+counted once, every convolution counted as a direct one: ``run.direct_flops``)
+over the measured step time; ``flops_fraction``: that over the
 machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 ``extra_s_per_step`` (Libra parts): step time minus the baseline's at the same
 shape. ``peak_rss_mb``: the row's process's peak resident memory.
@@ -293,13 +294,25 @@ def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path, pause_collect
   return compiled, cold, time.perf_counter() - start
 
 
+def direct_flops(jitted, args) -> float:
+  """FLOPs of ``jitted(*args)`` by XLA's cost analysis of its lowered program, every convolution counted as a direct
+  one (``conv.direct_convolutions``). JAX's caches are cleared first, so that ``jitted`` is traced anew."""
+  import jax
+
+  from libra_jax.ops import conv
+  jax.clear_caches()
+  with conv.direct_convolutions():
+    return jitted.lower(*args).cost_analysis()["flops"]
+
+
 def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: bool = True):
   """The step of a libra_jax row and of its experiment ``config``, compiled cold and then from the cache
   (``compile_cold_and_cached``).
 
   Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``.
-  Returns ``(compiled, cold seconds, cached seconds, step)``; ``step()`` takes
-  one step and waits for it.
+  Returns ``(compiled, cold seconds, cached seconds, step, FLOPs per step)``;
+  ``step()`` takes one step and waits for it; the FLOPs are
+  :func:`direct_flops`'.
   """
   host_memory.keep_freed_host_memory()
   import jax
@@ -324,8 +337,8 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
                                      config.model.backbone.frozen_stages)
     state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
     state = jax.device_put(state, replicated(mesh))
-    compiled, cold, cached = compile_cold_and_cached(make_train_step(model, optimizer, mesh), (state, batch),
-                                                     pathlib.Path(cache_dir), pause_collector)
+    jitted, args = make_train_step(model, optimizer, mesh), (state, batch)
+    compiled, cold, cached = compile_cold_and_cached(jitted, args, pathlib.Path(cache_dir), pause_collector)
 
     def step():
       nonlocal state
@@ -333,20 +346,19 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
       jax.block_until_ready(metrics)
   else:
     variables = jax.device_put(variables, replicated(mesh))
-    compiled, cold, cached = compile_cold_and_cached(make_predict_step(model, mesh), (variables, batch),
-                                                     pathlib.Path(cache_dir), pause_collector)
+    jitted, args = make_predict_step(model, mesh), (variables, batch)
+    compiled, cold, cached = compile_cold_and_cached(jitted, args, pathlib.Path(cache_dir), pause_collector)
 
     def step():
       jax.block_until_ready(compiled(variables, batch))
-  return compiled, cold, cached, step
+  return compiled, cold, cached, step, direct_flops(jitted, args)
 
 
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
   import jax
-  compiled, cold, cached, step = compiled_row(row, detector_config(row), cache_dir)
+  _, cold, cached, step, flops = compiled_row(row, detector_config(row), cache_dir)
   seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
-  flops = compiled.cost_analysis()["flops"]
   return dict(row, version=jax.__version__, device=jax.devices()[0].platform,
               device_kind=jax.devices()[0].device_kind, step_s=seconds,
               images_per_sec=row["batch"] / seconds, compile_s=cold, compile_cached_s=cached,

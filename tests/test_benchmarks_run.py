@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -157,6 +159,16 @@ def test_synthetic_batch_follows_the_input_contract():
 
 def test_matmul_rate_in_a_fresh_process():
   assert run.run_isolated(run.matmul_flops_per_sec, 256, 3) > 1e6
+
+
+def test_flops_count_convolutions_as_direct_even_after_a_winograd_trace():
+  from libra_jax.ops import conv
+  x = jnp.ones((2, 32, 32, 128))
+  w = jnp.ones((3, 3, 128, 128))
+  step = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC))
+  winograd = step.lower(x, w).cost_analysis()["flops"]  # traced with Winograd, which JAX keeps
+  # The taps inside the map: along each axis 32 outputs x 3 taps, less 2 in the padding.
+  assert run.direct_flops(step, (x, w)) == 2 * 2 * 128 * 128 * (32 * 3 - 2) ** 2 > 2 * winograd
 
 
 def test_cold_compile_fills_the_cache_and_a_second_one_is_refused(tmp_path):

@@ -99,3 +99,75 @@ def test_grouped_convolutions_are_xlas_own(small_bands):
   plain = jax.make_jaxpr(lambda w: conv.conv_general_dilated(x, w[:, :, :, :2].repeat(2, 2), *args,
                                                              dimension_numbers=conv.NHWC))(w)
   assert "custom_vjp" in str(plain)
+
+
+def stride1_conv_by_loops(x, w, padding):
+  """out[b, h, w] = sum over i, j of padded x[b, h + i, w + j, :] @ w[i, j], in float64."""
+  (top, bottom), (left, right) = padding
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+  kh, kw = w.shape[:2]
+  out_h, out_w = padded.shape[1] - kh + 1, padded.shape[2] - kw + 1
+  return sum(padded[:, i:i + out_h, j:j + out_w] @ np.asarray(w[i, j], np.float64)
+             for i in range(kh) for j in range(kw))
+
+
+@pytest.mark.parametrize("size,padding", [((8, 12), ((1, 1), (1, 1))), ((7, 9), ((1, 1), (1, 1))),
+                                          ((9, 6), ((0, 2), (2, 0))), ((6, 7), ((0, 0), (0, 0)))])
+def test_winograd_agrees_with_float64_as_closely_as_xla(size, padding):
+  # Even and odd output sizes (an odd one crops the last 2x2 block), padding on one side only, and none.
+  rng = np.random.default_rng(size[0])
+  x = jnp.asarray(rng.normal(size=(2,) + size + (64,)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 64, 48)) / 24, jnp.float32)
+  want = stride1_conv_by_loops(x, w, padding)
+  ours = np.asarray(conv.winograd_conv3x3(x, w, padding), np.float64)
+  xlas = np.asarray(lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=conv.NHWC), np.float64)
+  assert ours.shape == want.shape
+  ours_error, xla_error = np.abs(ours - want).max(), np.abs(xlas - want).max()
+  assert ours_error < 3 * xla_error, (ours_error, xla_error)
+  assert ours_error < 1e-6 * np.abs(want).max()
+
+
+def test_winograd_gradients_equal_the_direct_convolutions():
+  rng = np.random.default_rng(3)
+  padding = ((1, 1), (1, 1))
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) / 12, jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 9, 10, 8)), jnp.float32)
+  dx, dw = jax.vjp(lambda x, w: conv.winograd_conv3x3(x, w, padding), x, w)[1](g)
+  # The input gradient is the full convolution of g with the filter turned 180 degrees and transposed.
+  want_dx = stride1_conv_by_loops(g, np.asarray(w)[::-1, ::-1].transpose(0, 1, 3, 2), padding)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, filter_gradient_by_loops(np.asarray(x), np.asarray(g), 3, 1, 1),
+                             rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch,size,channels,stride,dtype,winograd", [
+    (2, (32, 32), 128, 1, jnp.float32, True), (1, (32, 63), 128, 1, jnp.float32, False),
+    (2, (32, 32), 127, 1, jnp.float32, False), (1, (64, 64), 128, 2, jnp.float32, False),
+    (2, (32, 32), 256, 1, jnp.bfloat16, False), (1, (50, 84), 512, 1, jnp.float32, True)])
+def test_winograd_for_3x3_float32_convolutions_of_enough_channels_and_positions(batch, size, channels, stride, dtype,
+                                                                                winograd):
+  # 2 x 32 x 32 is 2,048 output positions, the threshold; 32 x 63 is 2,016.
+  x = jax.ShapeDtypeStruct((batch,) + size + (channels,), dtype)
+  w = jax.ShapeDtypeStruct((3, 3, channels, 16), dtype)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+                                                                    dimension_numbers=conv.NHWC))(x, w))
+  assert ("conv_general_dilated" not in jaxpr) == winograd
+
+
+def test_direct_convolutions_trace_no_winograd_and_count_the_direct_flops():
+  x = jax.ShapeDtypeStruct((2, 32, 32, 128), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 128, 128), jnp.float32)
+
+  def flops():  # a new function each time, so that JAX traces it anew
+    f = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=conv.NHWC))
+    return f.lower(x, w).cost_analysis()["flops"]
+
+  winograd = flops()
+  with conv.direct_convolutions():
+    direct = flops()
+  # XLA counts the taps that fall inside the map: along each axis 32 outputs x 3 taps, less 2 in the padding.
+  assert direct == 2 * 2 * 128 * 128 * (32 * 3 - 2) ** 2
+  # 16 products per 2x2 block instead of 36, plus the transforms' additions.
+  assert 1 / 2.25 < winograd / direct < 1 / 2.0
+  assert flops() == winograd

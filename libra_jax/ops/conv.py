@@ -47,9 +47,14 @@ A 3x3 float32 convolution with stride 1 whose input has at least
 Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, 2016,
 :func:`winograd_conv3x3`): each 2x2 block of outputs from its 4x4 input tile
 with 16 products per channel pair instead of 36, as 16 matmuls over the
-tiles. Its forward pass, input gradient and filter gradient (by ``jax.vjp``
-of the same linear maps: matmuls and strided slices) are all matmuls, 2.25x
-fewer FLOPs than the direct convolution's. It is an exact identity computed in
+tiles. Its forward pass, input gradient and filter gradient (a custom VJP:
+the adjoints of the tile, filter and output transforms, and two matmuls per
+Winograd position) are all matmuls, 2.25x fewer FLOPs than the direct
+convolution's. The gradient keeps only ``x`` and ``w``, as XLA's does, and
+recomputes the tiles. Forward and backward are each jitted per shape, so that
+repeated layers (a ResNet stage's blocks, a head's levels) are traced once:
+tracing Faster R-CNN R-50's train step at 800x1344 took 2.5 s without that
+and 1.8 s with it (1.7 s before Winograd). It is an exact identity computed in
 another order, with transforms whose coefficients are 0, +-1 and +-1/2, and
 agrees with the float64 convolution as closely as XLA's own does (test).
 Measured on 2 cores (2026-12-04, ms, median of three jitted calls, one run of
@@ -132,7 +137,58 @@ def _winograd_output_rows(m0, m1, m2, m3):
   return m0 + m1 + m2, m1 - m2 - m3
 
 
-def winograd_conv3x3(x, w, padding: Sequence[Tuple[int, int]]):
+def _winograd_geometry(shape, padding):
+  """``(H_out, W_out, tile rows, tile columns)`` of a stride-1 3x3 convolution of an NHWC input ``shape``."""
+  (top, bottom), (left, right) = padding
+  out_height, out_width = shape[1] + top + bottom - 2, shape[2] + left + right - 2
+  return out_height, out_width, -(-out_height // 2), -(-out_width // 2)
+
+
+def _winograd_tiles(x, padding):
+  """``V = B^T d B`` of every 4x4 input tile ``d``: 16 arrays ``[B * tile rows * tile columns, C_in]``."""
+  (top, bottom), (left, right) = padding
+  out_height, out_width, tile_rows, tile_columns = _winograd_geometry(x.shape, padding)
+  x = jnp.pad(x, ((0, 0), (top, bottom + 2 * tile_rows - out_height), (left, right + 2 * tile_columns - out_width),
+                  (0, 0)))
+  return [column.reshape(-1, x.shape[3]) for row in _winograd_input_rows(x, tile_rows, 1)
+          for column in _winograd_input_rows(row, tile_columns, 2)]
+
+
+def _winograd_filter(w):
+  """``U = G w G^T`` of ``w [3, 3, C_in, C_out]``: ``[16, C_in, C_out]``."""
+  g = jnp.asarray(WINOGRAD_FILTER_TRANSFORM, w.dtype)
+  return jnp.einsum("ik,klcd,jl->ijcd", g, w, g).reshape(16, w.shape[2], w.shape[3])
+
+
+def _winograd_untile(m, output_shape):
+  """``A^T M A`` of the 16 products ``m`` (each ``[tiles, C_out]``): the output ``[B, H_out, W_out, C_out]``."""
+  batch, out_height, out_width, channels = output_shape
+  tile_rows, tile_columns = -(-out_height // 2), -(-out_width // 2)
+  m = [p.reshape(batch, tile_rows, tile_columns, channels) for p in m]
+  rows = [_winograd_output_rows(*m[j::4]) for j in range(4)]  # rows[j][a]: output row a of Winograd column j
+  blocks = [[_winograd_output_rows(*[rows[j][a] for j in range(4)])[b] for b in range(2)] for a in range(2)]
+  y = jnp.stack([jnp.stack(blocks[a], axis=3) for a in range(2)], axis=2)  # [B, rows, 2, columns, 2, C_out]
+  return y.reshape(batch, 2 * tile_rows, 2 * tile_columns, channels)[:, :out_height, :out_width]
+
+
+def _winograd_untile_adjoint(g):
+  """The adjoint of :func:`_winograd_untile`: ``dM = A dY A^T`` of every 2x2 block of ``g [B, H_out, W_out, C]``.
+
+  ``A`` maps a block's two rows ``(g0, g1)`` to four: ``(g0, g0 + g1, g0 - g1, -g1)``.
+  Returns the 16 ``[B * tile rows * tile columns, C]`` arrays, as :func:`_winograd_tiles` orders them.
+  """
+  batch, out_height, out_width, channels = g.shape
+  tile_rows, tile_columns = -(-out_height // 2), -(-out_width // 2)
+  g = jnp.pad(g, ((0, 0), (0, 2 * tile_rows - out_height), (0, 2 * tile_columns - out_width), (0, 0)))
+  g = g.reshape(batch, tile_rows, 2, tile_columns, 2, channels)
+  spread = lambda g0, g1: (g0, g0 + g1, g0 - g1, -g1)
+  columns = [spread(g[:, :, a, :, 0], g[:, :, a, :, 1]) for a in range(2)]  # columns[a][j]
+  return [row.reshape(-1, channels) for row_pair in zip(*[spread(columns[0][j], columns[1][j]) for j in range(4)])
+          for row in row_pair]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def winograd_conv3x3(x, w, padding: Tuple[Tuple[int, int], ...]):
   """A stride-1 3x3 NHWC convolution by Winograd's F(2x2, 3x3): ``x [B, H, W, C_in]``, ``w [3, 3, C_in, C_out]``.
 
   The output ``[B, H_out, W_out, C_out]`` (``H_out = H + top + bottom - 2``)
@@ -142,23 +198,34 @@ def winograd_conv3x3(x, w, padding: Sequence[Tuple[int, int]]):
   extra row or column cropped). With the tiles ``d`` transformed to
   ``V = B^T d B`` and the filter to ``U = G w G^T`` (16 positions each), the
   products ``M[p] = V[p] @ U[p]`` (``[tiles, C_in] @ [C_in, C_out]``) give the
-  block ``A^T M A``.
+  block ``A^T M A``. 16 matmuls rather than one batched over a stack of the
+  16 arrays: 5-20% faster forward and backward on the CPU.
   """
-  batch, height, width, channels = x.shape
-  (top, bottom), (left, right) = padding
-  out_height, out_width = height + top + bottom - 2, width + left + right - 2
-  tile_rows, tile_columns = -(-out_height // 2), -(-out_width // 2)
-  x = jnp.pad(x, ((0, 0), (top, bottom + 2 * tile_rows - out_height), (left, right + 2 * tile_columns - out_width),
-                  (0, 0)))
-  v = [column for row in _winograd_input_rows(x, tile_rows, 1) for column in _winograd_input_rows(row, tile_columns, 2)]
-  g = jnp.asarray(WINOGRAD_FILTER_TRANSFORM, w.dtype)
-  u = jnp.einsum("ik,klcd,jl->ijcd", g, w, g).reshape(16, channels, w.shape[3])
-  # 16 matmuls rather than one batched over a stack of the 16 arrays: 5-20% faster forward and backward on the CPU.
-  m = [(v[p].reshape(-1, channels) @ u[p]).reshape(batch, tile_rows, tile_columns, w.shape[3]) for p in range(16)]
-  rows = [_winograd_output_rows(*m[j::4]) for j in range(4)]  # rows[j][a]: output row a of Winograd column j
-  blocks = [[_winograd_output_rows(*[rows[j][a] for j in range(4)])[b] for b in range(2)] for a in range(2)]
-  y = jnp.stack([jnp.stack(blocks[a], axis=3) for a in range(2)], axis=2)  # [B, rows, 2, columns, 2, C_out]
-  return y.reshape(batch, 2 * tile_rows, 2 * tile_columns, w.shape[3])[:, :out_height, :out_width]
+  return _winograd_forward(x, w, padding)[0]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _winograd_forward(x, w, padding):
+  out_height, out_width, _, _ = _winograd_geometry(x.shape, padding)
+  v, u = _winograd_tiles(x, padding), _winograd_filter(w)
+  y = _winograd_untile([v[p] @ u[p] for p in range(16)], (x.shape[0], out_height, out_width, w.shape[3]))
+  return y, (x, w)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _winograd_backward(padding, residuals, g):
+  """``dL/dx, dL/dw`` from the output gradient ``g``: each of the three transforms' adjoint, and two matmuls per
+  Winograd position: ``dV[p] = dM[p] @ U[p]^T``, ``dU[p] = V[p]^T @ dM[p]``."""
+  x, w = residuals
+  v, tiles_adjoint = jax.vjp(lambda x: _winograd_tiles(x, padding), x)
+  u, filter_adjoint = jax.vjp(_winograd_filter, w)
+  dm = _winograd_untile_adjoint(g)
+  dv = [dm[p] @ u[p].T for p in range(16)]
+  du = jnp.stack([v[p].T @ dm[p] for p in range(16)])
+  return tiles_adjoint(dv)[0], filter_adjoint(du)[0]
+
+
+winograd_conv3x3.defvjp(_winograd_forward, _winograd_backward)
 
 
 def _xla_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ...]):
@@ -282,6 +349,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return pointwise_conv(lhs, rhs, tuple(window_strides))
   output_shape = _output_shape(lhs.shape, rhs.shape, window_strides, padding) if plain else None
   if plain and _winograd_applies(lhs, rhs, window_strides, output_shape):
+    lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
     return winograd_conv3x3(lhs, rhs, tuple(tuple(p) for p in padding))
   if plain and _several_bands(output_shape):
     lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)

@@ -63,24 +63,27 @@ random output gradient; direct: XLA's forward pass and input gradient, the
 banded filter gradient)::
 
     map (output)   channels      forward: direct  Winograd   fwd+bwd: direct  Winograd
-    1x200x336      256 -> 256              398.5     250.4            1263.1     748.1
-    1x100x168      256 -> 256               93.5      57.9             295.9     177.2
-    2x128x128      256 -> 256              186.9     118.1             602.0     358.3
-    1x100x168      256 -> 720              297.1     157.3             858.0     452.2
-    1x50x84        256 -> 256               23.1      17.9              86.3      50.6
-    2x64x64        128 -> 128               11.6       8.8              40.7      27.7
-    2x32x32        256 -> 256               12.2      11.8              38.1      26.9
-    1x200x336       64 -> 64                31.4      21.3              87.9      79.8
-    1x25x42        512 -> 512               24.5      33.4              85.1      69.8
-    2x16x16        512 -> 512               12.6      29.3              43.0      49.2
+    1x200x336      256 -> 256              383.2     234.5            1196.6     705.8
+    1x100x168      256 -> 256               94.5      74.7             329.0     183.1
+    2x128x128      256 -> 256              190.0     115.9             584.2     347.7
+    1x100x168      256 -> 720              289.8     160.9             848.0     465.4
+    1x50x84        256 -> 256               25.1      19.7              78.8      48.6
+    2x64x64        128 -> 128               12.1       9.5              39.6      25.6
+    2x32x32        256 -> 256               13.6      11.0              40.0      26.7
+    1x200x336       64 -> 64                27.2      21.1              90.3      80.5
+    1x25x42        512 -> 512               25.0      33.9              81.6      71.2
+    2x16x16        512 -> 512               12.6      27.0              43.3      46.9
 
 Below the thresholds (the last three rows) the tile transforms, memory traffic
 that fewer channels or positions repay less, take the gain or more: 512
 channels over 1,050 and 512 positions run slower forward, and 64 channels
 gained -20% to +45% forward and -2% to +15% forward and backward over five
 maps in a second run, within that run's noise. The train step of Libra Faster
-R-CNN R-50 at 512x512 batch 2 took 3.40 s with Winograd and 4.40 s without
-(1.29x), in the same run.
+R-CNN R-50 at 512x512 batch 2 took 3.96 s with Winograd and 4.39 s without in
+that run; an earlier run of the same command (a version whose gradient kept
+the tiles) gave 3.40 against 4.40 s, and the two versions, alternating in
+four fresh processes, took 3.29-3.44 s each: the step varies by ~15% between
+runs on this machine.
 """
 
 import contextlib

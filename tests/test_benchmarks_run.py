@@ -169,6 +169,7 @@ def test_flops_count_convolutions_as_direct_even_after_a_winograd_trace():
   winograd = step.lower(x, w).cost_analysis()["flops"]  # traced with Winograd, which JAX keeps
   # The taps inside the map: along each axis 32 outputs x 3 taps, less 2 in the padding.
   assert run.direct_flops(step, (x, w)) == 2 * 2 * 128 * 128 * (32 * 3 - 2) ** 2 > 2 * winograd
+  assert step.lower(x, w).cost_analysis()["flops"] == winograd  # and no direct trace is left behind
 
 
 def test_cold_compile_fills_the_cache_and_a_second_one_is_refused(tmp_path):

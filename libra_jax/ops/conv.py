@@ -51,7 +51,9 @@ tiles. Its forward pass, input gradient and filter gradient (a custom VJP:
 the adjoints of the tile, filter and output transforms, and two matmuls per
 Winograd position) are all matmuls, 2.25x fewer FLOPs than the direct
 convolution's. The gradient keeps only ``x`` and ``w``, as XLA's does, and
-recomputes the tiles. Forward and backward are each jitted per shape, so that
+recomputes the tiles. Being a custom VJP, it has no forward-mode derivative
+(``jax.jvp``, ``jax.jacfwd``): nothing here uses one; trace such code inside
+:func:`direct_convolutions`. Forward and backward are each jitted per shape, so that
 repeated layers (a ResNet stage's blocks, a head's levels) are traced once:
 tracing Faster R-CNN R-50's train step at 800x1344 took 2.5 s without that
 and 1.8 s with it (1.7 s before Winograd). It is an exact identity computed in
@@ -318,11 +320,14 @@ def direct_convolutions():
   """Inside, :func:`conv_general_dilated` traces no Winograd convolution.
 
   XLA's cost analysis then counts every convolution at the direct
-  convolution's FLOPs (2 x output positions x C_in x C_out x kh x kw), the
-  count papers and ``libra_jax.tools.summary`` give, where Winograd's
-  programs do 2.25x fewer for the 3x3 convolutions it takes. A function that
-  JAX traced before keeps its trace: trace a new one inside (or clear JAX's
-  caches first).
+  convolution's FLOPs (2 x C_in x C_out per filter tap that falls inside the
+  map, summed over the output positions), the count papers and
+  ``libra_jax.tools.summary`` give, where Winograd's programs do 2.25x fewer
+  for the 3x3 convolutions it takes. JAX's trace caches do not see this
+  switch: a function traced before keeps its trace inside, and one traced
+  inside keeps its direct trace after. Trace a new function inside, or clear
+  JAX's caches on the way in and out (``benchmarks/run.py``'s
+  ``direct_flops``).
   """
   token = _WINOGRAD_ALLOWED.set(False)
   try:
@@ -331,11 +336,12 @@ def direct_convolutions():
     _WINOGRAD_ALLOWED.reset(token)
 
 
-def _winograd_applies(lhs, rhs, strides, output_shape) -> bool:
-  """Whether :func:`winograd_conv3x3` computes this NHWC convolution: 3x3, stride 1, float32, above both thresholds."""
+def _winograd_applies(lhs, rhs, strides, padding, output_shape) -> bool:
+  """Whether :func:`winograd_conv3x3` computes this NHWC convolution: 3x3, stride 1, float32, above both thresholds,
+  no negative padding (a crop, which ``jnp.pad`` does not do)."""
   return (_WINOGRAD_ALLOWED.get() and rhs.shape[:2] == (3, 3) and tuple(strides) == (1, 1)
           and lhs.dtype == rhs.dtype == jnp.float32 and lhs.shape[3] >= WINOGRAD_MIN_CHANNELS
-          and math.prod(output_shape[:3]) >= WINOGRAD_MIN_POSITIONS)
+          and math.prod(output_shape[:3]) >= WINOGRAD_MIN_POSITIONS and min(min(p) for p in padding) >= 0)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -351,7 +357,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if plain and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
     return pointwise_conv(lhs, rhs, tuple(window_strides))
   output_shape = _output_shape(lhs.shape, rhs.shape, window_strides, padding) if plain else None
-  if plain and _winograd_applies(lhs, rhs, window_strides, output_shape):
+  if plain and _winograd_applies(lhs, rhs, window_strides, padding, output_shape):
     lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
     return winograd_conv3x3(lhs, rhs, tuple(tuple(p) for p in padding))
   if plain and _several_bands(output_shape):

@@ -141,16 +141,18 @@ def test_winograd_gradients_equal_the_direct_convolutions():
                              rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("batch,size,channels,stride,dtype,winograd", [
-    (2, (32, 32), 128, 1, jnp.float32, True), (1, (32, 63), 128, 1, jnp.float32, False),
-    (2, (32, 32), 127, 1, jnp.float32, False), (1, (64, 64), 128, 2, jnp.float32, False),
-    (2, (32, 32), 256, 1, jnp.bfloat16, False), (1, (50, 84), 512, 1, jnp.float32, True)])
+@pytest.mark.parametrize("batch,size,channels,stride,dtype,padding,winograd", [
+    (2, (32, 32), 128, 1, jnp.float32, 1, True), (1, (32, 63), 128, 1, jnp.float32, 1, False),
+    (2, (32, 32), 127, 1, jnp.float32, 1, False), (1, (64, 64), 128, 2, jnp.float32, 1, False),
+    (2, (32, 32), 256, 1, jnp.bfloat16, 1, False), (1, (50, 84), 512, 1, jnp.float32, 1, True),
+    (2, (36, 36), 128, 1, jnp.float32, -1, False)])
 def test_winograd_for_3x3_float32_convolutions_of_enough_channels_and_positions(batch, size, channels, stride, dtype,
-                                                                                winograd):
-  # 2 x 32 x 32 is 2,048 output positions, the threshold; 32 x 63 is 2,016.
+                                                                                padding, winograd):
+  # 2 x 32 x 32 is 2,048 output positions, the threshold; 32 x 63 is 2,016. Negative padding (a crop, 2 x 32 x 32
+  # outputs of a 36 x 36 map) stays XLA's.
   x = jax.ShapeDtypeStruct((batch,) + size + (channels,), dtype)
   w = jax.ShapeDtypeStruct((3, 3, channels, 16), dtype)
-  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+  jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2,
                                                                     dimension_numbers=conv.NHWC))(x, w))
   assert ("conv_general_dilated" not in jaxpr) == winograd
 

@@ -315,9 +315,10 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
   (``compile_cold_and_cached``).
 
   Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``.
-  Returns ``(compiled, cold seconds, cached seconds, step, FLOPs per step)``;
-  ``step()`` takes one step and waits for it; the FLOPs are
-  :func:`direct_flops`'.
+  Returns ``(compiled, cold seconds, cached seconds, step, count_flops)``;
+  ``step()`` takes one step and waits for it; ``count_flops()`` traces the
+  step again for its FLOPs per step (:func:`direct_flops`), so that callers
+  who only time the compiles do not pay for it.
   """
   host_memory.keep_freed_host_memory()
   import jax
@@ -356,13 +357,14 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
 
     def step():
       jax.block_until_ready(compiled(variables, batch))
-  return compiled, cold, cached, step, direct_flops(jitted, args)
+  return compiled, cold, cached, step, lambda: direct_flops(jitted, args)
 
 
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
   import jax
-  _, cold, cached, step, flops = compiled_row(row, detector_config(row), cache_dir)
+  _, cold, cached, step, count_flops = compiled_row(row, detector_config(row), cache_dir)
+  flops = count_flops()
   seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
   return dict(row, version=jax.__version__, device=jax.devices()[0].platform,
               device_kind=jax.devices()[0].device_kind, step_s=seconds,

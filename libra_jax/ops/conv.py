@@ -142,11 +142,16 @@ def _winograd_output_rows(m0, m1, m2, m3):
   return m0 + m1 + m2, m1 - m2 - m3
 
 
+def _tile_count(outputs: int) -> int:
+  """2x2 output blocks along an axis of ``outputs`` outputs (the last one half cropped when ``outputs`` is odd)."""
+  return -(-outputs // 2)
+
+
 def _winograd_geometry(shape, padding):
   """``(H_out, W_out, tile rows, tile columns)`` of a stride-1 3x3 convolution of an NHWC input ``shape``."""
   (top, bottom), (left, right) = padding
   out_height, out_width = shape[1] + top + bottom - 2, shape[2] + left + right - 2
-  return out_height, out_width, -(-out_height // 2), -(-out_width // 2)
+  return out_height, out_width, _tile_count(out_height), _tile_count(out_width)
 
 
 def _winograd_tiles(x, padding):
@@ -168,7 +173,7 @@ def _winograd_filter(w):
 def _winograd_untile(m, output_shape):
   """``A^T M A`` of the 16 products ``m`` (each ``[tiles, C_out]``): the output ``[B, H_out, W_out, C_out]``."""
   batch, out_height, out_width, channels = output_shape
-  tile_rows, tile_columns = -(-out_height // 2), -(-out_width // 2)
+  tile_rows, tile_columns = _tile_count(out_height), _tile_count(out_width)
   m = [p.reshape(batch, tile_rows, tile_columns, channels) for p in m]
   rows = [_winograd_output_rows(*m[j::4]) for j in range(4)]  # rows[j][a]: output row a of Winograd column j
   blocks = [[_winograd_output_rows(*[rows[j][a] for j in range(4)])[b] for b in range(2)] for a in range(2)]
@@ -183,7 +188,7 @@ def _winograd_untile_adjoint(g):
   Returns the 16 ``[B * tile rows * tile columns, C]`` arrays, as :func:`_winograd_tiles` orders them.
   """
   batch, out_height, out_width, channels = g.shape
-  tile_rows, tile_columns = -(-out_height // 2), -(-out_width // 2)
+  tile_rows, tile_columns = _tile_count(out_height), _tile_count(out_width)
   g = jnp.pad(g, ((0, 0), (0, 2 * tile_rows - out_height), (0, 2 * tile_columns - out_width), (0, 0)))
   g = g.reshape(batch, tile_rows, 2, tile_columns, 2, channels)
   spread = lambda g0, g1: (g0, g0 + g1, g0 - g1, -g1)

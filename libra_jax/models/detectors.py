@@ -34,9 +34,14 @@ from libra_jax.models.rpn import RPNHead, rpn_loss, rpn_proposals
 from libra_jax.ops import anchors as anchor_ops
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.roi_align import batched_multilevel_roi_align
+from libra_jax.ops.varying import vary_alike
 from libra_jax.registry import Registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Test time runs the R-CNN head over the proposal slots in this many equal chunks, up to the last chunk that holds a
+# proposal: its cost follows the proposals the RPN found (2 x 535 of 2 x 1,000 slots in benchmarks/run.py's random
+# model at 512 x 512), not the slots, at a granularity of 1/8 of them.
+RCNN_TEST_CHUNKS = 8
 
 
 class LibraNeck(nn.Module):
@@ -210,7 +215,8 @@ class FasterRCNN(nn.Module):
     ``test.rcnn.max_per_img`` (``Detections`` with a leading batch axis). ``own_padding``: the features
     were computed with ``image_shape`` (RoIAlign then ends each image's maps at its own area)."""
     rcnn, test = self.cfg["rcnn"], self.cfg["test"]["rcnn"]
-    cls_logits, reg_deltas = self.rcnn_outputs(features, proposals.boxes, image_shape if own_padding else None)
+    cls_logits, reg_deltas = self._rcnn_outputs_up_to_last_proposal(features, proposals,
+                                                                     image_shape if own_padding else None)
     probs = jax.nn.softmax(cls_logits, axis=-1)[..., :-1]
 
     def one_image(boxes, deltas, scores, valid, shape):
@@ -218,6 +224,32 @@ class FasterRCNN(nn.Module):
       return detect_boxes(decoded.reshape(boxes.shape[0], -1, 4), scores, valid, **test)
 
     return jax.vmap(one_image)(proposals.boxes, reg_deltas, probs, proposals.valid, image_shape)
+
+  def _rcnn_outputs_up_to_last_proposal(self, features, proposals, image_shape):
+    """``rcnn_outputs`` of ``proposals [B, P]``'s boxes, in ``RCNN_TEST_CHUNKS`` chunks of ``ceil(P / chunks)``
+    slots: a while loop runs the chunks up to the last one that holds a valid proposal in any image. Rows of the
+    chunks after it (no proposal there) are 0; a row's values do not depend on the chunk it runs in."""
+    if self.is_initializing():
+      return self.rcnn_outputs(features, proposals.boxes, image_shape)
+    batch, slots = proposals.valid.shape
+    chunk = -(-slots // RCNN_TEST_CHUNKS)
+    rois = jnp.pad(proposals.boxes, ((0, 0), (0, chunk * RCNN_TEST_CHUNKS - slots), (0, 0)))
+    used_slots = jnp.max(jnp.where(proposals.valid, jnp.arange(1, slots + 1), 0))
+    num_chunks = -(-used_slots // chunk)
+    num_classes = self.roi_head.num_classes
+    zeros = lambda width: vary_alike(jnp.zeros((batch, rois.shape[1], width), jnp.float32), rois)
+
+    def run_chunk(module, carry):
+      index, cls_logits, reg_deltas = carry
+      start = index * chunk
+      chunk_logits, chunk_deltas = module.rcnn_outputs(
+          features, jax.lax.dynamic_slice_in_dim(rois, start, chunk, axis=1), image_shape)
+      return (index + 1, jax.lax.dynamic_update_slice_in_dim(cls_logits, chunk_logits, start, axis=1),
+              jax.lax.dynamic_update_slice_in_dim(reg_deltas, chunk_deltas, start, axis=1))
+
+    _, cls_logits, reg_deltas = nn.while_loop(lambda module, carry: carry[0] < num_chunks, run_chunk, self,
+                                              (jnp.int32(0), zeros(num_classes + 1), zeros(4 * num_classes)))
+    return cls_logits[:, :slots], reg_deltas[:, :slots]
 
   @nn.compact
   def __call__(self, batch: Mapping[str, jnp.ndarray], *, train: bool, keys=None, axis_name=None):

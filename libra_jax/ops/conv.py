@@ -98,6 +98,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from libra_jax.ops.varying import vary_alike
+
 MATMUL_PLATFORMS = ("cpu",)
 # Output positions (batch x rows x width) per band of a banded filter gradient.
 FILTER_GRADIENT_BAND_POSITIONS = 2048
@@ -297,17 +299,6 @@ def _backward(strides, padding, residuals, g):
 _conv_banded_filter_gradient.defvjp(_forward, _backward)
 
 
-def _vary_alike(value, other):
-  """``value`` marked varying over the mesh axes ``other`` varies over (inside ``shard_map``; else unchanged).
-
-  A replicated filter convolved with a per-device input has a per-device
-  filter gradient; marking the filter varying first lets ``shard_map`` sum
-  that gradient over devices, as it does for XLA's own convolution.
-  """
-  missing = tuple(sorted(jax.typeof(other).mat.varying - jax.typeof(value).mat.varying))
-  return lax.pcast(value, missing, to="varying") if missing else value
-
-
 def _output_shape(lhs_shape, rhs_shape, strides, padding) -> Tuple[int, int, int, int]:
   """``[B, H_out, W_out, C_out]`` of an NHWC convolution without dilation."""
   sizes = [(size + low + high - kernel) // stride + 1
@@ -363,10 +354,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return pointwise_conv(lhs, rhs, tuple(window_strides))
   output_shape = _output_shape(lhs.shape, rhs.shape, window_strides, padding) if plain else None
   if plain and _winograd_applies(lhs, rhs, window_strides, padding, output_shape):
-    lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
+    lhs, rhs = vary_alike(lhs, rhs), vary_alike(rhs, lhs)
     return winograd_conv3x3(lhs, rhs, tuple(tuple(p) for p in padding))
   if plain and _several_bands(output_shape):
-    lhs, rhs = _vary_alike(lhs, rhs), _vary_alike(rhs, lhs)
+    lhs, rhs = vary_alike(lhs, rhs), vary_alike(rhs, lhs)
     return _conv_banded_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, batch_group_count, precision, preferred_element_type)

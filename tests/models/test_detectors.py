@@ -219,6 +219,38 @@ def test_public_stages_compose_into_the_detections(libra_faster):
   assert np.asarray(whole.valid).any()
 
 
+def test_test_time_head_runs_only_up_to_the_last_chunk_with_a_proposal(libra_faster, monkeypatch):
+  # 60 proposal slots in 8 chunks of 8. Image 0 holds 13 proposals (chunks 0-1), image 1 one in slot 20 (chunk 2):
+  # the head runs chunks 0-2 for both images; their rows equal the head on every row, later rows are 0.
+  from libra_jax.models import FasterRCNN, detectors
+  det = libra_faster
+  cfg = copy.deepcopy(det.cfg)
+  cfg.test.rpn_proposal.max_per_img = 60
+  model = build_detector(cfg)
+  batch = synthetic_batch()
+  stage = lambda method, *args, **kw: model.apply(det.variables, *args, method=method, **kw)
+  features = stage(FasterRCNN.features, batch["image"], batch["image_shape"])
+  proposals = stage(FasterRCNN.proposals, batch, train=False)
+  valid = np.zeros((2, 60), bool)
+  valid[0, :13] = True
+  valid[1, 20] = True
+  proposals = proposals._replace(valid=jnp.asarray(valid))
+  chunked = jax.jit(lambda f, p: stage(FasterRCNN._rcnn_outputs_up_to_last_proposal, f, p, batch["image_shape"]))
+  every_row = stage(FasterRCNN.rcnn_outputs, features, proposals.boxes, batch["image_shape"])
+  for ours, reference in zip(chunked(features, proposals), every_row):
+    np.testing.assert_allclose(ours[:, :24], reference[:, :24], rtol=1e-5, atol=1e-6)
+    assert not np.asarray(ours[:, 24:]).any() and np.asarray(reference[:, 24:]).all(axis=-1).any()
+  empty = chunked(features, proposals._replace(valid=jnp.zeros((2, 60), bool)))
+  assert not any(np.asarray(part).any() for part in empty)
+  # The detections are those of one chunk holding every slot.
+  detect = lambda: jax.jit(lambda f, p: stage(FasterRCNN.detections_from_proposals, f, p, batch["image_shape"],
+                                              own_padding=True))(features, proposals)
+  chunked_detections = detect()
+  monkeypatch.setattr(detectors, "RCNN_TEST_CHUNKS", 1)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), chunked_detections, detect())
+  assert np.asarray(chunked_detections.valid).any()
+
+
 @pytest.mark.parametrize("loss_bbox", [dict(name="giou", loss_weight=1.0), dict(name="smooth_l1", beta=1.0)])
 def test_regression_loss_is_chosen_by_name(loss_bbox):
   det = TinyDetector("faster", libra=False, **{"rcnn.loss_bbox": loss_bbox})

@@ -34,8 +34,8 @@ SETTINGS = {"on": False, "paused": True}  # collector setting -> compiled_row's 
 def compile_times(row: Dict[str, Any], config, pause_collector: bool) -> Dict[str, float]:
   """``{"cold_s", "cached_s"}`` of ``row``'s step (run in a fresh process, with a cache of its own)."""
   with tempfile.TemporaryDirectory() as cache_dir:
-    _, cold, cached, _, _ = run.compiled_row(row, config, cache_dir, pause_collector)
-  return {"cold_s": cold, "cached_s": cached}
+    compiled = run.compiled_row(row, config, cache_dir, pause_collector)
+  return {"cold_s": compiled.cold_s, "cached_s": compiled.cached_s}
 
 
 def main(argv) -> int:

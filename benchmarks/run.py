@@ -64,6 +64,14 @@ a train step) over the measured step time; ``flops_fraction``: that over the
 machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 ``extra_s_per_step`` (Libra parts): step time minus the baseline's at the same
 shape. ``peak_rss_mb``: the row's process's peak resident memory.
+``proposals_per_image`` (Faster R-CNN inference, ours and torchvision's): the
+mean number of RPN proposals per image after NMS, what the second stage runs
+on. Random weights make it data-dependent and different between the two
+(2026-12-05, 512 x 512 batch 2: ours 572, torchvision's 267 of the 1,000
+allowed): torchvision's R-CNN head runs on exactly its proposals, ours up to
+the last eighth of the 1,000 slots that holds one
+(``detectors.RCNN_TEST_CHUNKS``), so the inference ratio at a shape depends on
+these counts as well as on speed.
 
 Every row's process, ours and torchvision's alike, first sets glibc's malloc
 to keep freed memory (``libra_jax.host_memory``, which every libra_jax command
@@ -117,7 +125,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Import this checkout's libra_jax and configs, not an installed copy. JAX and torch are imported only inside
@@ -310,22 +318,32 @@ def direct_flops(jitted, args) -> float:
     jax.clear_caches()
 
 
-def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: bool = True):
-  """The step of a libra_jax row and of its experiment ``config``, compiled cold and then from the cache
-  (``compile_cold_and_cached``).
+class CompiledRow(NamedTuple):
+  """A libra_jax row's step, compiled (:func:`compiled_row`).
 
-  Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``.
-  Returns ``(compiled, cold seconds, cached seconds, step, count_flops)``;
-  ``step()`` takes one step and waits for it; ``count_flops()`` traces the
-  step again for its FLOPs per step (:func:`direct_flops`), so that callers
-  who only time the compiles do not pay for it.
+  ``step()`` takes one step and waits for it. ``count_flops()`` traces the
+  step again for its FLOPs per step (:func:`direct_flops`) and
+  ``count_proposals()`` runs the first stage once for the mean number of RPN
+  proposals per image (None but for Faster R-CNN inference), so that callers
+  who only time the compiles pay for neither.
   """
+  compiled: Any
+  cold_s: float
+  cached_s: float
+  step: Callable[[], None]
+  count_flops: Callable[[], float]
+  count_proposals: Callable[[], Optional[float]]
+
+
+def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: bool = True) -> CompiledRow:
+  """The step of a libra_jax row and of its experiment ``config``, compiled cold and then from the cache
+  (``compile_cold_and_cached``). Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``."""
   host_memory.keep_freed_host_memory()
   import jax
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  from libra_jax.models.detectors import build_detector
+  from libra_jax.models.detectors import FasterRCNN, build_detector
   from libra_jax.training import optim
   from libra_jax.evaluation.predict_step import make_predict_step
   from libra_jax.runtime import batch_sharding, make_mesh, replicated
@@ -357,19 +375,26 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
 
     def step():
       jax.block_until_ready(compiled(variables, batch))
-  return compiled, cold, cached, step, lambda: direct_flops(jitted, args)
+
+  def count_proposals():
+    if row["mode"] != "infer" or not isinstance(model, FasterRCNN):
+      return None
+    proposals = jax.jit(lambda v, b: model.apply(v, b, train=False, method=FasterRCNN.proposals))(variables, batch)
+    return float(jax.numpy.mean(jax.numpy.sum(proposals.valid, axis=1)))
+  return CompiledRow(compiled, cold, cached, step, lambda: direct_flops(jitted, args), count_proposals)
 
 
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
   import jax
-  _, cold, cached, step, count_flops = compiled_row(row, detector_config(row), cache_dir)
-  flops = count_flops()
-  seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
+  row_step = compiled_row(row, detector_config(row), cache_dir)
+  flops = row_step.count_flops()
+  seconds = seconds_per_step(row_step.step, WARMUP_STEPS, row["steps"])
   return dict(row, version=jax.__version__, device=jax.devices()[0].platform,
               device_kind=jax.devices()[0].device_kind, step_s=seconds,
-              images_per_sec=row["batch"] / seconds, compile_s=cold, compile_cached_s=cached,
-              flops_per_step=flops, flops_per_sec=flops / seconds, peak_rss_mb=peak_rss_mb())
+              images_per_sec=row["batch"] / seconds, compile_s=row_step.cold_s, compile_cached_s=row_step.cached_s,
+              flops_per_step=flops, flops_per_sec=flops / seconds, peak_rss_mb=peak_rss_mb(),
+              proposals_per_image=row_step.count_proposals())
 
 
 def torchvision_detector(family: str, depth: int, height: int, width: int, pretrained_setup: bool):
@@ -446,13 +471,19 @@ def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
       wait()
 
   seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
+  proposals_per_image = None
+  if row["mode"] == "infer" and row["family"] == "faster_rcnn":
+    with torch.inference_mode():
+      image_list, _ = model.transform(images)
+      proposals, _ = model.rpn(image_list, model.backbone(image_list.tensors))
+    proposals_per_image = sum(len(boxes) for boxes in proposals) / batch
   # JAX calls a CUDA device's platform "gpu": the comparisons pair rows by that name.
   return dict(row, version=f"torch {torch.__version__}, torchvision {torchvision.__version__}",
               device="gpu" if device.type == "cuda" else "cpu",
               device_kind=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               step_s=seconds, images_per_sec=batch / seconds, compile_s=None, compile_cached_s=None,
               flops_per_step=None, flops_per_sec=None, peak_rss_mb=peak_rss_mb(),
-              ran_height=int(ran_height), ran_width=int(ran_width))
+              ran_height=int(ran_height), ran_width=int(ran_width), proposals_per_image=proposals_per_image)
 
 
 def matmul_flops_per_sec(size: int = MATMUL_SIZE, calls: int = 10) -> float:
@@ -523,6 +554,7 @@ COLUMNS = (("model", lambda row: row["model"]), ("framework", lambda row: row["f
            ("compile s", _number("compile_s", "{:.1f}")), ("cached s", _number("compile_cached_s", "{:.1f}")),
            ("peak MB", _number("peak_rss_mb", "{:.0f}")), ("GFLOP/s", _number("flops_per_sec", "{:.1f}", 1e-9)),
            ("of matmul", _number("flops_fraction", "{:.0%}")),
+           ("proposals", _number("proposals_per_image", "{:.0f}")),
            ("vs tv", _number("ratio_vs_torchvision", "{:.2f}x")),
            ("vs tv plain", _number("ratio_vs_torchvision_plain", "{:.2f}x")),
            ("extra s/step", _number("extra_s_per_step", "{:+.3f}")),

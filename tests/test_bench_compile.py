@@ -16,7 +16,7 @@ def test_settings_alternate_and_each_gets_its_median(monkeypatch, capsys):
   def fake_compiled_row(row, config, cache_dir, pause_collector):
     calls.append(pause_collector)
     # Cached seconds 1, 2, 3, ... in call order; cold ten times that.
-    return None, 10.0 * len(calls), float(len(calls)), None, None
+    return run.CompiledRow(None, 10.0 * len(calls), float(len(calls)), None, None, None)
 
   monkeypatch.setattr(run, "run_isolated", lambda function, *args: function(*args))
   monkeypatch.setattr(run, "compiled_row", fake_compiled_row)

@@ -130,16 +130,17 @@ def test_mmdetection_ratio_only_for_libra_training_at_cocos_shape_on_an_accelera
 
 def test_table_formatting():
   rows = [result("faster_rcnn_r50_fpn", step_s=2.0, compile_s=61.04, compile_cached_s=3.96, peak_rss_mb=2048.4,
-                 ratio_vs_torchvision=1.5, ratio_vs_torchvision_plain=1.75, flops_fraction=0.125),
+                 ratio_vs_torchvision=1.5, ratio_vs_torchvision_plain=1.75, flops_fraction=0.125,
+                 proposals_per_image=571.5),
           result("faster_rcnn_r50_fpn", framework="torchvision", step_s=4.0, compile_s=None, peak_rss_mb=1000),
           result("retinanet_r50_fpn", mode="infer", error="BrokenProcessPool: killed")]
   lines = run.format_table(rows, "HEADER").splitlines()
   assert lines[0] == "HEADER"
   assert lines[1].split() == ["model", "framework", "mode", "shape", "img/s", "s/step", "compile", "s", "cached", "s",
-                              "peak", "MB", "GFLOP/s", "of", "matmul", "vs", "tv", "vs", "tv", "plain", "extra",
+                              "peak", "MB", "GFLOP/s", "of", "matmul", "proposals", "vs", "tv", "vs", "tv", "plain", "extra",
                               "s/step", "vs", "mmdet", "V100"]
   assert lines[2].split() == ["faster_rcnn_r50_fpn", "libra_jax", "train", "256x256", "b1", "0.500", "2.000",
-                              "61.0", "4.0", "2048", "2.0", "12%", "1.50x", "1.75x", "-", "-"]
+                              "61.0", "4.0", "2048", "2.0", "12%", "572", "1.50x", "1.75x", "-", "-"]
   assert lines[3].split()[5:9] == ["0.250", "4.000", "-", "-"]
   assert lines[4] == "retinanet_r50_fpn infer 256x256 b1: failed: BrokenProcessPool: killed"
   assert len({len(line) for line in lines[1:4]}) == 1
@@ -274,3 +275,12 @@ def test_one_torchvision_row_in_a_fresh_process():
   assert (measured["ran_height"], measured["ran_width"]) == (128, 192)
   assert measured["images_per_sec"] == pytest.approx(1 / measured["step_s"])
   assert measured["peak_rss_mb"] > 100 and measured["flops_per_sec"] is None
+  assert measured["proposals_per_image"] is None  # a training row
+
+
+def test_torchvision_inference_row_counts_its_proposals_per_image():
+  row = dict(framework="torchvision", family="faster_rcnn", model="faster_rcnn_r18_fpn", mode="infer", height=128,
+             width=192, batch=2, depth=18, steps=1, accelerator=False)
+  measured = run.run_isolated(run.measure_torchvision, row)
+  # torchvision keeps at most 1,000 proposals per image at test time, at least one for a random image.
+  assert 1 <= measured["proposals_per_image"] <= 1000

@@ -58,7 +58,8 @@ directory; each row's step is a program no earlier row compiled, which the
 row checks);
 ``compile_cached_s``: the same after ``jax.clear_caches()``, served from that
 cache. ``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
-counted once, every convolution counted as a direct one: ``run.direct_flops``;
+counted once, every convolution counted as a direct one and the test-time R-CNN
+head over all 1,000 proposal slots: ``run.direct_flops``;
 the lowered program's count, which was within 0.3% of the compiled one's for
 a train step) over the measured step time; ``flops_fraction``: that over the
 machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
@@ -305,14 +306,14 @@ def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path, pause_collect
 
 def direct_flops(jitted, args) -> float:
   """FLOPs of ``jitted(*args)`` by XLA's cost analysis of its lowered program, every convolution counted as a direct
-  one (``conv.direct_convolutions``). JAX's caches are cleared before and after, so that ``jitted`` is traced anew
-  here and keeps no direct trace for later calls."""
+  one and the test-time R-CNN head over every proposal slot (``detectors.flop_count_trace``). JAX's caches are
+  cleared before and after, so that ``jitted`` is traced anew here and keeps no such trace for later calls."""
   import jax
 
-  from libra_jax.ops import conv
+  from libra_jax.models.detectors import flop_count_trace
   jax.clear_caches()
   try:
-    with conv.direct_convolutions():
+    with flop_count_trace():
       return jitted.lower(*args).cost_analysis()["flops"]
   finally:
     jax.clear_caches()

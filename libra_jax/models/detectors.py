@@ -14,6 +14,8 @@ devices, so each device's losses are its share of the global-batch loss and
 their sum over devices does not depend on how the batch is split.
 """
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Dict, Mapping, Optional
 
@@ -33,15 +35,30 @@ from libra_jax.models.roi_head import RoIHead, detect_boxes, rcnn_loss, sample_r
 from libra_jax.models.rpn import RPNHead, rpn_loss, rpn_proposals
 from libra_jax.ops import anchors as anchor_ops
 from libra_jax.ops import boxes as box_ops
+from libra_jax.ops import conv
 from libra_jax.ops.roi_align import batched_multilevel_roi_align
 from libra_jax.ops.varying import vary_alike
 from libra_jax.registry import Registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Test time runs the R-CNN head over the proposal slots in this many equal chunks, up to the last chunk that holds a
-# proposal: its cost follows the proposals the RPN found (2 x 535 of 2 x 1,000 slots in benchmarks/run.py's random
-# model at 512 x 512), not the slots, at a granularity of 1/8 of them.
+# proposal: its cost follows the proposals the RPN found (535 and 608 of 1,000 slots per image in benchmarks/run.py's
+# random Faster R-CNN at 512 x 512 batch 2), not the slots, at a granularity of 1/8 of them.
 RCNN_TEST_CHUNKS = 8
+_HEAD_OVER_EVERY_SLOT = contextvars.ContextVar("libra_jax_head_over_every_slot", default=False)
+
+
+@contextlib.contextmanager
+def flop_count_trace():
+  """Inside, a detector traces the computation its FLOP count describes, for XLA's cost analysis: every
+  convolution a direct one (``conv.direct_convolutions``) and the test-time R-CNN head on every proposal slot in
+  one pass (the chunk loop's body would be counted once). The same caveat about JAX's trace caches applies."""
+  token = _HEAD_OVER_EVERY_SLOT.set(True)
+  try:
+    with conv.direct_convolutions():
+      yield
+  finally:
+    _HEAD_OVER_EVERY_SLOT.reset(token)
 
 
 class LibraNeck(nn.Module):
@@ -213,7 +230,8 @@ class FasterRCNN(nn.Module):
     """The test-time second stage: the R-CNN head on ``proposals`` (``[B, P]`` ``Proposals``), softmax,
     class-specific decoding clipped to ``image_shape [B, 2]``, score threshold, per-class NMS, the best
     ``test.rcnn.max_per_img`` (``Detections`` with a leading batch axis). ``own_padding``: the features
-    were computed with ``image_shape`` (RoIAlign then ends each image's maps at its own area)."""
+    were computed with ``image_shape`` (RoIAlign then ends each image's maps at its own area). The head runs
+    only up to the last of ``RCNN_TEST_CHUNKS`` chunks of proposal slots that holds a valid proposal."""
     rcnn, test = self.cfg["rcnn"], self.cfg["test"]["rcnn"]
     cls_logits, reg_deltas = self._rcnn_outputs_up_to_last_proposal(features, proposals,
                                                                      image_shape if own_padding else None)
@@ -229,7 +247,7 @@ class FasterRCNN(nn.Module):
     """``rcnn_outputs`` of ``proposals [B, P]``'s boxes, in ``RCNN_TEST_CHUNKS`` chunks of ``ceil(P / chunks)``
     slots: a while loop runs the chunks up to the last one that holds a valid proposal in any image. Rows of the
     chunks after it (no proposal there) are 0; a row's values do not depend on the chunk it runs in."""
-    if self.is_initializing():
+    if self.is_initializing() or _HEAD_OVER_EVERY_SLOT.get():
       return self.rcnn_outputs(features, proposals.boxes, image_shape)
     batch, slots = proposals.valid.shape
     chunk = -(-slots // RCNN_TEST_CHUNKS)

@@ -5,8 +5,10 @@
 
 Counts come from ``jax.eval_shape`` of the initialiser; FLOPs from XLA's cost
 analysis of the lowered inference program at ``config.input_size`` (batch 1),
-every convolution counted as a direct one (``conv.direct_convolutions``: the
-CPU's Winograd convolutions compute the same with fewer).
+every convolution counted as a direct one and the R-CNN head over every
+proposal slot (``detectors.flop_count_trace``: the CPU's Winograd convolutions
+compute the same with fewer, and the test-time head skips slots without a
+proposal).
 Nothing is allocated or executed at full size.
 """
 
@@ -19,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from libra_jax import cli
-from libra_jax.models.detectors import build_detector
+from libra_jax.models.detectors import build_detector, flop_count_trace
 from libra_jax.models.resnet import frozen_param_prefixes
-from libra_jax.ops import conv
 
 
 def abstract_batch(height: int, width: int, batch: int = 1, max_instances: int = 100) -> Dict[str, Any]:
@@ -49,7 +50,7 @@ def summarize(config) -> Dict[str, Any]:
   frozen_parts = frozen_param_prefixes(config.model.backbone.frozen_stages)
   frozen = sum(_count(params["backbone"][name]) for name in frozen_parts if name in params["backbone"])
   total = _count(params)
-  with conv.direct_convolutions():
+  with flop_count_trace():
     lowered = jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch)
   flops = lowered.cost_analysis().get("flops", float("nan"))
   return {

@@ -251,6 +251,25 @@ def test_test_time_head_runs_only_up_to_the_last_chunk_with_a_proposal(libra_fas
   assert np.asarray(chunked_detections.valid).any()
 
 
+def test_flop_count_traces_the_test_time_head_over_every_slot(libra_faster):
+  # XLA's cost analysis counts a loop body once: outside flop_count_trace the head's 8 chunks count as one.
+  # Inside, the head runs over every slot of both images in one pass: 2 FLOPs per weight of its fc layers per row.
+  from libra_jax.models import detectors
+  det = libra_faster
+  model = build_detector(det.cfg)
+  flops = lambda: jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(det.variables,
+                                                                           synthetic_batch()).cost_analysis()["flops"]
+  chunked = flops()
+  with detectors.flop_count_trace():
+    every_slot = flops()
+  params = det.variables["params"]["roi_head"]["bbox_head"]
+  fc_flops = sum(2 * params[name]["kernel"].size for name in ("fc_cls", "fc_reg")) + sum(
+      2 * layer["kernel"].size for layer in params["shared_fcs"].values())
+  slots = 2 * det.cfg.test.rpn_proposal.max_per_img
+  # 7 of the 8 chunks are missing from the loop's count: at least their fc layers' multiply-adds.
+  assert every_slot - chunked >= 7 / 8 * slots * fc_flops
+
+
 @pytest.mark.parametrize("loss_bbox", [dict(name="giou", loss_weight=1.0), dict(name="smooth_l1", beta=1.0)])
 def test_regression_loss_is_chosen_by_name(loss_bbox):
   det = TinyDetector("faster", libra=False, **{"rcnn.loss_bbox": loss_bbox})

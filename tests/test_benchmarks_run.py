@@ -278,6 +278,7 @@ def test_one_torchvision_row_in_a_fresh_process():
   assert measured["proposals_per_image"] is None  # a training row
 
 
+@needs_torchvision
 def test_torchvision_inference_row_counts_its_proposals_per_image():
   row = dict(framework="torchvision", family="faster_rcnn", model="faster_rcnn_r18_fpn", mode="infer", height=128,
              width=192, batch=2, depth=18, steps=1, accelerator=False)

@@ -246,7 +246,9 @@ class FasterRCNN(nn.Module):
   def _rcnn_outputs_up_to_last_proposal(self, features, proposals, image_shape):
     """``rcnn_outputs`` of ``proposals [B, P]``'s boxes, in ``RCNN_TEST_CHUNKS`` chunks of ``ceil(P / chunks)``
     slots: a while loop runs the chunks up to the last one that holds a valid proposal in any image. Rows of the
-    chunks after it (no proposal there) are 0; a row's values do not depend on the chunk it runs in."""
+    chunks after it (no proposal there) are 0; a row's values do not depend on the chunk it runs in. While
+    initializing and inside ``flop_count_trace`` the head runs over every slot instead. The loop has no
+    reverse-mode derivative (nothing differentiates test-time outputs)."""
     if self.is_initializing() or _HEAD_OVER_EVERY_SLOT.get():
       return self.rcnn_outputs(features, proposals.boxes, image_shape)
     batch, slots = proposals.valid.shape
@@ -266,7 +268,8 @@ class FasterRCNN(nn.Module):
               jax.lax.dynamic_update_slice_in_dim(reg_deltas, chunk_deltas, start, axis=1))
 
     _, cls_logits, reg_deltas = nn.while_loop(lambda module, carry: carry[0] < num_chunks, run_chunk, self,
-                                              (jnp.int32(0), zeros(num_classes + 1), zeros(4 * num_classes)))
+                                              (vary_alike(jnp.int32(0), rois), zeros(num_classes + 1),
+                                               zeros(4 * num_classes)))
     return cls_logits[:, :slots], reg_deltas[:, :slots]
 
   @nn.compact

@@ -40,6 +40,15 @@ def test_four_devices_take_the_same_step_as_one(tmp_path):
   assert len(names) > 50
   for name in names:
     np.testing.assert_allclose(one[name], four[name], rtol=1e-4, atol=1e-6, err_msg=name)
+  # The predict step: with one image a device, the devices run the test-time head over different numbers of
+  # chunks of proposal slots, and the detections are those of one device running the chunks all images need.
+  np.testing.assert_array_equal(one["chunks_needed"], four["chunks_needed"])
+  assert len(set(one["chunks_needed"].tolist())) > 1, one["chunks_needed"]
+  assert np.all(one["detections.valid"].sum(axis=1) > 50)
+  np.testing.assert_array_equal(one["detections.valid"], four["detections.valid"])
+  np.testing.assert_array_equal(one["detections.classes"], four["detections.classes"])
+  for name in ("detections.boxes", "detections.scores"):
+    np.testing.assert_allclose(one[name], four[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_schedule_by_hand():

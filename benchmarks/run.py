@@ -63,8 +63,14 @@ head over all 1,000 proposal slots: ``run.direct_flops``;
 the lowered program's count, which was within 0.3% of the compiled one's for
 a train step) over the measured step time; ``flops_fraction``: that over the
 machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
-``extra_s_per_step`` (Libra parts): step time minus the baseline's at the same
-shape. ``peak_rss_mb``: the row's process's peak resident memory.
+``extra_s_per_step``: what a row adds to its baseline's step at the same shape.
+A part or variant row (``+bfp``, ``+fixed_roi_grid``, ...) times its step in
+turns with the baseline's, both compiled in its process (the baseline's from
+the cache its own row filled), and takes the median of the differences:
+separate rows differ by up to 10% run to run on these shared cores, more
+than a part costs. For the Libra row (all three parts) it is the difference
+of the two rows' step times. ``peak_rss_mb``: the row's process's peak
+resident memory (for a part or variant row, with the baseline's step too).
 ``proposals_per_image`` (Faster R-CNN inference, ours and torchvision's): the
 mean number of RPN proposals per image after NMS, what the second stage runs
 on. Random weights make it data-dependent and different between the two
@@ -227,6 +233,32 @@ def seconds_per_step(step: Callable[[], None], warmup: int, steps: int) -> float
   return statistics.median(times)
 
 
+def paired_seconds(step: Callable[[], None], baseline_step: Callable[[], None], warmup: int,
+                   rounds: int) -> Dict[str, float]:
+  """A step's time, its baseline's, and what the step adds, measured in turns.
+
+  After ``warmup`` calls of each, ``rounds`` rounds call both once each, the
+  order alternating from round to round, so that both see the same state of
+  the machine. Returns the medians ``step_s`` and ``baseline_step_s``,
+  ``extra_s_per_step``, the median of the rounds' differences, and
+  ``extra_s_per_round``, the differences in the order measured.
+  """
+  for _ in range(warmup):
+    step()
+    baseline_step()
+  pairs = []
+  for index in range(rounds):
+    seconds = {}
+    for name, function in (("step", step), ("baseline", baseline_step))[::1 if index % 2 == 0 else -1]:
+      start = time.perf_counter()
+      function()
+      seconds[name] = time.perf_counter() - start
+    pairs.append((seconds["step"], seconds["baseline"]))
+  differences = [a - b for a, b in pairs]
+  return dict(step_s=statistics.median(a for a, _ in pairs), baseline_step_s=statistics.median(b for _, b in pairs),
+              extra_s_per_step=statistics.median(differences), extra_s_per_round=differences)
+
+
 def synthetic_targets(height: int, width: int, batch: int, seed: int = 0):
   """``BOXES_PER_IMAGE`` random boxes per image and their labels.
 
@@ -336,9 +368,11 @@ class CompiledRow(NamedTuple):
   count_proposals: Callable[[], Optional[float]]
 
 
-def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: bool = True) -> CompiledRow:
+def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: bool = True,
+                 timed: bool = True) -> CompiledRow:
   """The step of a libra_jax row and of its experiment ``config``, compiled cold and then from the cache
-  (``compile_cold_and_cached``). Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``."""
+  (``compile_cold_and_cached``), or with ``timed=False`` compiled once, untimed, through the cache (``cold_s`` and
+  ``cached_s`` None). Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``."""
   host_memory.keep_freed_host_memory()
   import jax
   jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -352,6 +386,11 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
 
   if row["accelerator"] and jax.default_backend() == "cpu":
     raise RuntimeError("an accelerator row, but JAX sees only the CPU (install jax[cuda12] or jax[tpu])")
+
+  def compile_step(jitted, args):
+    if timed:
+      return compile_cold_and_cached(jitted, args, pathlib.Path(cache_dir), pause_collector)
+    return jitted.lower(*args).compile(), None, None
   model = build_detector(config.model)
   mesh = make_mesh()
   example = synthetic_batch(row["height"], row["width"], row["batch"], config.data.max_instances)
@@ -363,7 +402,7 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
     state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
     state = jax.device_put(state, replicated(mesh))
     jitted, args = make_train_step(model, optimizer, mesh), (state, batch)
-    compiled, cold, cached = compile_cold_and_cached(jitted, args, pathlib.Path(cache_dir), pause_collector)
+    compiled, cold, cached = compile_step(jitted, args)
 
     def step():
       nonlocal state
@@ -372,7 +411,7 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
   else:
     variables = jax.device_put(variables, replicated(mesh))
     jitted, args = make_predict_step(model, mesh), (variables, batch)
-    compiled, cold, cached = compile_cold_and_cached(jitted, args, pathlib.Path(cache_dir), pause_collector)
+    compiled, cold, cached = compile_step(jitted, args)
 
     def step():
       jax.block_until_ready(compiled(variables, batch))
@@ -385,13 +424,32 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
   return CompiledRow(compiled, cold, cached, step, lambda: direct_flops(jitted, args), count_proposals)
 
 
+def baseline_row(row: Dict[str, Any]) -> Dict[str, Any]:
+  """The row that a part or variant row (one with a ``part``) is measured against: its config without the part."""
+  return dict(row, part=None, model=row["baseline"])
+
+
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
-  """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache)."""
+  """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache).
+
+  A row with a ``part`` is timed in turns with its baseline's step in the same process (:func:`paired_seconds`):
+  its ``extra_s_per_step`` is the median of their differences (``extra_s_per_round``: each round's) and
+  ``paired_baseline_step_s`` the baseline's time there. Its peak memory then includes the baseline's step.
+  """
   import jax
   row_step = compiled_row(row, detector_config(row), cache_dir)
   flops = row_step.count_flops()
-  seconds = seconds_per_step(row_step.step, WARMUP_STEPS, row["steps"])
-  return dict(row, version=jax.__version__, device=jax.devices()[0].platform,
+  paired = {}
+  if row.get("part"):
+    baseline = baseline_row(row)
+    baseline_step = compiled_row(baseline, detector_config(baseline), cache_dir, timed=False).step
+    times = paired_seconds(row_step.step, baseline_step, WARMUP_STEPS, row["steps"])
+    seconds = times["step_s"]
+    paired = dict(extra_s_per_step=times["extra_s_per_step"], extra_s_per_round=times["extra_s_per_round"],
+                  paired_baseline_step_s=times["baseline_step_s"])
+  else:
+    seconds = seconds_per_step(row_step.step, WARMUP_STEPS, row["steps"])
+  return dict(row, **paired, version=jax.__version__, device=jax.devices()[0].platform,
               device_kind=jax.devices()[0].device_kind, step_s=seconds,
               images_per_sec=row["batch"] / seconds, compile_s=row_step.cold_s, compile_cached_s=row_step.cached_s,
               flops_per_step=flops, flops_per_sec=flops / seconds, peak_rss_mb=peak_rss_mb(),
@@ -509,7 +567,8 @@ def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
 
   ``ratio_vs_torchvision`` (``_plain``): a libra_jax row's images/s over the
   ``torchvision`` (``torchvision_plain``) row of the same model, mode, shape
-  and device kind. ``extra_s_per_step``: a row's step time minus that of its
+  and device kind. ``extra_s_per_step``, unless the row measured it in turns
+  with its baseline (:func:`measure_ours`): its step time minus that of its
   ``baseline`` row (same mode and shape). ``ratio_vs_mmdetection_v100``
   (Libra Faster R-CNN R-50 training at 800 x 1344 on an accelerator): its
   images/s over one V100's share of mmdetection's published speed. Rows with
@@ -532,7 +591,7 @@ def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
       if other is not None:
         row[field] = row["images_per_sec"] / other["images_per_sec"]
     baseline = ours.get(key(row, row.get("baseline")))
-    if baseline is not None:
+    if baseline is not None and "extra_s_per_step" not in row:
       row["extra_s_per_step"] = row["step_s"] - baseline["step_s"]
     if (row["model"], row["mode"], row["height"], row["width"]) == (model_name("libra_faster_rcnn", 50), "train",
                                                                     800, 1344) and row["device"] != "cpu":

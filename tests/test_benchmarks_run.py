@@ -116,6 +116,46 @@ def test_comparisons_by_hand():
   assert "ratio_vs_torchvision" not in failed and "flops_fraction" not in failed
 
 
+def test_a_paired_extra_is_kept_and_an_unpaired_one_is_the_difference_of_rows():
+  rows = [result("faster_rcnn_r50_fpn", step_s=2.0),
+          result("faster_rcnn_r50_fpn+bfp", step_s=2.5, baseline="faster_rcnn_r50_fpn", extra_s_per_step=0.125),
+          result("libra_faster_rcnn_r50_fpn", step_s=2.75, baseline="faster_rcnn_r50_fpn")]
+  run.add_comparisons(rows, matmul_rate=8e9)
+  assert rows[1]["extra_s_per_step"] == 0.125
+  assert rows[2]["extra_s_per_step"] == pytest.approx(0.75)
+
+
+def test_paired_seconds_alternates_the_order_and_takes_medians_of_the_differences(monkeypatch):
+  # A fake clock: each call advances it by its step's duration; the baseline's third timed call is an outlier.
+  clock, calls = [0.0], []
+  step_times = iter([0.0, 0.0, 2.0, 1.5, 1.5, 3.0, 1.625])  # two warm-up calls, then five timed ones
+  baseline_times = iter([0.0, 0.0, 1.0, 1.0, 9.0, 1.0, 1.25])
+
+  def step():
+    calls.append("step")
+    clock[0] += next(step_times)
+
+  def baseline_step():
+    calls.append("baseline")
+    clock[0] += next(baseline_times)
+
+  monkeypatch.setattr(run.time, "perf_counter", lambda: clock[0])
+  times = run.paired_seconds(step, baseline_step, warmup=2, rounds=5)
+  assert calls == ["step", "baseline"] * 2 + ["step", "baseline", "baseline", "step"] * 2 + ["step", "baseline"]
+  # Differences 1, 0.5, -7.5, 2, 0.375: median 0.5, not the difference of the medians (1.625 - 1 = 0.625).
+  assert times.pop("extra_s_per_round") == pytest.approx([1.0, 0.5, -7.5, 2.0, 0.375])
+  assert times == pytest.approx(dict(step_s=1.625, baseline_step_s=1.0, extra_s_per_step=0.5))
+
+
+def test_a_part_rows_baseline_is_its_config_without_the_part():
+  for row in run.plan("full", with_torchvision=False):
+    if row.get("part"):
+      baseline = run.baseline_row(row)
+      assert baseline["model"] == row["baseline"] == run.model_name(baseline["config"], row["depth"])
+      assert {k: v for k, v in baseline.items() if k not in ("part", "model")} == {
+          k: v for k, v in row.items() if k not in ("part", "model")}
+
+
 def test_mmdetection_ratio_only_for_libra_training_at_cocos_shape_on_an_accelerator():
   gpu = dict(device="gpu", height=800, width=1344, batch=2)
   rows = [result("libra_faster_rcnn_r50_fpn", step_s=0.1, **gpu),

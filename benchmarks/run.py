@@ -66,7 +66,8 @@ machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 ``extra_s_per_step``: what a row adds to its baseline's step at the same shape.
 A part or variant row (``+bfp``, ``+fixed_roi_grid``, ...) times its step in
 turns with the baseline's, both compiled in its process (the baseline's from
-the cache its own row filled), and takes the median of the differences:
+the cache its own row filled), twice as many rounds as the setting's timed
+steps, and takes the median of the differences:
 separate rows differ by up to 10% run to run on these shared cores, more
 than a part costs. For the Libra row (all three parts) it is the difference
 of the two rows' step times. ``peak_rss_mb``: the row's process's peak
@@ -152,6 +153,9 @@ NUM_CLASSES = 80
 BOXES_PER_IMAGE = 8
 # The second step still page-faults in memory the heap adds once (libra_jax.host_memory); later steps reuse it.
 WARMUP_STEPS = 2
+# A part or variant row's rounds in turns with its baseline (paired_seconds), per timed step of the setting: a part
+# costs 0.1-0.3 s of a 3-6 s step, and the rounds' differences scatter by about that much.
+PAIRED_ROUNDS_PER_STEP = 2
 MATMUL_SIZE = 2048
 FULL = dict(depth=50, shapes=((800, 1344, 1), (512, 512, 2)), steps=5,
             ours=(("libra_faster_rcnn", "train"), ("libra_faster_rcnn", "infer"), ("faster_rcnn", "train"),
@@ -432,7 +436,8 @@ def baseline_row(row: Dict[str, Any]) -> Dict[str, Any]:
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache).
 
-  A row with a ``part`` is timed in turns with its baseline's step in the same process (:func:`paired_seconds`):
+  A row with a ``part`` is timed in turns with its baseline's step in the same process (:func:`paired_seconds`,
+  ``PAIRED_ROUNDS_PER_STEP`` rounds per timed step):
   its ``extra_s_per_step`` is the median of their differences (``extra_s_per_round``: each round's) and
   ``paired_baseline_step_s`` the baseline's time there. Its peak memory then includes the baseline's step.
   """
@@ -443,7 +448,7 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   if row.get("part"):
     baseline = baseline_row(row)
     baseline_step = compiled_row(baseline, detector_config(baseline), cache_dir, timed=False).step
-    times = paired_seconds(row_step.step, baseline_step, WARMUP_STEPS, row["steps"])
+    times = paired_seconds(row_step.step, baseline_step, WARMUP_STEPS, PAIRED_ROUNDS_PER_STEP * row["steps"])
     seconds = times["step_s"]
     paired = dict(extra_s_per_step=times["extra_s_per_step"], extra_s_per_round=times["extra_s_per_round"],
                   paired_baseline_step_s=times["baseline_step_s"])

@@ -64,14 +64,14 @@ the lowered program's count, which was within 0.3% of the compiled one's for
 a train step) over the measured step time; ``flops_fraction``: that over the
 machine's float32 matmul rate (a jitted 2048 x 2048 matmul, in the header).
 ``extra_s_per_step``: what a row adds to its baseline's step at the same shape.
-A part or variant row (``+bfp``, ``+fixed_roi_grid``, ...) times its step in
-turns with the baseline's, both compiled in its process (the baseline's from
-the cache its own row filled), twice as many rounds as the setting's timed
-steps, and takes the median of the differences:
-separate rows differ by up to 10% run to run on these shared cores, more
-than a part costs. For the Libra row (all three parts) it is the difference
-of the two rows' step times. ``peak_rss_mb``: the row's process's peak
-resident memory (for a part or variant row, with the baseline's step too).
+A part or variant row (``+bfp``, ``+fixed_roi_grid``, ...) and the Libra
+train row (all three parts, against the Faster R-CNN baseline) time their
+step in turns with the baseline's, both compiled in the row's process (the
+baseline's from the cache its own row filled), twice as many rounds as the
+setting's timed steps, and take the median of the differences: separate rows
+differ by up to 10% run to run on these shared cores, more than a part costs.
+``peak_rss_mb``: the row's process's peak resident memory (for a row with a
+baseline, with the baseline's step too).
 ``proposals_per_image`` (Faster R-CNN inference, ours and torchvision's): the
 mean number of RPN proposals per image after NMS, what the second stage runs
 on. Random weights make it data-dependent and different between the two
@@ -88,8 +88,8 @@ Both frameworks gain from it; we gain more, having more temporary memory
 per step (README's benchmark section has the paired measurements).
 
 The full run: ResNet-50, both shapes, 5 timed steps per row, the Libra-part
-rows at 512 x 512 batch 2 only, the fixed-grid and bucket-padding rows at
-800 x 1344 only; 30 rows with torchvision.
+rows at both shapes, the fixed-grid and bucket-padding rows at 800 x 1344
+only; 33 rows with torchvision.
 
 ``--quick`` checks that everything works: ResNet-18 instead of ResNet-50
 (ours and torchvision's; every other setting unchanged), one shape, 256 x 256
@@ -160,7 +160,7 @@ MATMUL_SIZE = 2048
 FULL = dict(depth=50, shapes=((800, 1344, 1), (512, 512, 2)), steps=5,
             ours=(("libra_faster_rcnn", "train"), ("libra_faster_rcnn", "infer"), ("faster_rcnn", "train"),
                   ("faster_rcnn", "infer"), ("retinanet", "train"), ("retinanet", "infer")),
-            parts=LIBRA_PARTS, part_shapes=((512, 512, 2),), grid_shapes=((800, 1344, 1),),
+            parts=LIBRA_PARTS, part_shapes=((800, 1344, 1), (512, 512, 2)), grid_shapes=((800, 1344, 1),),
             torchvision=("faster_rcnn", "retinanet"))
 QUICK = dict(depth=18, shapes=((256, 256, 1),), steps=2,
              ours=(("libra_faster_rcnn", "train"), ("faster_rcnn", "train"), ("faster_rcnn", "infer")),
@@ -207,16 +207,17 @@ def plan(setting_name: str, with_torchvision: bool) -> List[Dict[str, Any]]:
       row = dict(shape, framework="libra_jax", config=config, part=None, mode=mode,
                  model=model_name(config, depth))
       if config == "libra_faster_rcnn" and mode == "train":
-        row["baseline"] = baseline
+        row.update(baseline=baseline, baseline_config="faster_rcnn")
       rows.append(row)
     for part in setting["parts"] if (height, width, batch) in setting["part_shapes"] else ():
       rows.append(dict(shape, framework="libra_jax", config="faster_rcnn", part=part, mode="train",
-                       model=model_name("faster_rcnn", depth, part), baseline=baseline))
+                       model=model_name("faster_rcnn", depth, part), baseline=baseline,
+                       baseline_config="faster_rcnn"))
     variants = (("fixed_roi_grid", "train"), ("fixed_roi_grid", "infer"), ("bucket_padding", "infer"))
     for part, mode in variants if (height, width, batch) in setting["grid_shapes"] else ():
       rows.append(dict(shape, framework="libra_jax", config="libra_faster_rcnn", part=part, mode=mode,
                        model=model_name("libra_faster_rcnn", depth, part),
-                       baseline=model_name("libra_faster_rcnn", depth)))
+                       baseline=model_name("libra_faster_rcnn", depth), baseline_config="libra_faster_rcnn"))
   return rows
 
 
@@ -429,15 +430,16 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
 
 
 def baseline_row(row: Dict[str, Any]) -> Dict[str, Any]:
-  """The row that a part or variant row (one with a ``part``) is measured against: its config without the part."""
-  return dict(row, part=None, model=row["baseline"])
+  """The row that a row with a ``baseline`` (a part or variant row, or the Libra train row) is measured against:
+  for a part or variant, its config without the part; for the Libra row, the Faster R-CNN baseline."""
+  return dict(row, part=None, config=row["baseline_config"], model=row["baseline"])
 
 
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache).
 
-  A row with a ``part`` is timed in turns with its baseline's step in the same process (:func:`paired_seconds`,
-  ``PAIRED_ROUNDS_PER_STEP`` rounds per timed step):
+  A row with a ``baseline`` is timed in turns with its baseline's step in the same process
+  (:func:`paired_seconds`, ``PAIRED_ROUNDS_PER_STEP`` rounds per timed step):
   its ``extra_s_per_step`` is the median of their differences (``extra_s_per_round``: each round's) and
   ``paired_baseline_step_s`` the baseline's time there. Its peak memory then includes the baseline's step.
   """
@@ -445,7 +447,7 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   row_step = compiled_row(row, detector_config(row), cache_dir)
   flops = row_step.count_flops()
   paired = {}
-  if row.get("part"):
+  if row.get("baseline"):
     baseline = baseline_row(row)
     baseline_step = compiled_row(baseline, detector_config(baseline), cache_dir, timed=False).step
     times = paired_seconds(row_step.step, baseline_step, WARMUP_STEPS, PAIRED_ROUNDS_PER_STEP * row["steps"])
@@ -569,13 +571,12 @@ def run_isolated(function: Callable, *args):
 
 
 def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
-  """Fills in ``flops_fraction``, ``ratio_vs_torchvision[_plain]`` and ``extra_s_per_step`` where they apply.
+  """Fills in ``flops_fraction``, ``ratio_vs_torchvision[_plain]`` and ``ratio_vs_mmdetection_v100`` where they
+  apply (``extra_s_per_step`` a row measures itself, in turns with its baseline: :func:`measure_ours`).
 
   ``ratio_vs_torchvision`` (``_plain``): a libra_jax row's images/s over the
   ``torchvision`` (``torchvision_plain``) row of the same model, mode, shape
-  and device kind. ``extra_s_per_step``, unless the row measured it in turns
-  with its baseline (:func:`measure_ours`): its step time minus that of its
-  ``baseline`` row (same mode and shape). ``ratio_vs_mmdetection_v100``
+  and device kind. ``ratio_vs_mmdetection_v100``
   (Libra Faster R-CNN R-50 training at 800 x 1344 on an accelerator): its
   images/s over one V100's share of mmdetection's published speed. Rows with
   an ``error`` are left as they are and match nothing.
@@ -586,7 +587,6 @@ def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
   done = [row for row in rows if "error" not in row]
   theirs = {(r["framework"],) + key(r, r["model"]) + (r["device"],): r for r in done
             if r["framework"] in TORCHVISION_SETUPS}
-  ours = {key(r, r["model"]): r for r in done if r["framework"] == "libra_jax"}
   for row in done:
     if row["flops_per_sec"] is not None:
       row["flops_fraction"] = row["flops_per_sec"] / matmul_rate
@@ -596,9 +596,6 @@ def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
       other = theirs.get((framework,) + key(row, row["model"]) + (row["device"],))
       if other is not None:
         row[field] = row["images_per_sec"] / other["images_per_sec"]
-    baseline = ours.get(key(row, row.get("baseline")))
-    if baseline is not None and "extra_s_per_step" not in row:
-      row["extra_s_per_step"] = row["step_s"] - baseline["step_s"]
     if (row["model"], row["mode"], row["height"], row["width"]) == (model_name("libra_faster_rcnn", 50), "train",
                                                                     800, 1344) and row["device"] != "cpu":
       row["ratio_vs_mmdetection_v100"] = row["images_per_sec"] / MMDETECTION_V100_IMAGES_PER_SEC

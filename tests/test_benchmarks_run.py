@@ -45,9 +45,9 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
   assert {(r["height"], r["width"], r["batch"]) for r in full} == {(800, 1344, 1), (512, 512, 2)}
   assert {r["depth"] for r in full} == {50}
   # Per shape: 6 rows of ours; 6 of torchvision (per model: train and infer in the fair setup, train in the plain
-  # one); the 3 Libra-part rows at 512 x 512 only; the 2 fixed-grid rows (train, infer) and the bucket-padding
-  # row (infer) at 800 x 1344 only.
-  assert len(full) == 30 and len(run.plan("full", with_torchvision=False)) == 18
+  # one); the 3 Libra-part rows; the 2 fixed-grid rows (train, infer) and the bucket-padding row (infer) at
+  # 800 x 1344 only.
+  assert len(full) == 33 and len(run.plan("full", with_torchvision=False)) == 21
   assert not any(r["accelerator"] for r in full)
   tv = [(r["framework"], r["model"], r["mode"]) for r in run.plan("quick", with_torchvision=True)
         if r["framework"] != "libra_jax"]
@@ -109,20 +109,10 @@ def test_comparisons_by_hand():
   assert train["ratio_vs_torchvision_plain"] == pytest.approx((1 / 2.0) / (1 / 5.0))
   assert "ratio_vs_torchvision_plain" not in theirs and "ratio_vs_torchvision" not in theirs_plain
   assert train["flops_fraction"] == pytest.approx(0.25)
-  assert part["extra_s_per_step"] == pytest.approx(0.5)
-  assert "extra_s_per_step" not in train and "ratio_vs_torchvision" not in part
+  assert "ratio_vs_torchvision" not in part
   assert "ratio_vs_torchvision" not in infer  # torchvision's infer row has another batch size
   assert "ratio_vs_torchvision" not in theirs and "flops_fraction" not in theirs
   assert "ratio_vs_torchvision" not in failed and "flops_fraction" not in failed
-
-
-def test_a_paired_extra_is_kept_and_an_unpaired_one_is_the_difference_of_rows():
-  rows = [result("faster_rcnn_r50_fpn", step_s=2.0),
-          result("faster_rcnn_r50_fpn+bfp", step_s=2.5, baseline="faster_rcnn_r50_fpn", extra_s_per_step=0.125),
-          result("libra_faster_rcnn_r50_fpn", step_s=2.75, baseline="faster_rcnn_r50_fpn")]
-  run.add_comparisons(rows, matmul_rate=8e9)
-  assert rows[1]["extra_s_per_step"] == 0.125
-  assert rows[2]["extra_s_per_step"] == pytest.approx(0.75)
 
 
 def test_paired_seconds_alternates_the_order_and_takes_medians_of_the_differences(monkeypatch):
@@ -147,13 +137,19 @@ def test_paired_seconds_alternates_the_order_and_takes_medians_of_the_difference
   assert times == pytest.approx(dict(step_s=1.625, baseline_step_s=1.0, extra_s_per_step=0.5))
 
 
-def test_a_part_rows_baseline_is_its_config_without_the_part():
-  for row in run.plan("full", with_torchvision=False):
-    if row.get("part"):
-      baseline = run.baseline_row(row)
-      assert baseline["model"] == row["baseline"] == run.model_name(baseline["config"], row["depth"])
-      assert {k: v for k, v in baseline.items() if k not in ("part", "model")} == {
-          k: v for k, v in row.items() if k not in ("part", "model")}
+def test_a_rows_baseline_is_its_config_without_the_part_and_libras_is_faster_rcnn():
+  rows = run.plan("full", with_torchvision=False)
+  paired = [row for row in rows if row.get("baseline")]
+  assert {(row["config"], row["part"]) for row in paired} == (
+      {("libra_faster_rcnn", None)} | {("faster_rcnn", part) for part in run.LIBRA_PARTS}
+      | {("libra_faster_rcnn", variant) for variant in ("fixed_roi_grid", "bucket_padding")})
+  for row in paired:
+    baseline = run.baseline_row(row)
+    assert baseline["model"] == row["baseline"] == run.model_name(baseline["config"], row["depth"])
+    assert baseline["part"] is None
+    assert baseline["config"] == ("faster_rcnn" if row["part"] is None else row["config"])
+    assert {k: v for k, v in baseline.items() if k not in ("part", "model", "config")} == {
+        k: v for k, v in row.items() if k not in ("part", "model", "config")}
 
 
 def test_mmdetection_ratio_only_for_libra_training_at_cocos_shape_on_an_accelerator():

@@ -104,9 +104,10 @@ same cores part of the time).
 CUDA device for torchvision): ResNet-50 at 800 x 1344 batch 2, mmdetection's
 training shape and per-GPU batch, 10 timed steps; torchvision's four rows
 in the fair setup, then our six main rows (no Libra-part rows: Libra Faster
-R-CNN against the baseline gives their sum; on one H200 it takes about 9
-minutes, 4 of them the first row's compile, which tunes each convolution's
-algorithm once for all the rows). Libra Faster R-CNN's
+R-CNN's train row, paired with the baseline's, gives their sum; on one H200
+it took about 9 minutes before that row was paired, 4 of them the first row's
+compile, which tunes each convolution's algorithm once for all the rows).
+Libra Faster R-CNN's
 train row also gets ``ratio_vs_mmdetection_v100``: its images/s over one
 V100's share of mmdetection's published 0.216 s an iteration (8 V100s, 2
 images each: 9.26 images/s a GPU). Memory is still the host's peak RSS.

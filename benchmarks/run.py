@@ -107,10 +107,9 @@ in the fair setup, then our six main rows (no Libra-part rows: Libra Faster
 R-CNN's train row, paired with the baseline's, gives their sum; on one H200
 it took about 9 minutes before that row was paired, 4 of them the first row's
 compile, which tunes each convolution's algorithm once for all the rows).
-Libra Faster R-CNN's
-train row also gets ``ratio_vs_mmdetection_v100``: its images/s over one
-V100's share of mmdetection's published 0.216 s an iteration (8 V100s, 2
-images each: 9.26 images/s a GPU). Memory is still the host's peak RSS.
+Libra Faster R-CNN's train row also gets ``ratio_vs_mmdetection_v100``: its
+images/s over one V100's share of mmdetection's published 0.216 s an
+iteration (8 V100s, 2 images each: 9.26 images/s a GPU). Memory is still the host's peak RSS.
 
 A SIGTERM (from ``timeout``, say) stops the run but not the report: the row
 being measured and the rows after it are reported as not measured, the
@@ -196,7 +195,6 @@ def plan(setting_name: str, with_torchvision: bool) -> List[Dict[str, Any]]:
   """
   setting = SETTINGS[setting_name]
   depth = setting["depth"]
-  baseline = model_name("faster_rcnn", depth)
   rows = []
   for height, width, batch in setting["shapes"]:
     shape = dict(height=height, width=width, batch=batch, depth=depth, steps=setting["steps"],
@@ -211,17 +209,15 @@ def plan(setting_name: str, with_torchvision: bool) -> List[Dict[str, Any]]:
       row = dict(shape, framework="libra_jax", config=config, part=None, mode=mode,
                  model=model_name(config, depth))
       if config == "libra_faster_rcnn" and mode == "train":
-        row.update(baseline=baseline, baseline_config="faster_rcnn")
+        row["baseline_config"] = "faster_rcnn"
       rows.append(row)
     for part in setting["parts"] if (height, width, batch) in setting["part_shapes"] else ():
       rows.append(dict(shape, framework="libra_jax", config="faster_rcnn", part=part, mode="train",
-                       model=model_name("faster_rcnn", depth, part), baseline=baseline,
-                       baseline_config="faster_rcnn"))
+                       model=model_name("faster_rcnn", depth, part), baseline_config="faster_rcnn"))
     variants = (("fixed_roi_grid", "train"), ("fixed_roi_grid", "infer"), ("bucket_padding", "infer"))
     for part, mode in variants if (height, width, batch) in setting["grid_shapes"] else ():
       rows.append(dict(shape, framework="libra_jax", config="libra_faster_rcnn", part=part, mode=mode,
-                       model=model_name("libra_faster_rcnn", depth, part),
-                       baseline=model_name("libra_faster_rcnn", depth), baseline_config="libra_faster_rcnn"))
+                       model=model_name("libra_faster_rcnn", depth, part), baseline_config="libra_faster_rcnn"))
   return rows
 
 
@@ -434,15 +430,15 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
 
 
 def baseline_row(row: Dict[str, Any]) -> Dict[str, Any]:
-  """The row that a row with a ``baseline`` (a part or variant row, or the Libra train row) is measured against:
-  for a part or variant, its config without the part; for the Libra row, the Faster R-CNN baseline."""
-  return dict(row, part=None, config=row["baseline_config"], model=row["baseline"])
+  """The row that a row with a ``baseline_config`` (a part or variant row, or the Libra train row) is measured
+  against: for a part or variant, its config without the part; for the Libra row, the Faster R-CNN baseline."""
+  return dict(row, part=None, config=row["baseline_config"], model=model_name(row["baseline_config"], row["depth"]))
 
 
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache).
 
-  A row with a ``baseline`` is timed in turns with its baseline's step in the same process
+  A row with a ``baseline_config`` is timed in turns with its baseline's step in the same process
   (:func:`paired_seconds`, ``PAIRED_ROUNDS_PER_STEP`` rounds per timed step):
   its ``extra_s_per_step`` is the median of their differences (``extra_s_per_round``: each round's) and
   ``paired_baseline_step_s`` the baseline's time there. Its peak memory then includes the baseline's step.
@@ -451,7 +447,7 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   row_step = compiled_row(row, detector_config(row), cache_dir)
   flops = row_step.count_flops()
   paired = {}
-  if row.get("baseline"):
+  if row.get("baseline_config"):
     baseline = baseline_row(row)
     baseline_step = compiled_row(baseline, detector_config(baseline), cache_dir, timed=False).step
     times = paired_seconds(row_step.step, baseline_step, WARMUP_STEPS, PAIRED_ROUNDS_PER_STEP * row["steps"])

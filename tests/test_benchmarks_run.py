@@ -33,9 +33,10 @@ def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():
     names = {(r["model"], r["framework"], r["mode"], r["height"], r["batch"]) for r in rows}
     assert len(names) == len(rows)
     for index, row in enumerate(rows):
-      if "baseline" in row:
+      if "baseline_config" in row:
         # Before the row, which compiles the baseline's step from the cache that the baseline's row fills.
-        assert (row["baseline"], "libra_jax", row["mode"], row["height"], row["batch"]) in {
+        baseline = run.model_name(row["baseline_config"], row["depth"])
+        assert (baseline, "libra_jax", row["mode"], row["height"], row["batch"]) in {
             (r["model"], r["framework"], r["mode"], r["height"], r["batch"]) for r in rows[:index]}
       if row["framework"] in run.TORCHVISION_SETUPS:
         assert (row["model"], "libra_jax", row["mode"], row["height"], row["batch"]) in names
@@ -98,7 +99,7 @@ def test_each_part_changes_only_its_own_switches():
 
 def test_comparisons_by_hand():
   rows = [result("faster_rcnn_r50_fpn", step_s=2.0),
-          result("faster_rcnn_r50_fpn+bfp", step_s=2.5, baseline="faster_rcnn_r50_fpn"),
+          result("faster_rcnn_r50_fpn+bfp", step_s=2.5),
           result("faster_rcnn_r50_fpn", framework="torchvision", step_s=4.0),
           result("faster_rcnn_r50_fpn", framework="torchvision_plain", step_s=5.0),
           result("faster_rcnn_r50_fpn", mode="infer", step_s=0.5),
@@ -141,13 +142,13 @@ def test_paired_seconds_alternates_the_order_and_takes_medians_of_the_difference
 
 def test_a_rows_baseline_is_its_config_without_the_part_and_libras_is_faster_rcnn():
   rows = run.plan("full", with_torchvision=False)
-  paired = [row for row in rows if row.get("baseline")]
+  paired = [row for row in rows if row.get("baseline_config")]
   assert {(row["config"], row["part"]) for row in paired} == (
       {("libra_faster_rcnn", None)} | {("faster_rcnn", part) for part in run.LIBRA_PARTS}
       | {("libra_faster_rcnn", variant) for variant in ("fixed_roi_grid", "bucket_padding")})
   for row in paired:
     baseline = run.baseline_row(row)
-    assert baseline["model"] == row["baseline"] == run.model_name(baseline["config"], row["depth"])
+    assert baseline["model"] == run.model_name(baseline["config"], row["depth"])
     assert baseline["part"] is None
     assert baseline["config"] == ("faster_rcnn" if row["part"] is None else row["config"])
     assert {k: v for k, v in baseline.items() if k not in ("part", "model", "config")} == {

@@ -39,11 +39,53 @@ class ConvModule(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """``x [B, H, W, C_in]`` -> ``[B, ceil(H / s), ceil(W / s), features]`` (odd kernels)."""
+  def __call__(self, x):
+    """``x [B, H, W, C_in]`` -> ``[B, ceil(H / s), ceil(W / s), features]`` (odd kernels).
+
+    ``x`` may also be a sequence of maps (stride 1): the one filter is applied
+    to each (:class:`SharedFilterConv`) and the tuple of outputs returned.
+    """
+    if isinstance(x, (list, tuple)):
+      if self.strides != 1:
+        raise ValueError(f"a ConvModule applied to several maps has stride 1, not {self.strides}")
+      maps = SharedFilterConv(self.features, self.kernel_size, name="conv", kernel_init=self.kernel_init,
+                              bias_init=self.bias_init, dtype=self.dtype)(x)
+      return tuple(nn.relu(y) for y in maps) if self.use_relu else maps
     x = conv2d(self.features, self.kernel_size, self.strides, name="conv", kernel_init=self.kernel_init,
                bias_init=self.bias_init, dtype=self.dtype)(x)
     return nn.relu(x) if self.use_relu else x
+
+
+class SharedFilterConv(nn.Module):
+  """One stride-1 convolution, PyTorch-padded (odd square kernel), applied to each map of a sequence.
+
+  The parameters are ``nn.Conv``'s (``kernel [k, k, C_in, features]``,
+  ``bias [features]``, float32), so a head that shares its filters across
+  pyramid levels keeps its parameter tree. On the CPU the maps' 3x3
+  convolutions run as one Winograd convolution (``libra_jax.ops.conv.conv_maps``).
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side (odd).
+    kernel_init, bias_init: the parameters' initializers.
+    dtype: computation dtype (parameters stay float32).
+  """
+  features: int
+  kernel_size: int = 3
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, maps: Sequence[jnp.ndarray]) -> Tuple[jnp.ndarray, ...]:
+    """Maps ``[B, H_l, W_l, C_in]`` -> the tuple of ``[B, H_l, W_l, features]``."""
+    size = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (size, size, maps[0].shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    pad = size // 2
+    outputs = conv_ops.conv_maps([x.astype(self.dtype) for x in maps], kernel.astype(self.dtype),
+                                 ((pad, pad), (pad, pad)))
+    return tuple(y + bias for y in outputs)
 
 
 class ConvModuleList(nn.Module):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from libra_jax import losses
 
-from libra_jax.models.layers import ConvModuleList, conv2d
+from libra_jax.models.layers import ConvModuleList, SharedFilterConv
 from libra_jax.models.own_padding import OwnArea
 from libra_jax.models.postprocess import Detections, drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
@@ -52,19 +52,21 @@ class RetinaHead(nn.Module):
     cls_convs = ConvModuleList(self.feat_channels, kernel_init=init, dtype=self.dtype, name="cls_convs")
     reg_convs = ConvModuleList(self.feat_channels, kernel_init=init, dtype=self.dtype, name="reg_convs")
     prior_bias = -math.log((1 - self.prior_prob) / self.prior_prob)
-    retina_cls = conv2d(self.num_anchors * self.num_classes, 3, name="retina_cls", kernel_init=init,
-                        bias_init=nn.initializers.constant(prior_bias), dtype=self.dtype)
-    retina_reg = conv2d(self.num_anchors * 4, 3, name="retina_reg", kernel_init=init, dtype=self.dtype)
-    logits, deltas = [], []
-    for level, x in enumerate(features):
-      inside = (lambda y: y) if area is None else functools.partial(area.zero_outside, stride=strides[level])
-      cls_x, reg_x = x, x
-      for i in range(self.stacked_convs):
-        cls_x = cls_convs(inside(cls_x), i, use_relu=True)
-        reg_x = reg_convs(inside(reg_x), i, use_relu=True)
-      batch = x.shape[0]
-      logits.append(retina_cls(inside(cls_x)).reshape(batch, -1, self.num_classes))
-      deltas.append(retina_reg(inside(reg_x)).reshape(batch, -1, 4))
+    retina_cls = SharedFilterConv(self.num_anchors * self.num_classes, 3, name="retina_cls", kernel_init=init,
+                                  bias_init=nn.initializers.constant(prior_bias), dtype=self.dtype)
+    retina_reg = SharedFilterConv(self.num_anchors * 4, 3, name="retina_reg", kernel_init=init, dtype=self.dtype)
+    if area is None:
+      inside = tuple
+    else:
+      inside = lambda maps: tuple(area.zero_outside(x, stride=s) for x, s in zip(maps, strides))
+    # Layer by layer over every level: each layer's filter runs on the levels together (SharedFilterConv).
+    cls_maps, reg_maps = tuple(features), tuple(features)
+    for i in range(self.stacked_convs):
+      cls_maps = cls_convs(inside(cls_maps), i, use_relu=True)
+      reg_maps = reg_convs(inside(reg_maps), i, use_relu=True)
+    batch = features[0].shape[0]
+    logits = [y.reshape(batch, -1, self.num_classes) for y in retina_cls(inside(cls_maps))]
+    deltas = [y.reshape(batch, -1, 4) for y in retina_reg(inside(reg_maps))]
     return (jnp.concatenate(logits, axis=1).astype(jnp.float32),
             jnp.concatenate(deltas, axis=1).astype(jnp.float32))
 

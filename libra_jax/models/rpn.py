@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from libra_jax import losses
-from libra_jax.models.layers import conv2d
+from libra_jax.models.layers import SharedFilterConv, conv2d
 from libra_jax.models.own_padding import OwnArea
 from libra_jax.models.postprocess import drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
@@ -44,12 +44,14 @@ class RPNHead(nn.Module):
     With ``area`` (and the levels' ``strides``), the 3x3 conv reads zeros outside each image's own area.
     """
     init = nn.initializers.normal(0.01)
-    shared = conv2d(self.feat_channels, 3, name="rpn_conv", kernel_init=init, dtype=self.dtype)
+    shared = SharedFilterConv(self.feat_channels, 3, name="rpn_conv", kernel_init=init, dtype=self.dtype)
     cls = conv2d(self.num_anchors, 1, name="rpn_cls", kernel_init=init, dtype=self.dtype)
     reg = conv2d(4 * self.num_anchors, 1, name="rpn_reg", kernel_init=init, dtype=self.dtype)
+    if area is not None:
+      features = [area.zero_outside(x, strides[level]) for level, x in enumerate(features)]
     logits, deltas = [], []
-    for level, x in enumerate(features):
-      x = nn.relu(shared(x if area is None else area.zero_outside(x, strides[level])))
+    for x in shared(features):  # the 3x3 conv's one filter on every level together (SharedFilterConv)
+      x = nn.relu(x)
       batch = x.shape[0]
       logits.append(cls(x).reshape(batch, -1))
       deltas.append(reg(x).reshape(batch, -1, 4))

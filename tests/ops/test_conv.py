@@ -173,3 +173,42 @@ def test_direct_convolutions_trace_no_winograd_and_count_the_direct_flops():
   # 16 products per 2x2 block instead of 36, plus the transforms' additions.
   assert 1 / 2.25 < winograd / direct < 1 / 2.0
   assert flops() == winograd
+
+
+def test_winograd_of_several_maps_equals_each_maps_convolution_and_sums_the_filter_gradient():
+  # Maps of different batch, size and parity share one filter; their tiles are stacked for one matmul per position.
+  rng = np.random.default_rng(5)
+  padding = ((1, 1), (1, 1))
+  xs = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in [(2, 8, 10, 16), (2, 3, 5, 16),
+                                                                            (1, 1, 1, 16)])
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) / 12, jnp.float32)
+  outputs, pullback = jax.vjp(lambda xs, w: conv.winograd_conv3x3_maps(xs, w, padding), xs, w)
+  for x, y in zip(xs, outputs):
+    np.testing.assert_allclose(y, stride1_conv_by_loops(x, w, padding), rtol=1e-5, atol=1e-5)
+  gs = tuple(jnp.asarray(rng.normal(size=y.shape), jnp.float32) for y in outputs)
+  dxs, dw = pullback(gs)
+  flipped = np.asarray(w)[::-1, ::-1].transpose(0, 1, 3, 2)
+  for dx, g in zip(dxs, gs):
+    np.testing.assert_allclose(dx, stride1_conv_by_loops(g, flipped, padding), rtol=1e-5, atol=1e-5)
+  want_dw = sum(filter_gradient_by_loops(np.asarray(x), np.asarray(g), 3, 1, 1) for x, g in zip(xs, gs))
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("sizes,winograd", [([(32, 32)], True), ([(31, 32)], False),
+                                            ([(31, 32), (8, 8), (4, 4)], True), ([(16, 16), (8, 8)], False)])
+def test_maps_take_winograd_together_when_their_positions_reach_the_threshold(sizes, winograd):
+  # Batch 2: 2 x 32 x 32 is the threshold's 2,048 positions; 1,984 + 128 + 32 together reach it, 512 + 128 do not.
+  xs = [jax.ShapeDtypeStruct((2,) + size + (128,), jnp.float32) for size in sizes]
+  w = jax.ShapeDtypeStruct((3, 3, 128, 16), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda xs, w: conv.conv_maps(xs, w, ((1, 1), (1, 1))))(xs, w))
+  assert ("conv_general_dilated" not in jaxpr) == winograd
+  assert ("custom_vjp" in jaxpr) == winograd
+
+
+def test_maps_below_the_threshold_are_each_convolved_as_before():
+  rng = np.random.default_rng(6)
+  xs = [jnp.asarray(rng.normal(size=(1, n, n + 1, 8)), jnp.float32) for n in (6, 3)]
+  w = jnp.asarray(rng.normal(size=(3, 3, 8, 4)), jnp.float32)
+  for x, y in zip(xs, conv.conv_maps(xs, w, ((1, 1), (1, 1)))):
+    np.testing.assert_array_equal(y, conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                               dimension_numbers=conv.NHWC))

@@ -1,6 +1,6 @@
 """Train and inference throughput, compile time, memory and FLOP/s of the detectors, beside torchvision's.
 
-    python benchmarks/run.py [--quick | --accelerator] [--json]
+    python benchmarks/run.py [--quick | --accelerator] [--models=NAME[,NAME...]] [--json]
 
 Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
   * Libra Faster R-CNN (configs/libra_faster_rcnn_r50_fpn_1x_coco.py), the
@@ -91,6 +91,10 @@ The full run: ResNet-50, both shapes, 5 timed steps per row, the Libra-part
 rows at both shapes, the fixed-grid and bucket-padding rows at 800 x 1344
 only; 33 rows with torchvision.
 
+``--models=NAME[,NAME...]`` keeps only the rows of those models (the
+table's ``model`` column: ``retinanet_r50_fpn`` measures torchvision's
+RetinaNet rows and ours, at both shapes).
+
 ``--quick`` checks that everything works: ResNet-18 instead of ResNet-50
 (ours and torchvision's; every other setting unchanged), one shape, 256 x 256
 batch 1, 2 timed steps, and only the rows Libra Faster R-CNN train, the
@@ -133,7 +137,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Import this checkout's libra_jax and configs, not an installed copy. JAX and torch are imported only inside
@@ -219,6 +223,19 @@ def plan(setting_name: str, with_torchvision: bool) -> List[Dict[str, Any]]:
       rows.append(dict(shape, framework="libra_jax", config="libra_faster_rcnn", part=part, mode=mode,
                        model=model_name("libra_faster_rcnn", depth, part), baseline_config="libra_faster_rcnn"))
   return rows
+
+
+def only_models(rows: List[Dict[str, Any]], models: Sequence[str]) -> List[Dict[str, Any]]:
+  """The rows whose ``model`` (the table's first column) is one of ``models``, in their order.
+
+  Raises:
+    cli.UsageError: a name that no row of ``rows`` has (it lists theirs).
+  """
+  known = list(dict.fromkeys(row["model"] for row in rows))
+  unknown = [name for name in models if name not in known]
+  if unknown:
+    raise cli.UsageError(f"--models: no row measures {', '.join(unknown)}; this plan's models are {', '.join(known)}")
+  return [row for row in rows if row["model"] in models]
 
 
 def peak_rss_mb() -> float:
@@ -679,6 +696,8 @@ def main(argv) -> int:
   parser.add_argument("--accelerator", action="store_true",
                       help="ResNet-50 at 800x1344 batch 2 on JAX's GPU/TPU and torch's CUDA device")
   parser.add_argument("--json", action="store_true", help="JSON lines on stdout, the table on stderr")
+  parser.add_argument("--models", metavar="NAME[,NAME...]",
+                      help="measure only the rows of these models (the table's model column, e.g. retinanet_r50_fpn)")
   args = parser.parse_args(argv)
   if args.quick and args.accelerator:
     parser.error("--quick and --accelerator are two different sets of rows: choose one")
@@ -686,6 +705,8 @@ def main(argv) -> int:
   if not with_torchvision:
     print("torch/torchvision not importable: torchvision rows skipped (pip install -e .[bench])", file=sys.stderr)
   rows = plan("quick" if args.quick else "accelerator" if args.accelerator else "full", with_torchvision)
+  if args.models:
+    rows = only_models(rows, args.models.split(","))
   matmul_rate = run_isolated(matmul_flops_per_sec)
   date = datetime.date.today().isoformat()
   results = []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import run
+from libra_jax import cli
 
 
 def needs_torchvision(test):
@@ -25,6 +26,16 @@ def result(model, framework="libra_jax", mode="train", step_s=1.0, batch=1, heig
   return dict(model=model, framework=framework, mode=mode, height=height, width=width, batch=batch,
               device=device, step_s=step_s, images_per_sec=batch / step_s,
               flops_per_sec=None if framework == "torchvision" else 2e9, **extra)
+
+
+def test_only_models_keeps_the_named_models_rows_in_order_and_names_the_plans_models_for_a_typo():
+  full = run.plan("full", with_torchvision=True)
+  kept = run.only_models(full, ["retinanet_r50_fpn"])
+  # Per shape: torchvision's train (fair and plain) and inference rows, and our train and inference rows.
+  assert len(kept) == 10 and {r["model"] for r in kept} == {"retinanet_r50_fpn"}
+  assert kept == [r for r in full if r["model"] == "retinanet_r50_fpn"]
+  with pytest.raises(cli.UsageError, match="no row measures retinanet_r5; this plan's models are .*retinanet_r50_fpn"):
+    run.only_models(full, ["retinanet_r50_fpn", "retinanet_r5"])
 
 
 def test_plan_pairs_every_part_with_a_measured_baseline_and_torchvision_row():

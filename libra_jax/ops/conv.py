@@ -88,15 +88,17 @@ four fresh processes, took 3.29-3.44 s each: the step varies by ~15% between
 runs on this machine.
 
 A head that applies one filter to every pyramid level (RetinaNet's towers
-and class and box convolutions, the RPN's 3x3 conv; ``models.layers.SharedFilterConv``)
-calls :func:`conv_maps`, which stacks the levels' tiles for one set of 16
-matmuls per layer (:func:`winograd_conv3x3_maps`), so levels too small for
-Winograd alone take it too. RetinaNet R-50's train step at 512x512 batch 2 took 2.635 s that way
-against 2.779 s level by level (2026-12-05, one process, both steps in turns,
-10 rounds, all 10 faster; median difference -0.143 s); inference -0.019 s;
-Faster R-CNN's train step, whose RPN conv is the only such layer, -0.054 s
-and +0.044 s in two runs at 512x512 batch 2 and +0.014 s at 800x1344 (no
-change). Keeping the largest level out of the stack was 0.20 s slower for
+and class and box convolutions, the RPN's 3x3 conv;
+``models.layers.SharedFilterConv``) calls :func:`conv_maps`, which stacks
+the levels' tiles for one set of 16 matmuls per layer
+(:func:`winograd_conv3x3_maps`), so levels too small for Winograd alone take
+it too. Measured in one process with both programs' steps in turns
+(2026-12-05; median of the per-round differences): RetinaNet R-50's train
+step -0.143 s at 512x512 batch 2 (2.779 -> 2.635 s, 10 rounds, all faster)
+and -0.141 s at 800x1344 (6 rounds); its inference -0.019 s and -0.055 s.
+Faster R-CNN's train step, whose RPN conv is the only such layer, did not
+change (-0.054 and +0.044 s in two runs at 512x512 batch 2, +0.014 s at
+800x1344). Keeping the largest level out of the stack was 0.20 s slower for
 RetinaNet.
 """
 

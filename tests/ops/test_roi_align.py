@@ -120,7 +120,8 @@ def test_roi_align_matches_reference(aligned, sampling_ratio):
   features = rng.normal(size=(13, 17, 3)).astype(np.float32)
   spatial_scale = 0.5
   rois = random_rois(rng, 20, 13 / spatial_scale, 17 / spatial_scale)
-  output_size = (3, 4) if sampling_ratio == 3 else (2, 2)
+  # Adaptive (0) and 3 samples per bin also with more column bins than row bins.
+  output_size = (3, 4) if sampling_ratio in (0, 3) else (2, 2)
   expected = reference_roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
                                  aligned)
   got = jit_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
@@ -384,3 +385,37 @@ def test_adaptive_pooling_loops_give_the_same_sums_with_several_pairs_per_step(m
   np.testing.assert_allclose(unrolled[0], one_pair[0], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(unrolled[1], one_pair[1], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(one_pair[0], reference_roi_align(features, rois, (3, 3), 0.5, 0, True), atol=1e-5)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_adaptive_pixel_weights_hold_each_counted_sample_once(aligned):
+  # Along each axis a sample inside [-1, extent] spreads weight 1 over the pixels it reads, so a bin's weights over
+  # its pixel offsets sum to (counted samples) / (samples per bin), and offsets past the RoI's pixel count weigh
+  # nothing. Rows (3 bins) and columns (4) side by side, on RoIs of every kind: tiny, empty, huge, outside.
+  rng = np.random.default_rng(11 + aligned)
+  height, width = 13.0, 17.0
+  rois = random_rois(rng, 40, height, width)
+  offset = 0.5 if aligned else 0.0
+  y = adaptive_roi_align.axis_grid(jnp.asarray(rois[:, 1] - offset), jnp.asarray(rois[:, 3] - offset),
+                                   jnp.full(40, height), 3, aligned)
+  x = adaptive_roi_align.axis_grid(jnp.asarray(rois[:, 0] - offset), jnp.asarray(rois[:, 2] - offset),
+                                   jnp.full(40, width), 4, aligned)
+  grids = adaptive_roi_align.bin_grids(y, x)
+  num_pixels = np.concatenate([np.repeat(np.asarray(y.num_pixels)[:, None], 3, 1),
+                               np.repeat(np.asarray(x.num_pixels)[:, None], 4, 1)], axis=1)
+  totals = np.zeros((40, 7))
+  for step in range(int(num_pixels.max()) + 2):
+    pixels, weights = jax.jit(adaptive_roi_align.pixel_weights)(grids, jnp.full((40, 7), step, jnp.int32))
+    weights = np.asarray(weights)
+    np.testing.assert_array_equal(weights[step >= num_pixels], 0.0)
+    assert np.all((np.asarray(pixels) >= 0) & (np.asarray(pixels) < [[height] * 3 + [width] * 4]))
+    totals += weights
+  expected = np.zeros((40, 7))
+  for k, (x1, y1, x2, y2) in enumerate(rois.astype(np.float64) - offset):
+    for axis, (start, end, extent, bins) in enumerate(((y1, y2, height, 3), (x1, x2, width, 4))):
+      length = end - start if aligned else max(end - start, 1.0)
+      samples = math.ceil(length / bins)
+      for b in range(bins):
+        coords = [start + b * length / bins + (i + 0.5) * length / bins / samples for i in range(samples)]
+        expected[k, axis * 3 + b] = sum(-1.0 <= c <= extent for c in coords) / max(samples, 1)
+  np.testing.assert_allclose(totals, expected, atol=1e-5)

@@ -127,18 +127,24 @@ def test_winograd_agrees_with_float64_as_closely_as_xla(size, padding):
   assert ours_error < 1e-6 * np.abs(want).max()
 
 
-def test_winograd_gradients_equal_the_direct_convolutions():
+@pytest.mark.parametrize("size,padding", [((9, 10), ((1, 1), (1, 1))), ((8, 7), ((0, 2), (2, 0))),
+                                          ((7, 8), ((0, 0), (0, 0)))])
+def test_winograd_gradients_equal_the_direct_convolutions(size, padding):
+  # Odd and even outputs, padding on one side only and none: the input gradient's tile adjoint crops the padding.
   rng = np.random.default_rng(3)
-  padding = ((1, 1), (1, 1))
-  x = jnp.asarray(rng.normal(size=(2, 9, 10, 16)), jnp.float32)
+  (top, bottom), (left, right) = padding
+  x = jnp.asarray(rng.normal(size=(2,) + size + (16,)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) / 12, jnp.float32)
-  g = jnp.asarray(rng.normal(size=(2, 9, 10, 8)), jnp.float32)
-  dx, dw = jax.vjp(lambda x, w: conv.winograd_conv3x3(x, w, padding), x, w)[1](g)
-  # The input gradient is the full convolution of g with the filter turned 180 degrees and transposed.
-  want_dx = stride1_conv_by_loops(g, np.asarray(w)[::-1, ::-1].transpose(0, 1, 3, 2), padding)
+  y, pullback = jax.vjp(lambda x, w: conv.winograd_conv3x3(x, w, padding), x, w)
+  g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  dx, dw = pullback(g)
+  # The input gradient is the convolution of g, padded by 2 less the forward padding on each side, with the filter
+  # turned 180 degrees and transposed.
+  want_dx = stride1_conv_by_loops(g, np.asarray(w)[::-1, ::-1].transpose(0, 1, 3, 2),
+                                  ((2 - top, 2 - bottom), (2 - left, 2 - right)))
   np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw, filter_gradient_by_loops(np.asarray(x), np.asarray(g), 3, 1, 1),
-                             rtol=1e-5, atol=1e-4)
+  padded = np.pad(np.asarray(x), ((0, 0), (top, bottom), (left, right), (0, 0)))
+  np.testing.assert_allclose(dw, filter_gradient_by_loops(padded, np.asarray(g), 3, 1, 0), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch,size,channels,stride,dtype,padding,winograd", [

@@ -335,3 +335,31 @@ def test_torchvision_inference_row_counts_its_proposals_per_image():
   measured = run.run_isolated(run.measure_torchvision, row)
   # torchvision keeps at most 1,000 proposals per image at test time, at least one for a random image.
   assert 1 <= measured["proposals_per_image"] <= 1000
+
+
+def test_our_inference_row_counts_the_rpns_valid_proposals_per_image(tmp_path):
+  # A tiny Faster R-CNN on random 128x160 images: with at most 7 proposals per image, both images have 7 (the RPN
+  # keeps far more candidates through NMS); with 100, at least as many and at most 100. Training rows and RetinaNet
+  # count nothing.
+  script = f"""
+import json, sys
+sys.path.insert(0, "tests")
+from support import tiny_model_config
+from benchmarks import run
+from libra_jax.config_loader import load_config
+counts = []
+for family, file, mode, cap in [("faster", "faster_rcnn", "infer", 7), ("faster", "faster_rcnn", "infer", 100),
+                                ("faster", "faster_rcnn", "train", 100), ("retina", "retinanet", "infer", None)]:
+  config = load_config(f"configs/{{file}}_r50_fpn_1x_coco.py")
+  config.model = tiny_model_config(family, libra=False, num_classes=80)
+  if cap:
+    config.model.test.rpn_proposal.max_per_img = cap
+  row = dict(height=128, width=160, batch=2, mode=mode, accelerator=False)
+  counts.append(run.compiled_row(row, config, {str(tmp_path)!r}, timed=False).count_proposals())
+print(json.dumps(counts))
+"""
+  out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=300)
+  capped, uncapped, train, retinanet = json.loads(out.stdout.splitlines()[-1])
+  assert capped == 7.0
+  assert 7.0 <= uncapped <= 100.0
+  assert train is None and retinanet is None

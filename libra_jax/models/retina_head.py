@@ -20,6 +20,7 @@ from libra_jax.models.layers import ConvModuleList, SharedFilterConv
 from libra_jax.models.own_padding import OwnArea
 from libra_jax.models.postprocess import Detections, drop_small, nms_detections
 from libra_jax.ops import boxes as box_ops
+from libra_jax.ops import conv as conv_ops
 from libra_jax.ops.assign import max_iou_assign
 
 
@@ -67,7 +68,9 @@ class RetinaHead(nn.Module):
     batch = features[0].shape[0]
     logits = [y.reshape(batch, -1, self.num_classes) for y in retina_cls(inside(cls_maps))]
     deltas = [y.reshape(batch, -1, 4) for y in retina_reg(inside(reg_maps))]
-    return (jnp.concatenate(logits, axis=1).astype(jnp.float32),
+    # The focal loss's gradient is costly per element: computed once, not in each reader of the class conv's
+    # Winograd backward (conv.materialize_cotangent).
+    return (conv_ops.materialize_cotangent(jnp.concatenate(logits, axis=1).astype(jnp.float32)),
             jnp.concatenate(deltas, axis=1).astype(jnp.float32))
 
 

@@ -218,3 +218,16 @@ def test_maps_below_the_threshold_are_each_convolved_as_before():
   for x, y in zip(xs, conv.conv_maps(xs, w, ((1, 1), (1, 1)))):
     np.testing.assert_array_equal(y, conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                                dimension_numbers=conv.NHWC))
+
+
+def test_a_materialized_cotangent_is_the_identity_through_a_conditional_xla_keeps():
+  x = jnp.arange(6.0).reshape(2, 3)
+  g = jnp.asarray([[1.0, -2.0, 3.0], [0.5, 0.0, 7.0]])
+  value, pullback = jax.vjp(conv.materialize_cotangent, x)
+  np.testing.assert_array_equal(value, x)
+  np.testing.assert_array_equal(pullback(g)[0], g)
+  # A NaN in the first element (which only a non-finite loss gives) makes the whole gradient NaN.
+  assert np.isnan(pullback(g.at[0, 0].set(jnp.nan))[0]).all()
+  # The gradient passes through a conditional in the compiled program, so that XLA:CPU materializes it.
+  backward = jax.jit(lambda x, g: jax.vjp(lambda x: jnp.exp(conv.materialize_cotangent(x)), x)[1](g))
+  assert "conditional(" in backward.lower(x, g).compile().as_text()

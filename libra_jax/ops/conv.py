@@ -419,9 +419,12 @@ def materialize_cotangent(x):
   elementwise producer of that gradient into every reader, computing it
   there again. For a ReLU's mask that costs little.
   RetinaNet's focal loss (about 60 operations per element, 720 channels per
-  position) feeds its class convolution: at 512x512 batch 2 its gradient took
-  0.28 s of operation time per train step computed in the 16 readers, and
-  0.13 s materialized first (a jax.profiler trace of each). The gradient
+  position) feeds its class convolution: at 512x512 batch 2 that
+  convolution's backward pass took 0.28 s of operation time per train step
+  with the loss's gradient computed in its readers, and 0.13 s with it
+  materialized first (a jax.profiler trace of each; the whole step, paired
+  with ``benchmarks/paired_revision.py``: -0.088 s, and -0.354 s at
+  800x1344). The gradient
   passes through a ``lax.cond``, which XLA fuses nothing across
   (``lax.optimization_barrier`` is removed by XLA:CPU before fusion; a cond
   whose branches are equal is folded away). Its other branch, taken when the

@@ -27,7 +27,8 @@ Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
     on the CPU, built as ``fasterrcnn_resnet50_fpn`` /
     ``retinanet_resnet50_fpn`` build them (the same construction for any
     ResNet depth; a test compares it with the builders at depth 50) with our
-    80 COCO classes and random weights, in two setups:
+    80 COCO classes (and, for RetinaNet, the reference's P6 from C5 and 100
+    detections an image), in two setups:
       - ``torchvision``: the setup the builders choose for training from
         ImageNet weights (``weights_backbone=...``), which is also ours and
         mmdetection's: FrozenBatchNorm2d everywhere, the stem and layer1
@@ -35,6 +36,11 @@ Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
       - ``torchvision_plain`` (train only): what they build without any
         weights: batch-statistics BatchNorm, every layer trained, so somewhat
         more work per step. (In eval mode both setups compute the same.)
+    They run with our rows' initial weights and images
+    (``benchmarks/torchvision_weights.py``): one network in two frameworks,
+    whose maps and head outputs agree to about 1e-6 (a test checks), so that
+    the work that depends on the weights (how many proposals survive the
+    RPN's NMS, how many detections pass the score threshold) is the same.
     Its transform's ``min_size``/``max_size`` are set so that images are not
     resized; ``ran_height``/``ran_width`` report the padded size it ran at.
     Its default proposal counts (2,000 after NMS when training) differ from
@@ -74,12 +80,12 @@ differ by up to 10% run to run on these shared cores, more than a part costs.
 baseline, with the baseline's step too).
 ``proposals_per_image`` (Faster R-CNN inference, ours and torchvision's): the
 mean number of RPN proposals per image after NMS, what the second stage runs
-on. Random weights make it data-dependent and different between the two
-(2026-12-05, 512 x 512 batch 2: ours 572, torchvision's 267 of the 1,000
-allowed): torchvision's R-CNN head runs on exactly its proposals, ours up to
-the last eighth of the 1,000 slots that holds one
-(``detectors.RCNN_TEST_CHUNKS``), so the inference ratio at a shape depends on
-these counts as well as on speed.
+on. torchvision's R-CNN head runs on exactly its proposals, ours up to the
+last eighth of the 1,000 slots that holds one (``detectors.RCNN_TEST_CHUNKS``).
+Before the two frameworks shared weights (until 2026-12-05) each had random
+weights of its own, and the counts differed twofold (512 x 512 batch 2: ours
+572, torchvision's 267); with our weights in both they agree to about 1%
+(a test checks at ResNet-18).
 
 Every row's process, ours and torchvision's alike, first sets glibc's malloc
 to keep freed memory (``libra_jax.host_memory``, which every libra_jax command
@@ -485,11 +491,15 @@ def torchvision_detector(family: str, depth: int, height: int, width: int, pretr
   """torchvision's detector with a ResNet-``depth`` FPN, random weights, for ``height x width`` inputs.
 
   The construction of ``fasterrcnn_resnet50_fpn`` / ``retinanet_resnet50_fpn``
-  for any ResNet depth, with our class counts. ``pretrained_setup``: as they
-  build it with ImageNet backbone weights (FrozenBatchNorm2d, stem and layer1
-  frozen), else as without weights (BatchNorm2d, every layer trainable).
-  ``min_size`` and ``max_size`` are the shorter and longer input side, so the
-  transform keeps images at their size.
+  for any ResNet depth, with our class counts and two settings of the
+  reference's RetinaNet: P6 from C5 (mmdetection's ``add_extra_convs=
+  'on_input'``, as torchvision's ``retinanet_resnet50_fpn_v2``; the v1
+  builder takes P5) and 100 detections per image (the builder keeps 300).
+  ``pretrained_setup``: as they build it with ImageNet backbone weights
+  (FrozenBatchNorm2d, stem and layer1 frozen), else as without weights
+  (BatchNorm2d, every layer trainable). ``min_size`` and ``max_size`` are
+  the shorter and longer input side, so the transform keeps images at their
+  size.
   """
   import torch
   from torchvision.models import detection
@@ -502,13 +512,31 @@ def torchvision_detector(family: str, depth: int, height: int, width: int, pretr
                   trainable_layers=3 if pretrained_setup else 5)
   if family == "faster_rcnn":
     return detection.FasterRCNN(resnet_fpn_backbone(**backbone), num_classes=NUM_CLASSES + 1, **size)
+  c5_channels = 2048 if depth >= 50 else 512
   return detection.RetinaNet(resnet_fpn_backbone(**backbone, returned_layers=[2, 3, 4],
-                                                 extra_blocks=LastLevelP6P7(256, 256)),
-                             num_classes=NUM_CLASSES, **size)
+                                                 extra_blocks=LastLevelP6P7(c5_channels, 256)),
+                             num_classes=NUM_CLASSES, detections_per_img=100, **size)
 
 
-def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
+def our_initial_weights(family: str, depth: int) -> Dict[str, Any]:
+  """The initial weights of our ``family`` detector at ``depth`` (its config's seed), as our rows initialize
+  them, exported under torchvision's names (``benchmarks.torchvision_weights``): numpy arrays."""
+  import jax
+  from benchmarks import torchvision_weights
+  from libra_jax.convert import export_detector
+  from libra_jax.models.detectors import build_detector, jitted_init
+  config = detector_config(dict(config=family, depth=depth, part=None))
+  variables = jitted_init(build_detector(config.model))(jax.random.key(config.seed), jax.numpy.zeros((1, 64, 64, 3)))
+  return torchvision_weights.torchvision_state_dict(export_detector(jax.device_get(variables)), family)
+
+
+def measure_torchvision(row: Dict[str, Any], weights: Dict[str, Any]) -> Dict[str, Any]:
   """Measures one torchvision row (in a fresh process) on the CPU, or on torch's CUDA device for an accelerator row.
+
+  ``weights``: what the model runs with, ``our_initial_weights`` of the row's
+  family and depth (computed in another process, so that JAX's memory is not
+  this row's). The images are our synthetic batch's, in torchvision's input
+  space (``torchvision_weights.torchvision_images``).
 
   On CUDA each step ends with ``torch.cuda.synchronize()``, as ours waits for
   its result; torch's defaults stand (TF32 in cuDNN convolutions, which
@@ -517,17 +545,25 @@ def measure_torchvision(row: Dict[str, Any]) -> Dict[str, Any]:
   host_memory.keep_freed_host_memory()
   import torch
   import torchvision
+  from benchmarks import torchvision_weights
   if row["accelerator"] and not torch.cuda.is_available():
     raise RuntimeError("an accelerator row, but torch sees no CUDA device")
   device = torch.device("cuda" if row["accelerator"] else "cpu")
   torch.manual_seed(0)
   height, width, batch = row["height"], row["width"], row["batch"]
   model = torchvision_detector(row["family"], row["depth"], height, width,
-                               pretrained_setup=row["framework"] == "torchvision").to(device)
+                               pretrained_setup=row["framework"] == "torchvision")
+  missing, unexpected = model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()},
+                                              strict=False)
+  if unexpected or any(not name.endswith("num_batches_tracked") for name in missing):
+    raise RuntimeError(f"our weights do not fit torchvision's {row['family']}: missing {missing}, "
+                       f"unexpected {unexpected}")
+  model = model.to(device)
   boxes, labels = synthetic_targets(height, width, batch)
   # Faster R-CNN's class 0 is the background; RetinaNet has none.
   labels = labels + (1 if row["family"] == "faster_rcnn" else 0)
-  images = list(torch.rand(batch, 3, height, width, device=device))
+  image = synthetic_batch(height, width, batch, BOXES_PER_IMAGE)["image"]
+  images = list(torch.from_numpy(torchvision_weights.torchvision_images(image)).to(device))
   targets = [dict(boxes=torch.from_numpy(b).to(device), labels=torch.from_numpy(l).to(device))
              for b, l in zip(boxes, labels)]
 
@@ -666,7 +702,7 @@ def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """One row in its own process; a failure becomes the row with an ``error``."""
   try:
     if row["framework"] in TORCHVISION_SETUPS:
-      return run_isolated(measure_torchvision, row)
+      return run_isolated(measure_torchvision, row, run_isolated(our_initial_weights, row["family"], row["depth"]))
     return run_isolated(measure_ours, row, cache_dir)
   except Exception as error:  # a crashed worker, an out-of-memory kill, an exception in the row
     return dict(row, error=f"{type(error).__name__}: {error}")

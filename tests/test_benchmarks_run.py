@@ -294,11 +294,18 @@ def test_torchvision_construction_is_the_builders_at_depth_50():
 import torch
 from torchvision.models import detection
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from benchmarks import run
 for family, build, classes in (("faster_rcnn", detection.fasterrcnn_resnet50_fpn, run.NUM_CLASSES + 1),
                                ("retinanet", detection.retinanet_resnet50_fpn, run.NUM_CLASSES)):
   plain = run.torchvision_detector(family, 50, 512, 768, pretrained_setup=False)
   theirs = build(weights=None, weights_backbone=None, num_classes=classes, min_size=512, max_size=768)
+  if family == "retinanet":
+    # The reference's two settings (run.torchvision_detector's docstring): P6 from C5, 100 detections an image.
+    assert theirs.backbone.fpn.extra_blocks.use_P5 and theirs.detections_per_img == 300
+    theirs.backbone.fpn.extra_blocks = LastLevelP6P7(2048, 256)
+    theirs.detections_per_img = 100
+    assert not plain.backbone.fpn.extra_blocks.use_P5 and plain.detections_per_img == 100
   assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
   assert str(plain) == str(theirs)
   assert all(p.requires_grad for p in plain.parameters())
@@ -317,24 +324,40 @@ print("same")
   assert out.stdout.split()[-1] == "same"
 
 
+def torchvision_row(row):
+  """``row`` measured as ``run.measure`` measures it: our initial weights computed in one process, used in another."""
+  weights = run.run_isolated(run.our_initial_weights, row["family"], row["depth"])
+  return run.run_isolated(run.measure_torchvision, row, weights)
+
+
 @needs_torchvision
 def test_one_torchvision_row_in_a_fresh_process():
   row = dict(framework="torchvision", family="faster_rcnn", model="faster_rcnn_r18_fpn", mode="train", height=128,
              width=192, batch=1, depth=18, steps=1, accelerator=False)
-  measured = run.run_isolated(run.measure_torchvision, row)
+  measured = torchvision_row(row)
   assert (measured["ran_height"], measured["ran_width"]) == (128, 192)
   assert measured["images_per_sec"] == pytest.approx(1 / measured["step_s"])
   assert measured["peak_rss_mb"] > 100 and measured["flops_per_sec"] is None
   assert measured["proposals_per_image"] is None  # a training row
 
 
+def our_proposals_per_image(row, cache_dir):
+  """Our row's ``count_proposals`` (the benchmark's config at the row's depth), compiled untimed."""
+  return run.compiled_row(row, run.detector_config(row), cache_dir, timed=False).count_proposals()
+
+
 @needs_torchvision
-def test_torchvision_inference_row_counts_its_proposals_per_image():
-  row = dict(framework="torchvision", family="faster_rcnn", model="faster_rcnn_r18_fpn", mode="infer", height=128,
-             width=192, batch=2, depth=18, steps=1, accelerator=False)
-  measured = run.run_isolated(run.measure_torchvision, row)
-  # torchvision keeps at most 1,000 proposals per image at test time, at least one for a random image.
-  assert 1 <= measured["proposals_per_image"] <= 1000
+def test_torchvision_with_our_weights_keeps_about_our_proposals_per_image(tmp_path):
+  # Same weights and images, so the same RPN scores and boxes up to the two frameworks' anchors (torchvision rounds
+  # its base anchors to whole pixels) and float rounding: nearly the same proposals survive NMS (measured: 859
+  # against our 862 of the 1,000 allowed). With their own random weights they differed twofold (267 against 572).
+  row = dict(framework="torchvision", family="faster_rcnn", config="faster_rcnn", part=None,
+             model="faster_rcnn_r18_fpn", mode="infer", height=128, width=192, batch=2, depth=18, steps=1,
+             accelerator=False)
+  theirs = torchvision_row(row)["proposals_per_image"]
+  ours = run.run_isolated(our_proposals_per_image, dict(row, framework="libra_jax"), str(tmp_path))
+  assert 100 < ours < 1000
+  assert theirs == pytest.approx(ours, rel=0.02)
 
 
 def test_our_inference_row_counts_the_rpns_valid_proposals_per_image(tmp_path):

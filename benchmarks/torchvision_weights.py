@@ -1,4 +1,4 @@
-"""Our detector's weights and input in torchvision's detector, so that a benchmark compares one network in two frameworks.
+"""Our detector's weights and images in torchvision's detector: a benchmark then compares one network in two frameworks.
 
 With random weights of their own, the two frameworks' Faster R-CNNs keep
 different numbers of RPN proposals (2026-12-05, 512 x 512 batch 2: ours 572
@@ -20,7 +20,8 @@ mmdetection's names, in PyTorch layout):
 | ``roi_head.bbox_head.shared_fcs.{0,1}``   | ``roi_heads.box_head.fc6`` / ``fc7``          |
 | ``roi_head.bbox_head.fc_cls`` / ``fc_reg`` | ``roi_heads.box_predictor.cls_score`` / ``bbox_pred`` |
 | ``bbox_head.{cls,reg}_convs.{i}.conv``    | ``head.{classification,regression}_head.conv.{i}.0`` |
-| ``bbox_head.retina_cls`` / ``retina_reg`` | ``head.classification_head.cls_logits`` / ``head.regression_head.bbox_reg`` |
+| ``bbox_head.retina_cls``                 | ``head.classification_head.cls_logits``       |
+| ``bbox_head.retina_reg``                 | ``head.regression_head.bbox_reg``             |
 
 Values change in one place: the R-CNN classifier. mmdetection's background
 is its last class, torchvision's its first, so ``cls_score`` is ``fc_cls``

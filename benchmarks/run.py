@@ -518,25 +518,46 @@ def torchvision_detector(family: str, depth: int, height: int, width: int, pretr
                              num_classes=NUM_CLASSES, detections_per_img=100, **size)
 
 
-def our_initial_weights(family: str, depth: int) -> Dict[str, Any]:
-  """The initial weights of our ``family`` detector at ``depth`` (its config's seed), as our rows initialize
-  them, exported under torchvision's names (``benchmarks.torchvision_weights``): numpy arrays."""
+def our_setup(family: str, depth: int) -> Dict[str, Any]:
+  """What torchvision's rows of ``family`` at ``depth`` take from ours (computed in a process of its own).
+
+  ``weights``: our detector's initial weights (its config's seed), as our
+  rows initialize them, under torchvision's names
+  (``benchmarks.torchvision_weights``), numpy arrays. ``optim``: the
+  config's optimizer settings (``lr_per_16``, ``momentum``, ``weight_decay``,
+  ``warmup_steps``, ``warmup_ratio``).
+  """
   import jax
   from benchmarks import torchvision_weights
   from libra_jax.convert import export_detector
   from libra_jax.models.detectors import build_detector, jitted_init
   config = detector_config(dict(config=family, depth=depth, part=None))
   variables = jitted_init(build_detector(config.model))(jax.random.key(config.seed), jax.numpy.zeros((1, 64, 64, 3)))
-  return torchvision_weights.torchvision_state_dict(export_detector(jax.device_get(variables)), family)
+  weights = torchvision_weights.torchvision_state_dict(export_detector(jax.device_get(variables)), family)
+  optim = {key: config.optim[key] for key in ("lr_per_16", "momentum", "weight_decay", "warmup_steps", "warmup_ratio")}
+  return dict(weights=weights, optim=optim)
 
 
-def measure_torchvision(row: Dict[str, Any], weights: Dict[str, Any]) -> Dict[str, Any]:
+def warmup_factor(step: int, warmup_steps: int, warmup_ratio: float) -> float:
+  """The learning-rate factor at ``step`` (from 0) of a linear warm-up from ``warmup_ratio`` to 1 over
+  ``warmup_steps`` steps (none for 0), for torch's ``LambdaLR``."""
+  if warmup_steps <= 0:
+    return 1.0
+  return warmup_ratio + (1.0 - warmup_ratio) * min(step, warmup_steps) / warmup_steps
+
+
+def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str, Any]:
   """Measures one torchvision row (in a fresh process) on the CPU, or on torch's CUDA device for an accelerator row.
 
-  ``weights``: what the model runs with, ``our_initial_weights`` of the row's
-  family and depth (computed in another process, so that JAX's memory is not
-  this row's). The images are our synthetic batch's, in torchvision's input
-  space (``torchvision_weights.torchvision_images``).
+  ``setup``: ``our_setup`` of the row's family and depth (computed in another
+  process, so that JAX's memory is not this row's). The model runs with its
+  weights, on our synthetic batch's images in torchvision's input space
+  (``torchvision_weights.torchvision_images``), and trains with our SGD
+  settings and learning-rate warm-up: at the full rate from the first step
+  our weights diverge (a train row at 512 x 512 reached a loss of 1e34 by its
+  third step and NaN after, keeping no proposals, so the step lost its
+  second stage's work). ``finite_loss`` (train rows): every step's loss was
+  finite.
 
   On CUDA each step ends with ``torch.cuda.synchronize()``, as ours waits for
   its result; torch's defaults stand (TF32 in cuDNN convolutions, which
@@ -553,8 +574,8 @@ def measure_torchvision(row: Dict[str, Any], weights: Dict[str, Any]) -> Dict[st
   height, width, batch = row["height"], row["width"], row["batch"]
   model = torchvision_detector(row["family"], row["depth"], height, width,
                                pretrained_setup=row["framework"] == "torchvision")
-  missing, unexpected = model.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()},
-                                              strict=False)
+  missing, unexpected = model.load_state_dict(
+      {name: torch.from_numpy(value) for name, value in setup["weights"].items()}, strict=False)
   if unexpected or any(not name.endswith("num_batches_tracked") for name in missing):
     raise RuntimeError(f"our weights do not fit torchvision's {row['family']}: missing {missing}, "
                        f"unexpected {unexpected}")
@@ -574,13 +595,20 @@ def measure_torchvision(row: Dict[str, Any], weights: Dict[str, Any]) -> Dict[st
     ran_height, ran_width = model.transform(images)[0].tensors.shape[-2:]
   if row["mode"] == "train":
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02 * batch / 16, momentum=0.9, weight_decay=1e-4)
+    optim = setup["optim"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=optim["lr_per_16"] * batch / 16, momentum=optim["momentum"],
+                                weight_decay=optim["weight_decay"])
+    warmup = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_factor(step, optim["warmup_steps"], optim["warmup_ratio"]))
+    finite = []
 
     def step():
       loss = sum(model(images, targets).values())
       optimizer.zero_grad()
       loss.backward()
       optimizer.step()
+      warmup.step()
+      finite.append(bool(torch.isfinite(loss)))
       wait()
   else:
     model.eval()
@@ -603,7 +631,8 @@ def measure_torchvision(row: Dict[str, Any], weights: Dict[str, Any]) -> Dict[st
               device_kind=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               step_s=seconds, images_per_sec=batch / seconds, compile_s=None, compile_cached_s=None,
               flops_per_step=None, flops_per_sec=None, peak_rss_mb=peak_rss_mb(),
-              ran_height=int(ran_height), ran_width=int(ran_width), proposals_per_image=proposals_per_image)
+              ran_height=int(ran_height), ran_width=int(ran_width), proposals_per_image=proposals_per_image,
+              finite_loss=all(finite) if row["mode"] == "train" else None)
 
 
 def matmul_flops_per_sec(size: int = MATMUL_SIZE, calls: int = 10) -> float:
@@ -702,7 +731,7 @@ def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """One row in its own process; a failure becomes the row with an ``error``."""
   try:
     if row["framework"] in TORCHVISION_SETUPS:
-      return run_isolated(measure_torchvision, row, run_isolated(our_initial_weights, row["family"], row["depth"]))
+      return run_isolated(measure_torchvision, row, run_isolated(our_setup, row["family"], row["depth"]))
     return run_isolated(measure_ours, row, cache_dir)
   except Exception as error:  # a crashed worker, an out-of-memory kill, an exception in the row
     return dict(row, error=f"{type(error).__name__}: {error}")

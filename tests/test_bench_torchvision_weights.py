@@ -73,7 +73,7 @@ config = run.detector_config(dict(config=family, depth=18, part=None))
 model = build_detector(config.model)
 variables = jitted_init(model)(jax.random.key(config.seed), jax.numpy.zeros((1, 64, 64, 3)))
 theirs = run.torchvision_detector(family, 18, 96, 128, pretrained_setup=True).eval()
-weights = run.our_initial_weights(family, 18)
+weights = run.our_setup(family, 18)["weights"]
 theirs.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
 image = run.synthetic_batch(96, 128, 1, run.BOXES_PER_IMAGE)["image"]
 tv_image = torch.from_numpy(torchvision_weights.torchvision_images(image))

@@ -324,10 +324,17 @@ print("same")
   assert out.stdout.split()[-1] == "same"
 
 
+def test_torchvisions_warmup_is_our_learning_rate_schedules():
+  from libra_jax.training import optim
+  for steps, ratio in ((500, 0.001), (3, 0.5), (0, 0.001)):
+    ours = optim.learning_rate_schedule(1.0, steps, ratio, milestones=(), gamma=0.1)
+    for step in (0, 1, 2, 3, 250, 499, 500, 501, 10_000):
+      assert run.warmup_factor(step, steps, ratio) == pytest.approx(float(ours(step)), rel=1e-6), (steps, step)
+
+
 def torchvision_row(row):
-  """``row`` measured as ``run.measure`` measures it: our initial weights computed in one process, used in another."""
-  weights = run.run_isolated(run.our_initial_weights, row["family"], row["depth"])
-  return run.run_isolated(run.measure_torchvision, row, weights)
+  """``row`` measured as ``run.measure`` measures it: our setup computed in one process, used in another."""
+  return run.run_isolated(run.measure_torchvision, row, run.run_isolated(run.our_setup, row["family"], row["depth"]))
 
 
 @needs_torchvision
@@ -339,6 +346,7 @@ def test_one_torchvision_row_in_a_fresh_process():
   assert measured["images_per_sec"] == pytest.approx(1 / measured["step_s"])
   assert measured["peak_rss_mb"] > 100 and measured["flops_per_sec"] is None
   assert measured["proposals_per_image"] is None  # a training row
+  assert measured["finite_loss"] is True
 
 
 def our_proposals_per_image(row, cache_dir):

@@ -46,11 +46,21 @@ per step of each kind (operation time, which may exceed the step's wall time
 where operations overlap). That share is stricter than the stages': BatchNorm,
 ReLU and the residual adds inside the backbone count as non-convolution work
 there (XLA:CPU does not fuse them into its convolutions; an accelerator's
-compiler mostly does).
+compiler mostly does). ``stage_op_seconds`` divides the same operation
+time among the stages above by the code that made each operation (its
+``op_name``: the modules' names and the ``jax.named_scope``s that the detector
+and the train step put around the proposals, the sampling, RoIAlign, the
+losses and the optimizer; ``STAGE_SCOPES``), forward and backward together,
+and ``unscoped`` (the losses' sum, the gradient norm and other metrics, the
+anchors). ``non_conv_fraction_in_step`` = 1 - (backbone_neck + rpn_head +
+rcnn_head) / all of it: the stage method's share, measured inside the whole
+step rather than stage by stage, so nothing falls between the stages (the
+unscoped time counts as non-convolution work).
 
 ``--json`` prints one JSON object (``step_s``, ``stages``: name -> seconds,
 forward plus backward; ``forward``, ``backward``: name -> seconds;
-``non_conv_fraction``, ``op_seconds``, ``non_conv_fraction_ops``, ...). Run
+``non_conv_fraction``, ``op_seconds``, ``non_conv_fraction_ops``,
+``stage_op_seconds``, ``non_conv_fraction_in_step``, ...). Run
 it with the cores to itself.
 """
 
@@ -68,6 +78,11 @@ from libra_jax import cli  # noqa: E402
 STAGES = ("backbone_neck", "rpn_head", "rpn_loss", "proposals", "rcnn_sampling", "roi_align", "rcnn_head",
           "rcnn_loss", "optimizer")
 CONV_STAGES = ("backbone_neck", "rpn_head", "rcnn_head")
+# Stage -> the op_name components that mark its operations in the compiled step: the modules' names and the
+# ``jax.named_scope``s of ``libra_jax.models.detectors`` and ``libra_jax.training.step`` (forward and backward alike).
+STAGE_SCOPES = {"backbone_neck": ("backbone", "neck"), "rpn_head": ("rpn_head",), "rpn_loss": ("rpn_loss",),
+                "proposals": ("proposals",), "rcnn_sampling": ("rcnn_sampling",), "roi_align": ("roi_align",),
+                "rcnn_head": ("roi_head",), "rcnn_loss": ("rcnn_loss",), "optimizer": ("optimizer",)}
 TRACED_STEPS = 2
 
 
@@ -211,13 +226,14 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   # The train step donates its state, which starts from these very arrays: it comes last.
   one_step, compiled = compiled_train_step(model, optimizer, variables, jax.device_get(batch))
   step_s = median_seconds(one_step, (), repeats)
-  op_seconds = None
+  op_seconds = stage_op_seconds = None
   if trace_dir:
     with jax.profiler.trace(str(trace_dir)):
       for _ in range(TRACED_STEPS):
         jax.block_until_ready(one_step())
     if jax.devices()[0].platform == "cpu":
       op_seconds = trace_ops.seconds_by_kind(trace_dir, compiled.as_text(), steps=TRACED_STEPS)
+      stage_op_seconds = trace_ops.seconds_by_scope(trace_dir, compiled.as_text(), STAGE_SCOPES, steps=TRACED_STEPS)
 
   stages = {name: forward[name] + backward[name] for name in STAGES}
   conv = sum(stages[name] for name in CONV_STAGES)
@@ -225,14 +241,18 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
           "batch": batch_size, "repeats": repeats, "device": jax.devices()[0].platform, "jax": jax.__version__,
           "step_s": step_s, "stages": stages, "forward": forward, "backward": backward,
           "stages_sum_s": sum(stages.values()), "non_conv_fraction": min(max(1.0 - conv / step_s, 0.0), 1.0),
-          "staged_loss": staged_loss, "model_loss": model_loss, **op_shares(op_seconds)}
+          "staged_loss": staged_loss, "model_loss": model_loss, **op_shares(op_seconds, stage_op_seconds)}
 
 
-def op_shares(op_seconds) -> Dict[str, Any]:
-  """The result's fields from the traced steps' seconds per kind of operation (none without a CPU trace)."""
+def op_shares(op_seconds, stage_op_seconds) -> Dict[str, Any]:
+  """The result's fields from the traced steps' seconds per kind of operation and per stage (none without a CPU
+  trace)."""
   if op_seconds is None:
     return {}
-  return {"op_seconds": op_seconds, "non_conv_fraction_ops": op_seconds["other"] / sum(op_seconds.values())}
+  conv = sum(stage_op_seconds[name] for name in CONV_STAGES)
+  return {"op_seconds": op_seconds, "non_conv_fraction_ops": op_seconds["other"] / sum(op_seconds.values()),
+          "stage_op_seconds": stage_op_seconds,
+          "non_conv_fraction_in_step": 1.0 - conv / sum(stage_op_seconds.values())}
 
 
 def format_table(result: Dict[str, Any]) -> str:
@@ -252,6 +272,11 @@ def format_table(result: Dict[str, Any]) -> str:
     seconds = result["op_seconds"]
     lines.append(f"traced step by operation: convolutions {seconds['conv']:.3f} s, matmuls {seconds['dot']:.3f} s, "
                  f"other {seconds['other']:.3f} s; non_conv_fraction_ops {result['non_conv_fraction_ops']:.3f}")
+    by_stage = result["stage_op_seconds"]
+    total = sum(by_stage.values())
+    lines.append(f"traced step by stage (operation time, {total:.3f} s): " + ", ".join(
+        f"{name} {by_stage[name]:.3f}" for name in (*STAGES, trace_ops.UNSCOPED)))
+    lines.append(f"non_conv_fraction_in_step {result['non_conv_fraction_in_step']:.3f}")
   return "\n".join(lines)
 
 

@@ -22,6 +22,11 @@ once, so their sum can exceed the step's wall time (RetinaNet R-50 at
 names are not instructions of the program (the runtime's own bookkeeping,
 Python frames) are left out. Only the CPU's trace names its events this way;
 on other platforms the instruction names differ and this does not apply.
+
+:func:`seconds_by_scope` sums the same time by the code that made each
+instruction instead: its ``op_name`` metadata, the path of JAX functions,
+Flax modules and ``jax.named_scope``s it was traced in (the backward pass's
+under ``transpose(jvp(...))``, with the same module and scope names inside).
 """
 
 import collections
@@ -29,13 +34,16 @@ import gzip
 import json
 import pathlib
 import re
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Mapping, Sequence
 
 KINDS = ("conv", "dot", "other")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", re.S | re.M)
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", re.M)
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _OPCODE = re.compile(r"(?:^|\s)([a-z][\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# The scope of operations whose op_name no scope of ``seconds_by_scope`` names.
+UNSCOPED = "unscoped"
 
 
 def _kind_of_opcodes(opcodes) -> str:
@@ -84,6 +92,37 @@ def exclusive_seconds(events: Iterable[dict]) -> List[tuple]:
   return result
 
 
+def instruction_op_names(hlo_text: str) -> Dict[str, str]:
+  """Instruction name -> the ``op_name`` of its metadata (the JAX code that made it; ``''`` where none)."""
+  return {name: (match.group(1) if match else "") for name, rest in _INSTRUCTION.findall(hlo_text)
+          for match in [_OP_NAME.search(rest)]}
+
+
+def scope_of(op_name: str, scopes: Mapping[str, Sequence[str]]) -> str:
+  """The scope (a key of ``scopes``) that ``op_name`` lies in: the one naming the innermost of its ``/``-separated
+  components that any scope names, else ``UNSCOPED``. ``scopes``: scope -> the components that mark it (a module's
+  name, a ``jax.named_scope``'s)."""
+  owner = {component: scope for scope, components in scopes.items() for component in components}
+  for component in reversed(op_name.split("/")):
+    if component in owner:
+      return owner[component]
+  return UNSCOPED
+
+
+def _op_seconds(trace_dir, instructions: Mapping[str, str]) -> List[tuple]:
+  """``(instruction, seconds)`` of each event of the newest ``*.trace.json.gz`` under ``trace_dir`` that names one of
+  ``instructions``, by its exclusive time."""
+  traces = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  if not traces:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  seconds = [(name, s) for name, s in exclusive_seconds(events) if name in instructions]
+  if not seconds:
+    raise ValueError(f"no event of {traces[-1]} names an instruction of the program: not a CPU trace of it?")
+  return seconds
+
+
 def seconds_by_kind(trace_dir, hlo_text: str, steps: int = 1) -> Dict[str, float]:
   """Seconds per step of each kind in ``KINDS``, from the newest ``*.trace.json.gz`` under ``trace_dir``.
 
@@ -96,18 +135,20 @@ def seconds_by_kind(trace_dir, hlo_text: str, steps: int = 1) -> Dict[str, float
     FileNotFoundError: no trace file under ``trace_dir``.
     ValueError: no event of the trace names an instruction of the program.
   """
-  traces = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-  if not traces:
-    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
-  with gzip.open(traces[-1]) as f:
-    events = json.load(f)["traceEvents"]
   kinds = instruction_kinds(hlo_text)
   totals = dict.fromkeys(KINDS, 0.0)
-  matched = 0
-  for name, seconds in exclusive_seconds(events):
-    if name in kinds:
-      totals[kinds[name]] += seconds / steps
-      matched += 1
-  if not matched:
-    raise ValueError(f"no event of {traces[-1]} names an instruction of the program: not a CPU trace of it?")
+  for name, seconds in _op_seconds(trace_dir, kinds):
+    totals[kinds[name]] += seconds / steps
+  return totals
+
+
+def seconds_by_scope(trace_dir, hlo_text: str, scopes: Mapping[str, Sequence[str]],
+                     steps: int = 1) -> Dict[str, float]:
+  """Seconds per step of each scope of ``scopes`` (see :func:`scope_of`) and of ``UNSCOPED``, as
+  :func:`seconds_by_kind` (same arguments and errors). A fusion counts under its own ``op_name``, which XLA takes
+  from the operation at its root."""
+  scope_of_instruction = {name: scope_of(op_name, scopes) for name, op_name in instruction_op_names(hlo_text).items()}
+  totals = dict.fromkeys(list(scopes) + [UNSCOPED], 0.0)
+  for name, seconds in _op_seconds(trace_dir, scope_of_instruction):
+    totals[scope_of_instruction[name]] += seconds / steps
   return totals

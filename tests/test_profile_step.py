@@ -37,6 +37,14 @@ def test_every_stage_is_timed_and_the_staged_losses_are_the_models(tmp_path, cap
   seconds = result["op_seconds"]
   assert set(seconds) == set(trace_ops.KINDS) and seconds["conv"] > 0 and seconds["dot"] > 0
   assert result["non_conv_fraction_ops"] == pytest.approx(seconds["other"] / sum(seconds.values()))
+  # The same operation time by stage: every stage's scope marks operations of the step, and together with the
+  # unscoped ones they are all of them.
+  by_stage = result["stage_op_seconds"]
+  assert set(by_stage) == set(profile_step.STAGES) | {trace_ops.UNSCOPED}
+  assert all(by_stage[name] > 0 for name in profile_step.STAGES), by_stage
+  assert sum(by_stage.values()) == pytest.approx(sum(seconds.values()))
+  conv = sum(by_stage[name] for name in profile_step.CONV_STAGES)
+  assert result["non_conv_fraction_in_step"] == pytest.approx(1 - conv / sum(by_stage.values()))
 
 
 def test_a_one_stage_detector_is_refused_in_one_line():

@@ -84,6 +84,45 @@ def test_a_trace_of_another_program_or_none_at_all_is_an_error(tmp_path):
     trace_ops.seconds_by_kind(tmp_path, HLO)
 
 
+SCOPED_HLO = """HloModule jit_step
+
+%fused_computation (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %subtract.1 = f32[4]{0} subtract(%param_0, %param_0), metadata={op_name="jit(step)/optimizer/sub"}
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %add.1 = f32[4]{0} add(%x, %x), metadata={op_name="jit(step)/jvp(Model)/backbone/layer1/add"}
+  %multiply.2 = f32[4]{0} multiply(%add.1, %add.1), metadata={op_name="jit(step)/transpose(jvp(Model))/roi_head/rpn_loss/mul"}
+  %sub_fusion = f32[4]{0} fusion(%multiply.2), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(step)/optimizer/sub"}
+  ROOT %negate.3 = f32[4]{0} negate(%sub_fusion), metadata={op_name="jit(step)/neg"}
+}
+"""
+SCOPES = {"backbone_neck": ("backbone", "neck"), "rcnn_head": ("roi_head",), "rpn_loss": ("rpn_loss",),
+          "optimizer": ("optimizer",)}
+
+
+def test_an_operation_belongs_to_the_scope_of_its_innermost_named_component():
+  assert trace_ops.instruction_op_names(SCOPED_HLO)["add.1"] == "jit(step)/jvp(Model)/backbone/layer1/add"
+  assert trace_ops.instruction_op_names(SCOPED_HLO)["x"] == ""
+  assert trace_ops.scope_of("jit(step)/jvp(Model)/neck/fpn_convs/0/conv", SCOPES) == "backbone_neck"
+  assert trace_ops.scope_of("jit(step)/transpose(jvp(Model))/roi_head/rpn_loss/mul", SCOPES) == "rpn_loss"
+  # A component must equal a scope's name: 'rpn_loss_weight' and 'jvp(optimizer)' are not 'rpn_loss', 'optimizer'.
+  assert trace_ops.scope_of("jit(step)/rpn_loss_weight/jvp(optimizer)", SCOPES) == trace_ops.UNSCOPED
+  assert trace_ops.scope_of("", SCOPES) == trace_ops.UNSCOPED
+
+
+def test_seconds_by_scope_of_each_events_own_time(tmp_path):
+  write_trace(tmp_path, [event("add.1", 0, 1_000), event("multiply.2", 1_000, 3_000),
+                         event("subtract.1", 1_500, 500),  # not an instruction of ENTRY, but of the program
+                         event("sub_fusion", 4_000, 2_000), event("negate.3", 6_000, 4_000),
+                         event("ThunkExecutor::Execute", 0, 10_000, thread=2)])
+  seconds = trace_ops.seconds_by_scope(tmp_path, SCOPED_HLO, SCOPES, steps=2)
+  assert seconds == pytest.approx({"backbone_neck": 0.5e-3, "rcnn_head": 0.0, "rpn_loss": 1.25e-3,
+                                   "optimizer": 1.25e-3, trace_ops.UNSCOPED: 2e-3})
+
+
 def test_a_real_trace_of_a_convolution_and_a_matmul(tmp_path):
   @jax.jit
   def program(image, kernel, matrix):

@@ -190,7 +190,9 @@ class FasterRCNN(nn.Module):
   def rcnn_outputs(self, features, rois, image_shape=None):
     """The R-CNN head on ``rois [B, R, 4]`` (xyxy pixels): class logits ``[B, R, C + 1]`` (C is background)
     and class-specific deltas ``[B, R, 4C]`` (before the stds). ``image_shape``: as for ``features``."""
-    return self.box_head(align_rois(features, rois, self.cfg["rcnn"], own_area(image_shape)))
+    with jax.named_scope("roi_align"):
+      pooled = align_rois(features, rois, self.cfg["rcnn"], own_area(image_shape))
+    return self.box_head(pooled)
 
   def box_head(self, pooled):
     """The R-CNN head on RoI features ``[B, R, S, S, C]``: class logits ``[B, R, C + 1]``, deltas ``[B, R, 4C]``."""
@@ -204,7 +206,9 @@ class FasterRCNN(nn.Module):
     logits, deltas = self.rpn_outputs(features, image_shape)
     per_level, anchors, anchor_valid = feature_anchors(features, self.cfg["anchors"], batch["image_shape"])
     stage = self.cfg["train"] if train else self.cfg["test"]
-    proposals = batch_proposals(logits, deltas, per_level, anchor_valid, batch["image_shape"], stage["rpn_proposal"])
+    with jax.named_scope("proposals"):
+      proposals = batch_proposals(logits, deltas, per_level, anchor_valid, batch["image_shape"],
+                                  stage["rpn_proposal"])
     return features, logits, deltas, anchors, anchor_valid, proposals
 
   def layers(self, image: jnp.ndarray):
@@ -286,13 +290,16 @@ class FasterRCNN(nn.Module):
     rpn_keys, rcnn_keys = stage_keys(keys)
     gt_valid, ignore_valid = gt_masks(batch)
     example_valid = batch["valid"].astype(jnp.float32)
-    sampled = batch_sample_rois(rcnn_keys, proposals, batch, self.roi_head.num_classes, self.cfg["train"]["rcnn"])
+    with jax.named_scope("rcnn_sampling"):
+      sampled = batch_sample_rois(rcnn_keys, proposals, batch, self.roi_head.num_classes, self.cfg["train"]["rcnn"])
 
     cls_logits, reg_deltas = self.rcnn_outputs(features, sampled.rois)
 
-    rpn = rpn_loss(rpn_keys, logits, deltas, anchors, anchor_valid, batch["boxes"], gt_valid, ignore_valid,
-                   example_valid, train_cfg=self.cfg["train"]["rpn"], loss_cfg=self.cfg["rpn"], axis_name=axis_name)
-    rcnn = rcnn_loss(cls_logits, reg_deltas, sampled, example_valid, cfg=self.cfg["rcnn"], axis_name=axis_name)
+    with jax.named_scope("rpn_loss"):
+      rpn = rpn_loss(rpn_keys, logits, deltas, anchors, anchor_valid, batch["boxes"], gt_valid, ignore_valid,
+                     example_valid, train_cfg=self.cfg["train"]["rpn"], loss_cfg=self.cfg["rpn"], axis_name=axis_name)
+    with jax.named_scope("rcnn_loss"):
+      rcnn = rcnn_loss(cls_logits, reg_deltas, sampled, example_valid, cfg=self.cfg["rcnn"], axis_name=axis_name)
 
     loss = rpn["loss_rpn_cls"] + rpn["loss_rpn_bbox"] + rcnn["loss_cls"] + rcnn["loss_bbox"]
     num_proposals = jnp.mean(jnp.sum(proposals.valid, axis=1).astype(jnp.float32))

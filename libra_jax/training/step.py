@@ -71,8 +71,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,
       return outputs["loss"], outputs
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(metrics["loss"])
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), finite=finite.astype(jnp.float32))
     if skip_nonfinite:

@@ -559,6 +559,13 @@ def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str,
   second stage's work). ``finite_loss`` (train rows): every step's loss was
   finite.
 
+  On the CPU torch flushes denormal floats to zero (``flush_denormal``: it
+  could), as XLA:CPU always does: with random weights the gradients and
+  momenta of the frozen-statistics layers reach the denormal range within a
+  few steps, and there x86 arithmetic slows down many times over (torchvision's
+  Faster R-CNN at 800 x 1344: backward 3.5 s a step, then 10-12 s from the
+  fifth step on without flushing; 3.3-3.7 s throughout with it).
+
   On CUDA each step ends with ``torch.cuda.synchronize()``, as ours waits for
   its result; torch's defaults stand (TF32 in cuDNN convolutions, which
   XLA's GPU convolutions use too; no ``cudnn.benchmark``, as mmdetection).
@@ -570,6 +577,7 @@ def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str,
   if row["accelerator"] and not torch.cuda.is_available():
     raise RuntimeError("an accelerator row, but torch sees no CUDA device")
   device = torch.device("cuda" if row["accelerator"] else "cpu")
+  flush_denormal = torch.set_flush_denormal(True) if device.type == "cpu" else None
   torch.manual_seed(0)
   height, width, batch = row["height"], row["width"], row["batch"]
   model = torchvision_detector(row["family"], row["depth"], height, width,
@@ -632,7 +640,7 @@ def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str,
               step_s=seconds, images_per_sec=batch / seconds, compile_s=None, compile_cached_s=None,
               flops_per_step=None, flops_per_sec=None, peak_rss_mb=peak_rss_mb(),
               ran_height=int(ran_height), ran_width=int(ran_width), proposals_per_image=proposals_per_image,
-              finite_loss=all(finite) if row["mode"] == "train" else None)
+              finite_loss=all(finite) if row["mode"] == "train" else None, flush_denormal=flush_denormal)
 
 
 def matmul_flops_per_sec(size: int = MATMUL_SIZE, calls: int = 10) -> float:

@@ -346,7 +346,19 @@ def test_one_torchvision_row_in_a_fresh_process():
   assert measured["images_per_sec"] == pytest.approx(1 / measured["step_s"])
   assert measured["peak_rss_mb"] > 100 and measured["flops_per_sec"] is None
   assert measured["proposals_per_image"] is None  # a training row
-  assert measured["finite_loss"] is True
+  assert measured["finite_loss"] is True and measured["flush_denormal"] is True
+
+
+def test_xla_cpu_flushes_denormals_to_zero_as_torchvisions_rows_are_made_to():
+  # The premise of measure_torchvision's set_flush_denormal: XLA:CPU's elementwise ops, matmuls and convolutions
+  # give 0 where IEEE arithmetic (numpy's) gives a denormal.
+  tiny = np.float32(1e-20)
+  assert np.float32(1e-38) * np.float32(0.01) > 0 and (np.full((8, 8), tiny) @ np.full((8, 8), tiny))[0, 0] > 0
+  assert float(jax.jit(lambda x, y: x * y)(jnp.float32(1e-38), jnp.float32(0.01))) == 0.0
+  assert float(jax.jit(jnp.matmul)(jnp.full((8, 8), tiny), jnp.full((8, 8), tiny))[0, 0]) == 0.0
+  convolve = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                               dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  assert float(convolve(jnp.full((1, 4, 4, 8), tiny), jnp.full((3, 3, 8, 8), tiny))[0, 2, 2, 0]) == 0.0
 
 
 def our_proposals_per_image(row, cache_dir):

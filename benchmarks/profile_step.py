@@ -51,16 +51,19 @@ time among the stages above by the code that made each operation (its
 ``op_name``: the modules' names and the ``jax.named_scope``s that the detector
 and the train step put around the proposals, the sampling, RoIAlign, the
 losses and the optimizer; ``STAGE_SCOPES``), forward and backward together,
-and ``unscoped`` (the losses' sum, the gradient norm and other metrics, the
-anchors). ``non_conv_fraction_in_step`` = 1 - (backbone_neck + rpn_head +
-rcnn_head) / all of it: the stage method's share, measured inside the whole
-step rather than stage by stage, so nothing falls between the stages (the
-unscoped time counts as non-convolution work).
+and ``unscoped`` (operations that no stage's code made: the losses' sum, the
+gradient norm and other metrics, the anchors, and convolutions and layout
+copies that XLA's passes leave without metadata), which
+``unscoped_op_seconds`` splits by kind. ``non_conv_fraction_in_step`` = 1 -
+(backbone_neck + rpn_head + rcnn_head + the unscoped convolutions and
+matmuls) / all of it: the stage method's share, measured inside the whole
+step rather than stage by stage, so nothing falls between the stages.
 
 ``--json`` prints one JSON object (``step_s``, ``stages``: name -> seconds,
 forward plus backward; ``forward``, ``backward``: name -> seconds;
 ``non_conv_fraction``, ``op_seconds``, ``non_conv_fraction_ops``,
-``stage_op_seconds``, ``non_conv_fraction_in_step``, ...). Run
+``stage_op_seconds``, ``unscoped_op_seconds``, ``non_conv_fraction_in_step``,
+...). Run
 it with the cores to itself.
 """
 
@@ -249,10 +252,12 @@ def op_shares(op_seconds, stage_op_seconds) -> Dict[str, Any]:
   trace)."""
   if op_seconds is None:
     return {}
-  conv = sum(stage_op_seconds[name] for name in CONV_STAGES)
+  by_stage = {name: sum(kinds.values()) for name, kinds in stage_op_seconds.items()}
+  unscoped = stage_op_seconds[trace_ops.UNSCOPED]
+  conv = sum(by_stage[name] for name in CONV_STAGES) + unscoped["conv"] + unscoped["dot"]
   return {"op_seconds": op_seconds, "non_conv_fraction_ops": op_seconds["other"] / sum(op_seconds.values()),
-          "stage_op_seconds": stage_op_seconds,
-          "non_conv_fraction_in_step": 1.0 - conv / sum(stage_op_seconds.values())}
+          "stage_op_seconds": by_stage, "unscoped_op_seconds": unscoped,
+          "non_conv_fraction_in_step": 1.0 - conv / sum(by_stage.values())}
 
 
 def format_table(result: Dict[str, Any]) -> str:
@@ -276,7 +281,9 @@ def format_table(result: Dict[str, Any]) -> str:
     total = sum(by_stage.values())
     lines.append(f"traced step by stage (operation time, {total:.3f} s): " + ", ".join(
         f"{name} {by_stage[name]:.3f}" for name in (*STAGES, trace_ops.UNSCOPED)))
-    lines.append(f"non_conv_fraction_in_step {result['non_conv_fraction_in_step']:.3f}")
+    unscoped = result["unscoped_op_seconds"]
+    lines.append(f"of which unscoped: convolutions {unscoped['conv']:.3f} s, matmuls {unscoped['dot']:.3f} s, other "
+                 f"{unscoped['other']:.3f} s; non_conv_fraction_in_step {result['non_conv_fraction_in_step']:.3f}")
   return "\n".join(lines)
 
 

@@ -93,9 +93,23 @@ def exclusive_seconds(events: Iterable[dict]) -> List[tuple]:
 
 
 def instruction_op_names(hlo_text: str) -> Dict[str, str]:
-  """Instruction name -> the ``op_name`` of its metadata (the JAX code that made it; ``''`` where none)."""
-  return {name: (match.group(1) if match else "") for name, rest in _INSTRUCTION.findall(hlo_text)
-          for match in [_OP_NAME.search(rest)]}
+  """Instruction name -> the ``op_name`` of its metadata (the JAX code that made it; ``''`` where none).
+
+  A fusion that XLA made without metadata (a ``ynn_fusion`` of a filter
+  gradient, a layout copy) takes the ``op_name`` of the instructions it
+  fuses: its root's, else the first one's that has one.
+  """
+  bodies = {name: body for name, body in _COMPUTATION.findall(hlo_text)}
+  op_names = {}
+  for name, rest in _INSTRUCTION.findall(hlo_text):
+    own = _OP_NAME.search(rest)
+    called = _CALLS.search(rest)
+    if own is None and called:
+      body = bodies.get(called.group(1), "")
+      root = re.search(r"^\s*ROOT .*$", body, re.M)
+      own = (root and _OP_NAME.search(root.group(0))) or _OP_NAME.search(body)
+    op_names[name] = own.group(1) if own else ""
+  return op_names
 
 
 def scope_of(op_name: str, scopes: Mapping[str, Sequence[str]]) -> str:
@@ -143,12 +157,13 @@ def seconds_by_kind(trace_dir, hlo_text: str, steps: int = 1) -> Dict[str, float
 
 
 def seconds_by_scope(trace_dir, hlo_text: str, scopes: Mapping[str, Sequence[str]],
-                     steps: int = 1) -> Dict[str, float]:
-  """Seconds per step of each scope of ``scopes`` (see :func:`scope_of`) and of ``UNSCOPED``, as
-  :func:`seconds_by_kind` (same arguments and errors). A fusion counts under its own ``op_name``, which XLA takes
-  from the operation at its root."""
+                     steps: int = 1) -> Dict[str, Dict[str, float]]:
+  """Seconds per step of each scope of ``scopes`` (see :func:`scope_of`) and of ``UNSCOPED``, each split into
+  ``KINDS`` (``{scope: {kind: seconds}}``), as :func:`seconds_by_kind` (same arguments and errors). A fusion counts
+  under its ``op_name`` (:func:`instruction_op_names`), which XLA takes from the operation at its root."""
+  kinds = instruction_kinds(hlo_text)
   scope_of_instruction = {name: scope_of(op_name, scopes) for name, op_name in instruction_op_names(hlo_text).items()}
-  totals = dict.fromkeys(list(scopes) + [UNSCOPED], 0.0)
+  totals = {scope: dict.fromkeys(KINDS, 0.0) for scope in list(scopes) + [UNSCOPED]}
   for name, seconds in _op_seconds(trace_dir, scope_of_instruction):
-    totals[scope_of_instruction[name]] += seconds / steps
+    totals[scope_of_instruction[name]][kinds[name]] += seconds / steps
   return totals

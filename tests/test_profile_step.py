@@ -39,11 +39,12 @@ def test_every_stage_is_timed_and_the_staged_losses_are_the_models(tmp_path, cap
   assert result["non_conv_fraction_ops"] == pytest.approx(seconds["other"] / sum(seconds.values()))
   # The same operation time by stage: every stage's scope marks operations of the step, and together with the
   # unscoped ones they are all of them.
-  by_stage = result["stage_op_seconds"]
+  by_stage, unscoped = result["stage_op_seconds"], result["unscoped_op_seconds"]
   assert set(by_stage) == set(profile_step.STAGES) | {trace_ops.UNSCOPED}
   assert all(by_stage[name] > 0 for name in profile_step.STAGES), by_stage
   assert sum(by_stage.values()) == pytest.approx(sum(seconds.values()))
-  conv = sum(by_stage[name] for name in profile_step.CONV_STAGES)
+  assert set(unscoped) == set(trace_ops.KINDS) and sum(unscoped.values()) == pytest.approx(by_stage["unscoped"])
+  conv = sum(by_stage[name] for name in profile_step.CONV_STAGES) + unscoped["conv"] + unscoped["dot"]
   assert result["non_conv_fraction_in_step"] == pytest.approx(1 - conv / sum(by_stage.values()))
 
 

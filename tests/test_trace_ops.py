@@ -91,12 +91,21 @@ SCOPED_HLO = """HloModule jit_step
   ROOT %subtract.1 = f32[4]{0} subtract(%param_0, %param_0), metadata={op_name="jit(step)/optimizer/sub"}
 }
 
+%fused_computation.2 (param_0.2: f32[4], param_1.2: f32[4]) -> f32[4] {
+  %param_0.2 = f32[4]{0} parameter(0)
+  %param_1.2 = f32[4]{0} parameter(1)
+  %negate.4 = f32[4]{0} negate(%param_1.2), metadata={op_name="jit(step)/jvp(Model)/neck/neg"}
+  ROOT %dot.5 = f32[4]{0} dot(%param_0.2, %negate.4), lhs_contracting_dims={}, rhs_contracting_dims={}
+}
+
 ENTRY %main (x: f32[4]) -> f32[4] {
   %x = f32[4]{0} parameter(0)
   %add.1 = f32[4]{0} add(%x, %x), metadata={op_name="jit(step)/jvp(Model)/backbone/layer1/add"}
   %multiply.2 = f32[4]{0} multiply(%add.1, %add.1), metadata={op_name="jit(step)/transpose(jvp(Model))/roi_head/rpn_loss/mul"}
-  %sub_fusion = f32[4]{0} fusion(%multiply.2), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(step)/optimizer/sub"}
-  ROOT %negate.3 = f32[4]{0} negate(%sub_fusion), metadata={op_name="jit(step)/neg"}
+  %sub_fusion = f32[4]{0} fusion(%multiply.2), kind=kLoop, calls=%fused_computation
+  %ynn_fusion = f32[4]{0} fusion(%x, %sub_fusion), kind=kCustom, calls=%fused_computation.2
+  %dot.6 = f32[4]{0} dot(%x, %ynn_fusion), lhs_contracting_dims={}, rhs_contracting_dims={}
+  ROOT %negate.3 = f32[4]{0} negate(%dot.6), metadata={op_name="jit(step)/neg"}
 }
 """
 SCOPES = {"backbone_neck": ("backbone", "neck"), "rcnn_head": ("roi_head",), "rpn_loss": ("rpn_loss",),
@@ -104,8 +113,12 @@ SCOPES = {"backbone_neck": ("backbone", "neck"), "rcnn_head": ("roi_head",), "rp
 
 
 def test_an_operation_belongs_to_the_scope_of_its_innermost_named_component():
-  assert trace_ops.instruction_op_names(SCOPED_HLO)["add.1"] == "jit(step)/jvp(Model)/backbone/layer1/add"
-  assert trace_ops.instruction_op_names(SCOPED_HLO)["x"] == ""
+  op_names = trace_ops.instruction_op_names(SCOPED_HLO)
+  assert op_names["add.1"] == "jit(step)/jvp(Model)/backbone/layer1/add" and op_names["x"] == ""
+  # Fusions without metadata of their own: their root's op_name, else the first fused instruction's that has one.
+  assert op_names["sub_fusion"] == "jit(step)/optimizer/sub"
+  assert op_names["ynn_fusion"] == "jit(step)/jvp(Model)/neck/neg"
+  assert op_names["dot.6"] == ""
   assert trace_ops.scope_of("jit(step)/jvp(Model)/neck/fpn_convs/0/conv", SCOPES) == "backbone_neck"
   assert trace_ops.scope_of("jit(step)/transpose(jvp(Model))/roi_head/rpn_loss/mul", SCOPES) == "rpn_loss"
   # A component must equal a scope's name: 'rpn_loss_weight' and 'jvp(optimizer)' are not 'rpn_loss', 'optimizer'.
@@ -113,14 +126,20 @@ def test_an_operation_belongs_to_the_scope_of_its_innermost_named_component():
   assert trace_ops.scope_of("", SCOPES) == trace_ops.UNSCOPED
 
 
-def test_seconds_by_scope_of_each_events_own_time(tmp_path):
+def test_seconds_by_scope_and_kind_of_each_events_own_time(tmp_path):
   write_trace(tmp_path, [event("add.1", 0, 1_000), event("multiply.2", 1_000, 3_000),
-                         event("subtract.1", 1_500, 500),  # not an instruction of ENTRY, but of the program
-                         event("sub_fusion", 4_000, 2_000), event("negate.3", 6_000, 4_000),
+                         event("subtract.1", 1_500, 500),  # inside multiply.2: its own time is 2.5 ms
+                         event("sub_fusion", 4_000, 2_000), event("ynn_fusion", 6_000, 1_000),
+                         event("dot.6", 7_000, 600), event("negate.3", 7_600, 2_400),
                          event("ThunkExecutor::Execute", 0, 10_000, thread=2)])
   seconds = trace_ops.seconds_by_scope(tmp_path, SCOPED_HLO, SCOPES, steps=2)
-  assert seconds == pytest.approx({"backbone_neck": 0.5e-3, "rcnn_head": 0.0, "rpn_loss": 1.25e-3,
-                                   "optimizer": 1.25e-3, trace_ops.UNSCOPED: 2e-3})
+  zero = dict.fromkeys(trace_ops.KINDS, 0.0)
+  expected = {"backbone_neck": dict(zero, other=0.5e-3, dot=0.5e-3), "rcnn_head": zero,
+              "rpn_loss": dict(zero, other=1.25e-3), "optimizer": dict(zero, other=1.25e-3),
+              trace_ops.UNSCOPED: dict(zero, dot=0.3e-3, other=1.2e-3)}
+  assert set(seconds) == set(expected)
+  for scope, kinds in expected.items():
+    assert seconds[scope] == pytest.approx(kinds), scope
 
 
 def test_a_real_trace_of_a_convolution_and_a_matmul(tmp_path):

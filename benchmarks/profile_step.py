@@ -67,6 +67,7 @@ forward plus backward; ``forward``, ``backward``: name -> seconds;
 it with the cores to itself.
 """
 
+import contextlib
 import json
 import pathlib
 import sys
@@ -109,6 +110,24 @@ def forward_and_backward(function: Callable) -> Callable:
   return jax.jit(both)
 
 
+@contextlib.contextmanager
+def cache_keyed_by_metadata():
+  """Within: JAX's persistent compilation cache (where one is set up) keys programs by their metadata too.
+
+  By default its key leaves out source locations, and with them the
+  ``op_name``s that ``trace_ops.seconds_by_scope`` reads: an executable
+  cached by older code would bring that code's names (a stale entry left
+  every named scope of the step out, 2026-12-05).
+  """
+  import jax
+  before = jax.config.jax_compilation_cache_include_metadata_in_key
+  jax.config.update("jax_compilation_cache_include_metadata_in_key", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_include_metadata_in_key", before)
+
+
 def compiled_train_step(model, optimizer, variables, batch) -> Tuple[Callable[[], Any], Any]:
   """``make_train_step`` on one device, compiled now for ``batch`` (numpy).
 
@@ -125,7 +144,8 @@ def compiled_train_step(model, optimizer, variables, batch) -> Tuple[Callable[[]
   mesh = runtime.make_mesh(jax.devices()[:1])
   state = jax.device_put(new_train_state(variables, optimizer, jax.random.key(2)), runtime.replicated(mesh))
   global_batch = runtime.to_global(batch, mesh)
-  compiled = make_train_step(model, optimizer, mesh).lower(state, global_batch).compile()
+  with cache_keyed_by_metadata():
+    compiled = make_train_step(model, optimizer, mesh).lower(state, global_batch).compile()
 
   def one_step():
     nonlocal state

@@ -3,6 +3,8 @@
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,3 +53,19 @@ def test_every_stage_is_timed_and_the_staged_losses_are_the_models(tmp_path, cap
 def test_a_one_stage_detector_is_refused_in_one_line():
   with pytest.raises(cli.UsageError, match="this config's model.type is 'retinanet'"):
     profile_step.main(["--config=configs/retinanet_r50_fpn_1x_coco.py", "--repeats=1"])
+
+
+def test_under_cache_keyed_by_metadata_a_program_keeps_its_own_op_names():
+  # The suite's persistent compilation cache (conftest) keys a program without its source locations: the same
+  # computation under another named scope loads the executable cached first, with that one's op_names.
+  def under(scope):
+    def step(x):
+      with jax.named_scope(scope):
+        return jnp.sin(x) * 3.0
+    return step
+
+  x = jnp.arange(4.0)
+  jax.jit(under("first_scope")).lower(x).compile()
+  assert "second_scope" not in jax.jit(under("second_scope")).lower(x).compile().as_text()
+  with profile_step.cache_keyed_by_metadata():
+    assert "second_scope" in jax.jit(under("second_scope")).lower(x).compile().as_text()

@@ -67,6 +67,7 @@ _COMMON_NAMES = (
     (r"backbone\.", "backbone.body."),
     (r"neck\.lateral_convs\.(\d+)\.conv\.", r"backbone.fpn.inner_blocks.\1.0."),
 )
+FAMILIES = ("faster_rcnn", "retinanet")
 _FPN_OUTPUT = re.compile(r"neck\.fpn_convs\.(\d+)\.conv\.(.*)")
 
 
@@ -80,9 +81,11 @@ def torchvision_name(name: str, family: str, num_used_levels: int) -> str:
       blocks ``p6`` and ``p7``.
 
   Raises:
-    ValueError: a name torchvision's detector of that family has no place for
-      (a Libra balanced feature pyramid's, say).
+    ValueError: an unknown ``family``, or a name torchvision's detector of
+      that family has no place for (a Libra balanced feature pyramid's, say).
   """
+  if family not in FAMILIES:
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   fpn_output = _FPN_OUTPUT.fullmatch(name)
   if fpn_output:
     level, leaf = int(fpn_output.group(1)), fpn_output.group(2)
@@ -115,6 +118,7 @@ def torchvision_state_dict(state_dict: Mapping[str, np.ndarray], family: str) ->
 
 def torchvision_images(image: np.ndarray) -> np.ndarray:
   """``image [B, H, W, 3]`` normalized as our batches are (DESIGN.md) -> ``[B, 3, H, W]`` float32 in torchvision's
-  input space (RGB in [0, 1] before its own normalization, which gives back ``image``)."""
+  input space (RGB that its own normalization maps back to ``image``: in [0, 1] for a real photo, wherever the
+  values lead for synthetic ones)."""
   mean, std = np.asarray(TORCHVISION_MEAN, np.float32), np.asarray(TORCHVISION_STD, np.float32)
   return np.ascontiguousarray(np.transpose(np.asarray(image, np.float32) * std + mean, (0, 3, 1, 2)))

@@ -116,10 +116,17 @@ def scope_of(op_name: str, scopes: Mapping[str, Sequence[str]]) -> str:
   """The scope (a key of ``scopes``) that ``op_name`` lies in: the one naming the innermost of its ``/``-separated
   components that any scope names, else ``UNSCOPED``. ``scopes``: scope -> the components that mark it (a module's
   name, a ``jax.named_scope``'s)."""
-  owner = {component: scope for scope, components in scopes.items() for component in components}
+  return _scope_in(op_name, _owners(scopes))
+
+
+def _owners(scopes: Mapping[str, Sequence[str]]) -> Dict[str, str]:
+  return {component: scope for scope, components in scopes.items() for component in components}
+
+
+def _scope_in(op_name: str, owners: Mapping[str, str]) -> str:
   for component in reversed(op_name.split("/")):
-    if component in owner:
-      return owner[component]
+    if component in owners:
+      return owners[component]
   return UNSCOPED
 
 
@@ -159,10 +166,12 @@ def seconds_by_kind(trace_dir, hlo_text: str, steps: int = 1) -> Dict[str, float
 def seconds_by_scope(trace_dir, hlo_text: str, scopes: Mapping[str, Sequence[str]],
                      steps: int = 1) -> Dict[str, Dict[str, float]]:
   """Seconds per step of each scope of ``scopes`` (see :func:`scope_of`) and of ``UNSCOPED``, each split into
-  ``KINDS`` (``{scope: {kind: seconds}}``), as :func:`seconds_by_kind` (same arguments and errors). A fusion counts
-  under its ``op_name`` (:func:`instruction_op_names`), which XLA takes from the operation at its root."""
+  ``KINDS`` (``{scope: {kind: seconds}}``), from a trace as :func:`seconds_by_kind` reads it (its other arguments
+  and errors are that function's). A fusion counts under its ``op_name`` (:func:`instruction_op_names`), which XLA
+  takes from the operation at its root."""
   kinds = instruction_kinds(hlo_text)
-  scope_of_instruction = {name: scope_of(op_name, scopes) for name, op_name in instruction_op_names(hlo_text).items()}
+  owners = _owners(scopes)
+  scope_of_instruction = {name: _scope_in(op_name, owners) for name, op_name in instruction_op_names(hlo_text).items()}
   totals = {scope: dict.fromkeys(KINDS, 0.0) for scope in list(scopes) + [UNSCOPED]}
   for name, seconds in _op_seconds(trace_dir, scope_of_instruction):
     totals[scope_of_instruction[name]][kinds[name]] += seconds / steps

@@ -28,6 +28,8 @@ def test_names_by_hand():
     name("neck.bfp.refine.conv.weight", "faster_rcnn", 4)
   with pytest.raises(ValueError, match="rpn_head.rpn_conv.weight: torchvision's retinanet"):
     name("rpn_head.rpn_conv.weight", "retinanet", 3)
+  with pytest.raises(ValueError, match="family must be one of .*got 'fcos'"):
+    name("backbone.conv1.weight", "fcos", 4)
 
 
 def test_background_moves_first_and_gets_zero_box_rows():
@@ -66,7 +68,6 @@ _COMPARE = """
 import json, sys
 import jax, numpy as np, torch
 from benchmarks import run, torchvision_weights
-from libra_jax.convert import export_detector
 from libra_jax.models.detectors import FasterRCNN, build_detector, jitted_init
 family = sys.argv[1]
 config = run.detector_config(dict(config=family, depth=18, part=None))
@@ -114,8 +115,10 @@ print(json.dumps(result))
 @needs_torchvision
 @pytest.mark.parametrize("family", ["faster_rcnn", "retinanet"])
 def test_torchvision_with_our_weights_computes_our_maps_and_head_outputs(family):
-  out = subprocess.run([sys.executable, "-c", _COMPARE, family], check=True, capture_output=True, text=True,
-                       timeout=300, cwd=str(run.ROOT))
+  out = subprocess.run([sys.executable, "-c", _COMPARE, family], capture_output=True, text=True, timeout=300,
+                       cwd=str(run.ROOT))
+  assert out.returncode == 0, out.stderr[-3000:]
   errors = json.loads(out.stdout.splitlines()[-1])
   assert len(errors) == (5 if family == "faster_rcnn" else 3)
-  assert all(e < 1e-4 for e in errors.values()), errors
+  # Measured: 0.2-1.8e-6 of the largest magnitude (float32 sums in another order).
+  assert all(e < 1e-5 for e in errors.values()), errors

@@ -350,15 +350,17 @@ def test_one_torchvision_row_in_a_fresh_process():
 
 
 def test_xla_cpu_flushes_denormals_to_zero_as_torchvisions_rows_are_made_to():
-  # The premise of measure_torchvision's set_flush_denormal: XLA:CPU's elementwise ops, matmuls and convolutions
-  # give 0 where IEEE arithmetic (numpy's) gives a denormal.
-  tiny = np.float32(1e-20)
-  assert np.float32(1e-38) * np.float32(0.01) > 0 and (np.full((8, 8), tiny) @ np.full((8, 8), tiny))[0, 0] > 0
-  assert float(jax.jit(lambda x, y: x * y)(jnp.float32(1e-38), jnp.float32(0.01))) == 0.0
-  assert float(jax.jit(jnp.matmul)(jnp.full((8, 8), tiny), jnp.full((8, 8), tiny))[0, 0]) == 0.0
-  convolve = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                               dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  assert float(convolve(jnp.full((1, 4, 4, 8), tiny), jnp.full((3, 3, 8, 8), tiny))[0, 2, 2, 0]) == 0.0
+  # The premise of measure_torchvision's set_flush_denormal: where IEEE arithmetic (numpy's) gives a denormal from
+  # normal inputs, XLA:CPU's elementwise ops, matmuls and convolutions give 0.
+  small, smaller = np.float32(1e-30), np.float32(1e-10)
+  assert 0 < small * smaller < np.finfo(np.float32).tiny
+  assert 0 < (np.full((8, 8), small) @ np.full((8, 8), smaller))[0, 0] < np.finfo(np.float32).tiny
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert float(jax.jit(lambda x, y: x * y)(small, smaller)) == 0.0
+    assert float(jax.jit(jnp.matmul)(jnp.full((8, 8), small), jnp.full((8, 8), smaller))[0, 0]) == 0.0
+    convolve = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    assert float(convolve(jnp.full((1, 4, 4, 8), small), jnp.full((3, 3, 8, 8), smaller))[0, 2, 2, 0]) == 0.0
 
 
 def our_proposals_per_image(row, cache_dir):

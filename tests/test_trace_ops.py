@@ -101,7 +101,7 @@ SCOPED_HLO = """HloModule jit_step
 ENTRY %main (x: f32[4]) -> f32[4] {
   %x = f32[4]{0} parameter(0)
   %add.1 = f32[4]{0} add(%x, %x), metadata={op_name="jit(step)/jvp(Model)/backbone/layer1/add"}
-  %multiply.2 = f32[4]{0} multiply(%add.1, %add.1), metadata={op_name="jit(step)/transpose(jvp(Model))/roi_head/rpn_loss/mul"}
+  %multiply.2 = f32[4]{0} multiply(%add.1, %x), metadata={op_name="jit(step)/transpose(jvp(M))/roi_head/rpn_loss/mul"}
   %sub_fusion = f32[4]{0} fusion(%multiply.2), kind=kLoop, calls=%fused_computation
   %ynn_fusion = f32[4]{0} fusion(%x, %sub_fusion), kind=kCustom, calls=%fused_computation.2
   %dot.6 = f32[4]{0} dot(%x, %ynn_fusion), lhs_contracting_dims={}, rhs_contracting_dims={}

@@ -249,13 +249,12 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
   # The train step donates its state, which starts from these very arrays: it comes last.
   one_step, compiled = compiled_train_step(model, optimizer, variables, jax.device_get(batch))
   step_s = median_seconds(one_step, (), repeats)
-  op_seconds = stage_op_seconds = None
+  stage_op_seconds = None
   if trace_dir:
     with jax.profiler.trace(str(trace_dir)):
       for _ in range(TRACED_STEPS):
         jax.block_until_ready(one_step())
     if jax.devices()[0].platform == "cpu":
-      op_seconds = trace_ops.seconds_by_kind(trace_dir, compiled.as_text(), steps=TRACED_STEPS)
       stage_op_seconds = trace_ops.seconds_by_scope(trace_dir, compiled.as_text(), STAGE_SCOPES, steps=TRACED_STEPS)
 
   stages = {name: forward[name] + backward[name] for name in STAGES}
@@ -264,14 +263,15 @@ def profile(config, height: int, width: int, batch_size: int, repeats: int, trac
           "batch": batch_size, "repeats": repeats, "device": jax.devices()[0].platform, "jax": jax.__version__,
           "step_s": step_s, "stages": stages, "forward": forward, "backward": backward,
           "stages_sum_s": sum(stages.values()), "non_conv_fraction": min(max(1.0 - conv / step_s, 0.0), 1.0),
-          "staged_loss": staged_loss, "model_loss": model_loss, **op_shares(op_seconds, stage_op_seconds)}
+          "staged_loss": staged_loss, "model_loss": model_loss, **op_shares(stage_op_seconds)}
 
 
-def op_shares(op_seconds, stage_op_seconds) -> Dict[str, Any]:
-  """The result's fields from the traced steps' seconds per kind of operation and per stage (none without a CPU
-  trace)."""
-  if op_seconds is None:
+def op_shares(stage_op_seconds) -> Dict[str, Any]:
+  """The result's fields from the traced steps' seconds per stage and kind of operation
+  (``trace_ops.seconds_by_scope``; none without a CPU trace)."""
+  if stage_op_seconds is None:
     return {}
+  op_seconds = {kind: sum(kinds[kind] for kinds in stage_op_seconds.values()) for kind in trace_ops.KINDS}
   by_stage = {name: sum(kinds.values()) for name, kinds in stage_op_seconds.items()}
   unscoped = stage_op_seconds[trace_ops.UNSCOPED]
   conv = sum(by_stage[name] for name in CONV_STAGES) + unscoped["conv"] + unscoped["dot"]

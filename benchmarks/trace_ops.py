@@ -156,11 +156,7 @@ def seconds_by_kind(trace_dir, hlo_text: str, steps: int = 1) -> Dict[str, float
     FileNotFoundError: no trace file under ``trace_dir``.
     ValueError: no event of the trace names an instruction of the program.
   """
-  kinds = instruction_kinds(hlo_text)
-  totals = dict.fromkeys(KINDS, 0.0)
-  for name, seconds in _op_seconds(trace_dir, kinds):
-    totals[kinds[name]] += seconds / steps
-  return totals
+  return seconds_by_scope(trace_dir, hlo_text, {}, steps)[UNSCOPED]
 
 
 def seconds_by_scope(trace_dir, hlo_text: str, scopes: Mapping[str, Sequence[str]],

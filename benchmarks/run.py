@@ -527,7 +527,7 @@ def our_setup(family: str, depth: int) -> Dict[str, Any]:
   rows initialize them, under torchvision's names
   (``benchmarks.torchvision_weights``), numpy arrays. ``optim``: the
   config's optimizer settings (``lr_per_16``, ``momentum``, ``weight_decay``,
-  ``warmup_steps``, ``warmup_ratio``, ``grad_clip_norm``: 0 for none).
+  ``grad_clip_norm``: 0 for none) and ``warmup_factors`` (``warmup_factors``).
   """
   import jax
   from benchmarks import torchvision_weights
@@ -536,8 +536,8 @@ def our_setup(family: str, depth: int) -> Dict[str, Any]:
   config = detector_config(dict(config=family, depth=depth, part=None))
   variables = jitted_init(build_detector(config.model))(jax.random.key(config.seed), jax.numpy.zeros((1, 64, 64, 3)))
   weights = torchvision_weights.torchvision_state_dict(export_detector(jax.device_get(variables)), family)
-  optim = {key: config.optim[key] for key in ("lr_per_16", "momentum", "weight_decay", "warmup_steps", "warmup_ratio",
-                                              "grad_clip_norm")}
+  optim = {key: config.optim[key] for key in ("lr_per_16", "momentum", "weight_decay", "grad_clip_norm")}
+  optim["warmup_factors"] = warmup_factors(config.optim)
   return dict(weights=weights, optim=optim)
 
 
@@ -548,12 +548,13 @@ def our_setup_once(family: str, depth: int) -> Dict[str, Any]:
   return run_isolated(our_setup, family, depth)
 
 
-def warmup_factor(step: int, warmup_steps: int, warmup_ratio: float) -> float:
-  """The learning-rate factor at ``step`` (from 0) of a linear warm-up from ``warmup_ratio`` to 1 over
-  ``warmup_steps`` steps (none for 0), for torch's ``LambdaLR``."""
-  if warmup_steps <= 0:
-    return 1.0
-  return warmup_ratio + (1.0 - warmup_ratio) * min(step, warmup_steps) / warmup_steps
+def warmup_factors(optim_config) -> List[float]:
+  """Our learning rate's factor at steps 0 to ``optim_config.warmup_steps`` under its warm-up (our
+  ``optim.learning_rate_schedule``, before any decay): the last is 1, and so is every later step's."""
+  from libra_jax.training import optim
+  schedule = optim.learning_rate_schedule(1.0, optim_config.warmup_steps, optim_config.warmup_ratio, milestones=(),
+                                          gamma=1.0)
+  return [float(schedule(step)) for step in range(max(optim_config.warmup_steps, 0) + 1)]
 
 
 def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str, Any]:
@@ -618,8 +619,8 @@ def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str,
     optim = setup["optim"]
     optimizer = torch.optim.SGD(model.parameters(), lr=optim["lr_per_16"] * batch / 16, momentum=optim["momentum"],
                                 weight_decay=optim["weight_decay"])
-    warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_factor(step, optim["warmup_steps"], optim["warmup_ratio"]))
+    factors = optim["warmup_factors"]
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factors[min(step, len(factors) - 1)])
     finite = []
 
     def step():

@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -324,12 +325,13 @@ print("same")
   assert out.stdout.split()[-1] == "same"
 
 
-def test_torchvisions_warmup_is_our_learning_rate_schedules():
-  from libra_jax.training import optim
-  for steps, ratio in ((500, 0.001), (3, 0.5), (0, 0.001)):
-    ours = optim.learning_rate_schedule(1.0, steps, ratio, milestones=(), gamma=0.1)
-    for step in (0, 1, 2, 3, 250, 499, 500, 501, 10_000):
-      assert run.warmup_factor(step, steps, ratio) == pytest.approx(float(ours(step)), rel=1e-6), (steps, step)
+def test_torchvisions_warmup_factors_by_hand():
+  # factor(step) = ratio + (1 - ratio) * step / warmup_steps up to warmup_steps, then 1.
+  factors = run.warmup_factors(ml_collections.ConfigDict(dict(warmup_steps=500, warmup_ratio=0.001)))
+  assert len(factors) == 501
+  assert factors[0] == pytest.approx(0.001) and factors[250] == pytest.approx(0.5005)
+  assert factors[1] == pytest.approx(0.001 + 0.999 / 500) and factors[500] == pytest.approx(1.0)
+  assert run.warmup_factors(ml_collections.ConfigDict(dict(warmup_steps=0, warmup_ratio=0.001))) == [1.0]
 
 
 def torchvision_row(row):

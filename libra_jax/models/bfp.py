@@ -17,12 +17,12 @@ softmax runs over the positions inside the area only.
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from libra_jax.models.layers import (ConvModule, adaptive_max_pool, adaptive_max_pool_per_image, resize_nearest,
                                      resize_nearest_per_image)
 from libra_jax.models.own_padding import SIZE_DIVISOR, OwnArea, zero_outside
+from libra_jax.ops.attention import softmax_attention
 
 REFINE_TYPES = (None, "conv", "non_local")
 
@@ -33,7 +33,8 @@ class NonLocal2d(nn.Module):
   ``reduction=1`` (inner channels = channels) and no ``1/sqrt(C)`` scaling, as
   Libra R-CNN configures it: with ``theta, phi, g`` 1x1 convs (bias, no norm,
   no activation) over the N = H * W positions,
-  ``y = softmax(theta(x) phi(x)^T) g(x)`` and ``out = x + conv_out(y)``.
+  ``y = softmax(theta(x) phi(x)^T) g(x)`` (``ops.attention.softmax_attention``,
+  whose gradient is written out) and ``out = x + conv_out(y)``.
   ``g, theta, phi`` start from N(0, 0.01^2) and ``conv_out`` from zeros, so
   the block is the identity at initialization.
 
@@ -48,11 +49,8 @@ class NonLocal2d(nn.Module):
     embed = lambda name: ConvModule(channels, 1, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype,
                                     name=name)(x).reshape(batch, height * width, channels)
     g, theta, phi = embed("g"), embed("theta"), embed("phi")
-    logits = jnp.einsum("bnc,bmc->bnm", theta, phi).astype(jnp.float32)
-    if inside is not None:
-      logits = jnp.where(inside.reshape(batch, 1, height * width), logits, -jnp.inf)
-    attention = jax.nn.softmax(logits, axis=-1)
-    y = jnp.einsum("bnm,bmc->bnc", attention.astype(g.dtype), g).reshape(batch, height, width, channels)
+    key_mask = None if inside is None else inside.reshape(batch, height * width)
+    y = softmax_attention(theta, phi, g, key_mask).reshape(batch, height, width, channels)
     return x + ConvModule(channels, 1, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="conv_out")(y)
 
 

@@ -43,7 +43,7 @@ def _unnormalized_weights(queries, keys, key_mask):
 def _forward(queries, keys, values, key_mask):
   weights, totals = _unnormalized_weights(queries, keys, key_mask)
   out = jnp.einsum("bnm,bmc->bnc", weights.astype(values.dtype), values, preferred_element_type=jnp.float32) / totals
-  return out.astype(values.dtype), (queries, keys, values, key_mask, weights, totals, out)
+  return out.astype(values.dtype), (queries, keys, values, weights, totals, out)
 
 
 @jax.custom_vjp
@@ -52,7 +52,7 @@ def _attention(queries, keys, values, key_mask):
 
 
 def _backward(residuals, cotangent):
-  queries, keys, values, key_mask, weights, totals, out = residuals
+  queries, keys, values, weights, totals, out = residuals  # masked keys' weights are 0: no mask needed
   scaled = cotangent.astype(jnp.float32) / totals
   row_dot = jnp.sum(scaled * out, axis=-1, keepdims=True)
   d_values = jnp.einsum("bnm,bnc->bmc", weights, scaled)

@@ -128,9 +128,9 @@ def measure(config, swaps: Sequence[Swap], revision: str, mode: str, height: int
   row = dict(height=height, width=width, batch=batch, mode=mode, accelerator=False)
   with tempfile.TemporaryDirectory(prefix="libra_jax_paired_xla_cache_") as cache_dir:
     with swapped(values):
-      base_step = run.compiled_row(row, config, cache_dir, timed=False).step
+      base_step = run.compiled_row(row, config, cache_dir).step
     jax.clear_caches()  # the working tree's functions are traced anew, not taken from the base's trace
-    step = run.compiled_row(row, config, cache_dir, timed=False).step
+    step = run.compiled_row(row, config, cache_dir).step
     timed = run.paired_seconds(step, base_step, warmup=1, rounds=repeats)
   return dict(base=revision, swaps=[f"{s.module}:{s.name}={s.source}" for s in swaps], mode=mode,
               shape=f"{height}x{width} b{batch}", base_step_s=timed["baseline_step_s"], step_s=timed["step_s"],

@@ -47,7 +47,13 @@ Rows (each measured in a fresh subprocess, so that its peak RSS is its own):
     Its default proposal counts (2,000 after NMS when training) differ from
     the reference's 1,000. Our rows get ``ratio_vs_torchvision`` (ours /
     torchvision's images per second, same model, mode and shape, fair setup)
-    and, for training, ``ratio_vs_torchvision_plain``.
+    and, for training, ``ratio_vs_torchvision_plain``. On the CPU our Faster
+    R-CNN and RetinaNet rows are then timed again in turns with that fair
+    torchvision row, the two steps in two live processes, each waiting for
+    the other (``ratio_vs_torchvision_in_turns``,
+    :func:`measure_in_turns_with_torchvision`): rows measured minutes apart
+    see these shared cores at different speeds (the same step took 4.8 and
+    6.0 s in two processes an hour apart on 2026-12-06).
 
 Shapes: 800 x 1344 batch 1 (COCO's 1333 x 800 bucket) and 512 x 512 batch 2.
 Inputs are synthetic batches in the input contract (random images, 8 real
@@ -62,9 +68,14 @@ in three moves a mean by 20%. ``compile_s``: tracing, lowering and compiling
 the step (the cyclic garbage collector paused, as the train loop compiles)
 with an empty persistent compilation cache (the run's own, fresh temporary
 directory; each row's step is a program no earlier row compiled, which the
-row checks);
-``compile_cached_s``: the same after ``jax.clear_caches()``, served from that
-cache. ``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
+row checks), in a process of its own (``compile_peak_rss_mb``: its peak
+memory); ``compile_cached_s``: the same in a fresh process, served from that
+cache, as a restarted run compiles. That process then times the steps. The
+two processes are separate because on the CPU a process that compiled the
+step cold runs it slower: the Faster R-CNN R-50 train step at 800 x 1344
+took 5.7-6.0 s there against 4.4-4.7 s after only loading it from the cache
+(2026-12-06, three alternating pairs of processes; README, benchmark
+section). ``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
 counted once, every convolution counted as a direct one and the test-time R-CNN
 head over all 1,000 proposal slots: ``run.direct_flops``;
 the lowered program's count, which was within 0.3% of the compiled one's for
@@ -145,7 +156,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Import this checkout's libra_jax and configs, not an installed copy. JAX and torch are imported only inside
@@ -220,6 +231,8 @@ def plan(setting_name: str, with_torchvision: bool) -> List[Dict[str, Any]]:
     for config, mode in setting["ours"]:
       row = dict(shape, framework="libra_jax", config=config, part=None, mode=mode,
                  model=model_name(config, depth))
+      if with_torchvision and not shape["accelerator"] and config in setting["torchvision"]:
+        row["in_turns_with_torchvision"] = True
       if config == "libra_faster_rcnn" and mode == "train":
         row["baseline_config"] = "faster_rcnn"
       rows.append(row)
@@ -339,31 +352,34 @@ def detector_config(row: Dict[str, Any]):
   return config
 
 
-def compile_cold_and_cached(jitted, args, cache_dir: pathlib.Path, pause_collector: bool = True):
-  """Compiles ``jitted`` for ``args`` with the persistent cache, then again from it.
+def compile_timed(jitted, args, cache_dir: pathlib.Path, expect: str, pause_collector: bool = True):
+  """Compiles ``jitted`` for ``args`` through the persistent cache in ``cache_dir`` and times it.
 
-  Returns ``(compiled, cold seconds, cached seconds)``; each time covers
-  tracing, lowering and compiling (or loading from the cache). With
-  ``pause_collector``, Python's cyclic garbage collector is paused meanwhile,
-  as the train and evaluation loops compile (``runtime.CompilationLog``).
+  The time covers tracing, lowering and compiling (or loading from the
+  cache); with ``pause_collector``, Python's cyclic garbage collector is
+  paused meanwhile, as the train and evaluation loops compile
+  (``runtime.CompilationLog``). ``expect``: ``"cold"``, the program must not
+  be in the cache yet (the compile must add an entry), or ``"cached"``, it
+  must be there (the compile must add none); otherwise a RuntimeError, since
+  the time would be of the other kind. Returns ``(compiled, seconds)``.
   """
-  import jax
-
   from libra_jax.runtime import cyclic_gc_paused
+  if expect not in ("cold", "cached"):
+    raise ValueError(f"expect must be 'cold' or 'cached', got {expect!r}")
   collector = cyclic_gc_paused if pause_collector else contextlib.nullcontext
   entries = set(cache_dir.iterdir())
   start = time.perf_counter()
   with collector():
-    jitted.lower(*args).compile()
-  cold = time.perf_counter() - start
-  if not set(cache_dir.iterdir()) - entries:
-    raise RuntimeError(f"the cold compile added nothing to the persistent cache {cache_dir}: the program was "
-                       f"already there, or the cache is off, so the compile times would be wrong")
-  jax.clear_caches()
-  start = time.perf_counter()
-  with collector():
     compiled = jitted.lower(*args).compile()
-  return compiled, cold, time.perf_counter() - start
+  seconds = time.perf_counter() - start
+  added = bool(set(cache_dir.iterdir()) - entries)
+  if expect == "cold" and not added:
+    raise RuntimeError(f"the cold compile added nothing to the persistent cache {cache_dir}: the program was "
+                       f"already there, or the cache is off, so the compile time would be wrong")
+  if expect == "cached" and added:
+    raise RuntimeError(f"the cached compile added an entry to the persistent cache {cache_dir}: the program was "
+                       f"not there, so the time is a cold compile's")
+  return compiled, seconds
 
 
 def direct_flops(jitted, args) -> float:
@@ -391,18 +407,17 @@ class CompiledRow(NamedTuple):
   who only time the compiles pay for neither.
   """
   compiled: Any
-  cold_s: float
-  cached_s: float
+  compile_s: Optional[float]
   step: Callable[[], None]
   count_flops: Callable[[], float]
   count_proposals: Callable[[], Optional[float]]
 
 
 def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: bool = True,
-                 timed: bool = True) -> CompiledRow:
-  """The step of a libra_jax row and of its experiment ``config``, compiled cold and then from the cache
-  (``compile_cold_and_cached``), or with ``timed=False`` compiled once, untimed, through the cache (``cold_s`` and
-  ``cached_s`` None). Run in a fresh process: it sets up JAX's persistent cache in ``cache_dir``."""
+                 compile: Optional[str] = None) -> CompiledRow:
+  """The step of a libra_jax row and of its experiment ``config``, compiled through the persistent cache in
+  ``cache_dir``: timed as ``compile`` says (``"cold"`` or ``"cached"``: :func:`compile_timed`, its seconds in
+  ``compile_s``), or untimed (None). Run in a fresh process: it sets up JAX's persistent cache."""
   host_memory.keep_freed_host_memory()
   import jax
   jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -418,9 +433,9 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
     raise RuntimeError("an accelerator row, but JAX sees only the CPU (install jax[cuda12] or jax[tpu])")
 
   def compile_step(jitted, args):
-    if timed:
-      return compile_cold_and_cached(jitted, args, pathlib.Path(cache_dir), pause_collector)
-    return jitted.lower(*args).compile(), None, None
+    if compile is not None:
+      return compile_timed(jitted, args, pathlib.Path(cache_dir), compile, pause_collector)
+    return jitted.lower(*args).compile(), None
   model = build_detector(config.model)
   mesh = make_mesh()
   example = synthetic_batch(row["height"], row["width"], row["batch"], config.data.max_instances)
@@ -432,7 +447,7 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
     state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
     state = jax.device_put(state, replicated(mesh))
     jitted, args = make_train_step(model, optimizer, mesh), (state, batch)
-    compiled, cold, cached = compile_step(jitted, args)
+    compiled, seconds = compile_step(jitted, args)
 
     def step():
       nonlocal state
@@ -441,7 +456,7 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
   else:
     variables = jax.device_put(variables, replicated(mesh))
     jitted, args = make_predict_step(model, mesh), (variables, batch)
-    compiled, cold, cached = compile_step(jitted, args)
+    compiled, seconds = compile_step(jitted, args)
 
     def step():
       jax.block_until_ready(compiled(variables, batch))
@@ -451,7 +466,7 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
       return None
     proposals = jax.jit(lambda v, b: model.apply(v, b, train=False, method=FasterRCNN.proposals))(variables, batch)
     return float(jax.numpy.mean(jax.numpy.sum(proposals.valid, axis=1)))
-  return CompiledRow(compiled, cold, cached, step, lambda: direct_flops(jitted, args), count_proposals)
+  return CompiledRow(compiled, seconds, step, lambda: direct_flops(jitted, args), count_proposals)
 
 
 def baseline_row(row: Dict[str, Any]) -> Dict[str, Any]:
@@ -460,8 +475,22 @@ def baseline_row(row: Dict[str, Any]) -> Dict[str, Any]:
   return dict(row, part=None, config=row["baseline_config"], model=model_name(row["baseline_config"], row["depth"]))
 
 
+def compile_cold(row: Dict[str, Any], cache_dir: str) -> Dict[str, float]:
+  """Compiles a libra_jax row's step into the empty persistent cache in ``cache_dir`` (run in a fresh process of
+  its own, which ends after it). Returns ``compile_s`` and the process's peak memory, ``compile_peak_rss_mb``.
+
+  The row's steps are timed in another process (:func:`measure_ours`), which
+  loads the step from the cache, as a restarted run does: on the CPU a
+  process that compiled a train step cold runs its steps slower, and loads
+  programs from the cache slower (see the README's benchmark section).
+  """
+  compiled = compiled_row(row, detector_config(row), cache_dir, compile="cold")
+  return dict(compile_s=compiled.compile_s, compile_peak_rss_mb=peak_rss_mb())
+
+
 def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
-  """Measures one libra_jax row (run in a fresh process: it sets up JAX's persistent cache).
+  """Measures one libra_jax row whose step :func:`compile_cold` put in the cache (run in a fresh process: it sets
+  up JAX's persistent cache). ``compile_cached_s``: loading it from there, timed.
 
   A row with a ``baseline_config`` is timed in turns with its baseline's step in the same process
   (:func:`paired_seconds`, ``PAIRED_ROUNDS_PER_STEP`` rounds per timed step):
@@ -469,22 +498,22 @@ def measure_ours(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   ``paired_baseline_step_s`` the baseline's time there. Its peak memory then includes the baseline's step.
   """
   import jax
-  row_step = compiled_row(row, detector_config(row), cache_dir)
-  flops = row_step.count_flops()
+  row_step = compiled_row(row, detector_config(row), cache_dir, compile="cached")
   paired = {}
   if row.get("baseline_config"):
     baseline = baseline_row(row)
-    baseline_step = compiled_row(baseline, detector_config(baseline), cache_dir, timed=False).step
+    baseline_step = compiled_row(baseline, detector_config(baseline), cache_dir).step
     times = paired_seconds(row_step.step, baseline_step, WARMUP_STEPS, PAIRED_ROUNDS_PER_STEP * row["steps"])
     seconds = times["step_s"]
     paired = dict(extra_s_per_step=times["extra_s_per_step"], extra_s_per_round=times["extra_s_per_round"],
                   paired_baseline_step_s=times["baseline_step_s"])
   else:
     seconds = seconds_per_step(row_step.step, WARMUP_STEPS, row["steps"])
-  peak = peak_rss_mb()  # before counting the proposals, which compiles the first stage once more
+  peak = peak_rss_mb()  # before counting FLOPs and proposals, which trace and compile more
+  flops = row_step.count_flops()
   return dict(row, **paired, version=jax.__version__, device=jax.devices()[0].platform,
               device_kind=jax.devices()[0].device_kind, step_s=seconds,
-              images_per_sec=row["batch"] / seconds, compile_s=row_step.cold_s, compile_cached_s=row_step.cached_s,
+              images_per_sec=row["batch"] / seconds, compile_cached_s=row_step.compile_s,
               flops_per_step=flops, flops_per_sec=flops / seconds, peak_rss_mb=peak,
               proposals_per_image=row_step.count_proposals())
 
@@ -557,8 +586,13 @@ def warmup_factors(optim_config) -> List[float]:
   return [float(schedule(step)) for step in range(max(optim_config.warmup_steps, 0) + 1)]
 
 
-def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str, Any]:
-  """Measures one torchvision row (in a fresh process) on the CPU, or on torch's CUDA device for an accelerator row.
+def torchvision_step(row: Dict[str, Any],
+                     setup: Dict[str, Any]) -> Tuple[Callable[[], None], Callable[[float], Dict[str, Any]]]:
+  """The step of one torchvision row, built in this (fresh) process on the CPU, or on torch's CUDA device for an
+  accelerator row, and how to report it.
+
+  Returns ``(step, report)``: ``step()`` takes one step and waits for it;
+  ``report(step_s)`` is the measured row, given its step time.
 
   ``setup``: ``our_setup`` of the row's family and depth (computed in another
   process, so that JAX's memory is not this row's). The model runs with its
@@ -641,21 +675,28 @@ def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str,
         model(images)
       wait()
 
-  seconds = seconds_per_step(step, WARMUP_STEPS, row["steps"])
-  proposals_per_image = None
-  if row["mode"] == "infer" and row["family"] == "faster_rcnn":
-    with torch.inference_mode():
-      image_list, _ = model.transform(images)
-      proposals, _ = model.rpn(image_list, model.backbone(image_list.tensors))
-    proposals_per_image = sum(len(boxes) for boxes in proposals) / batch
-  # JAX calls a CUDA device's platform "gpu": the comparisons pair rows by that name.
-  return dict(row, version=f"torch {torch.__version__}, torchvision {torchvision.__version__}",
-              device="gpu" if device.type == "cuda" else "cpu",
-              device_kind=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              step_s=seconds, images_per_sec=batch / seconds, compile_s=None, compile_cached_s=None,
-              flops_per_step=None, flops_per_sec=None, peak_rss_mb=peak_rss_mb(),
-              ran_height=int(ran_height), ran_width=int(ran_width), proposals_per_image=proposals_per_image,
-              finite_loss=all(finite) if row["mode"] == "train" else None, flush_denormal=flush_denormal)
+  def report(seconds: float) -> Dict[str, Any]:
+    proposals_per_image = None
+    if row["mode"] == "infer" and row["family"] == "faster_rcnn":
+      with torch.inference_mode():
+        image_list, _ = model.transform(images)
+        proposals, _ = model.rpn(image_list, model.backbone(image_list.tensors))
+      proposals_per_image = sum(len(boxes) for boxes in proposals) / batch
+    # JAX calls a CUDA device's platform "gpu": the comparisons pair rows by that name.
+    return dict(row, version=f"torch {torch.__version__}, torchvision {torchvision.__version__}",
+                device="gpu" if device.type == "cuda" else "cpu",
+                device_kind=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                step_s=seconds, images_per_sec=batch / seconds, compile_s=None, compile_cached_s=None,
+                flops_per_step=None, flops_per_sec=None, peak_rss_mb=peak_rss_mb(),
+                ran_height=int(ran_height), ran_width=int(ran_width), proposals_per_image=proposals_per_image,
+                finite_loss=all(finite) if row["mode"] == "train" else None, flush_denormal=flush_denormal)
+  return step, report
+
+
+def measure_torchvision(row: Dict[str, Any], setup: Dict[str, Any]) -> Dict[str, Any]:
+  """Measures one torchvision row (in a fresh process): :func:`torchvision_step`, timed."""
+  step, report = torchvision_step(row, setup)
+  return report(seconds_per_step(step, WARMUP_STEPS, row["steps"]))
 
 
 def matmul_flops_per_sec(size: int = MATMUL_SIZE, calls: int = 10) -> float:
@@ -673,6 +714,100 @@ def run_isolated(function: Callable, *args):
   context = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
     return pool.submit(function, *args).result()
+
+
+def serve_steps(connection, build: Callable[..., Callable[[], None]], *args) -> None:
+  """Builds a step, ``build(*args)``, then takes one step for each ``"step"`` received on ``connection`` and answers
+  ``"done"``, until it receives anything else. Runs in a process of its own (:func:`stepping_process`).
+
+  First answers ``("ready", None)``, or ``("error", message)`` if the build raised.
+  """
+  try:
+    step = build(*args)
+  except Exception as error:  # reported to the measuring process, which raises it there
+    connection.send(("error", f"{type(error).__name__}: {error}"))
+    return
+  connection.send(("ready", None))
+  while connection.recv() == "step":
+    step()
+    connection.send("done")
+
+
+def _answer(connection, process):
+  """The next answer from ``process`` (see :func:`serve_steps`); a RuntimeError if the process ended instead."""
+  try:
+    return connection.recv()
+  except EOFError:
+    process.join()
+    raise RuntimeError(f"the stepping process ended (exit code {process.exitcode})") from None
+
+
+@contextlib.contextmanager
+def stepping_process(build: Callable[..., Callable[[], None]], *args) -> Iterator[Callable[[], None]]:
+  """A step built by ``build(*args)`` in a fresh (spawned) process, as a function here that takes one step there and
+  returns when it is done. Entering waits until the step is built; a failed build raises RuntimeError with its
+  message. Leaving ends the process. ``build`` and ``args`` must pickle (a module-level function and plain data).
+  """
+  context = multiprocessing.get_context("spawn")
+  here, there = context.Pipe()
+  process = context.Process(target=serve_steps, args=(there, build) + args)
+  process.start()
+  there.close()  # this process's copy: the pipe then reports the child's end (EOFError) if the child dies
+  try:
+    status, message = _answer(here, process)
+    if status == "error":
+      raise RuntimeError(f"building the step failed: {message}")
+
+    def step():
+      here.send("step")
+      _answer(here, process)
+    yield step
+  finally:
+    with contextlib.suppress(OSError):
+      here.send("stop")
+    process.join(timeout=60)
+    if process.is_alive():
+      process.terminate()
+      process.join()
+    here.close()
+
+
+def our_step(row: Dict[str, Any], cache_dir: str) -> Callable[[], None]:
+  """The step of a libra_jax row, compiled (through the persistent cache in ``cache_dir``) in this process."""
+  return compiled_row(row, detector_config(row), cache_dir).step
+
+
+def torchvision_step_alone(row: Dict[str, Any], setup: Dict[str, Any]) -> Callable[[], None]:
+  """The step of :func:`torchvision_step`, without its report."""
+  return torchvision_step(row, setup)[0]
+
+
+def torchvision_row_of(row: Dict[str, Any]) -> Dict[str, Any]:
+  """The fair-setup torchvision row of the same model, mode and shape as our ``row``."""
+  return dict(row, framework="torchvision", family=row["config"])
+
+
+def measure_in_turns_with_torchvision(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
+  """Our row's step and torchvision's (fair setup, same model, mode and shape), stepping in turns.
+
+  Each step is built in a process of its own (:func:`stepping_process`;
+  ours from the cache its row filled), the two processes live side by side,
+  and :func:`paired_seconds` calls them in turns (the order alternating, each
+  waiting for the other), so that both see the same state of the machine:
+  separate rows of one run differ by up to 0.14x in their ratio on these
+  shared cores, and the machine's speed drifts between rows minutes apart.
+  ``ratio_vs_torchvision_in_turns``: torchvision's median step time over
+  ours (ours / theirs in images per second); ``in_turns_step_s`` and
+  ``in_turns_torchvision_step_s``: the medians; ``in_turns_extra_s_per_round``:
+  each round's difference, ours minus theirs.
+  """
+  setup = our_setup_once(row["config"], row["depth"])
+  with stepping_process(our_step, row, cache_dir) as ours, \
+       stepping_process(torchvision_step_alone, torchvision_row_of(row), setup) as theirs:
+    times = paired_seconds(ours, theirs, WARMUP_STEPS, PAIRED_ROUNDS_PER_STEP * row["steps"])
+  return dict(in_turns_step_s=times["step_s"], in_turns_torchvision_step_s=times["baseline_step_s"],
+              ratio_vs_torchvision_in_turns=times["baseline_step_s"] / times["step_s"],
+              in_turns_extra_s_per_round=times["extra_s_per_round"])
 
 
 def add_comparisons(rows: List[Dict[str, Any]], matmul_rate: float) -> None:
@@ -725,6 +860,7 @@ COLUMNS = (("model", lambda row: row["model"]), ("framework", lambda row: row["f
            ("proposals", _number("proposals_per_image", "{:.0f}")),
            ("vs tv", _number("ratio_vs_torchvision", "{:.2f}x")),
            ("vs tv plain", _number("ratio_vs_torchvision_plain", "{:.2f}x")),
+           ("vs tv in turns", _number("ratio_vs_torchvision_in_turns", "{:.2f}x")),
            ("extra s/step", _number("extra_s_per_step", "{:+.3f}")),
            ("vs mmdet V100", _number("ratio_vs_mmdetection_v100", "{:.2f}x")))
 TEXT_COLUMNS = 4
@@ -739,6 +875,9 @@ def format_table(rows: List[Dict[str, Any]], header: str) -> str:
       failures.append(f"{row['model']} {row['mode']} {shape_label(row)}: failed: {row['error']}")
     else:
       cells.append([cell(row) for _, cell in COLUMNS])
+      if "in_turns_error" in row:
+        failures.append(f"{row['model']} {row['mode']} {shape_label(row)}: in turns with torchvision: failed: "
+                        f"{row['in_turns_error']}")
   widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
   lines = [header] + ["  ".join(cell.ljust(w) if i < TEXT_COLUMNS else cell.rjust(w)
                                 for i, (cell, w) in enumerate(zip(line, widths))) for line in cells]
@@ -751,13 +890,22 @@ def torchvision_available() -> bool:
 
 
 def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
-  """One row in its own process; a failure becomes the row with an ``error``."""
+  """One row in its own process; a failure becomes the row with an ``error``. A row marked
+  ``in_turns_with_torchvision`` is then also timed in turns with torchvision's
+  (:func:`measure_in_turns_with_torchvision`); a failure there becomes its ``in_turns_error``."""
   try:
     if row["framework"] in TORCHVISION_SETUPS:
       return run_isolated(measure_torchvision, row, our_setup_once(row["family"], row["depth"]))
-    return run_isolated(measure_ours, row, cache_dir)
+    compiled = run_isolated(compile_cold, row, cache_dir)
+    measured = dict(run_isolated(measure_ours, row, cache_dir), **compiled)
   except Exception as error:  # a crashed worker, an out-of-memory kill, an exception in the row
     return dict(row, error=f"{type(error).__name__}: {error}")
+  if row.get("in_turns_with_torchvision"):
+    try:
+      measured.update(measure_in_turns_with_torchvision(row, cache_dir))
+    except Exception as error:  # the row's own measurements stand
+      measured["in_turns_error"] = f"{type(error).__name__}: {error}"
+  return measured
 
 
 def stop_on_sigterm() -> Callable[[], bool]:

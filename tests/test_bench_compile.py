@@ -13,16 +13,18 @@ CONFIG = "--config=configs/shapes_libra_faster_rcnn.py"
 def test_settings_alternate_and_each_gets_its_median(monkeypatch, capsys):
   calls = []
 
-  def fake_compiled_row(row, config, cache_dir, pause_collector):
-    calls.append(pause_collector)
-    # Cached seconds 1, 2, 3, ... in call order; cold ten times that.
-    return run.CompiledRow(None, 10.0 * len(calls), float(len(calls)), None, None, None)
+  def fake_compiled_row(row, config, cache_dir, pause_collector, compile):
+    calls.append((pause_collector, compile))
+    # The n-th cached compile takes n seconds; each cold one ten times the cached one after it.
+    cached = sum(kind == "cached" for _, kind in calls) + (compile == "cold")
+    return run.CompiledRow(None, 10.0 * cached if compile == "cold" else float(cached), None, None, None)
 
   monkeypatch.setattr(run, "run_isolated", lambda function, *args: function(*args))
   monkeypatch.setattr(run, "compiled_row", fake_compiled_row)
   assert bench_compile.main([CONFIG, "--height=64", "--width=96", "--batch=2", "--repeats=3", "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
-  assert calls == [False, True, True, False, False, True]
+  # Per setting, cold then cached, each in its own (here: faked) process.
+  assert calls == [(pause, kind) for pause in [False, True, True, False, False, True] for kind in ("cold", "cached")]
   assert [times["cached_s"] for times in result["runs"]["on"]] == [1.0, 4.0, 5.0]
   assert [times["cold_s"] for times in result["runs"]["paused"]] == [20.0, 30.0, 60.0]
   assert result["median_cached_s"] == {"on": 4.0, "paused": 3.0}

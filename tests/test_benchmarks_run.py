@@ -1,8 +1,11 @@
 """Tests of benchmarks/run.py: the row plan, the comparisons, the table, and the pieces that run in subprocesses."""
 
+import functools
 import json
+import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -181,20 +184,53 @@ def test_mmdetection_ratio_only_for_libra_training_at_cocos_shape_on_an_accelera
 
 def test_table_formatting():
   rows = [result("faster_rcnn_r50_fpn", step_s=2.0, compile_s=61.04, compile_cached_s=3.96, peak_rss_mb=2048.4,
-                 ratio_vs_torchvision=1.5, ratio_vs_torchvision_plain=1.75, flops_fraction=0.125,
-                 proposals_per_image=571.5),
+                 ratio_vs_torchvision=1.5, ratio_vs_torchvision_plain=1.75, ratio_vs_torchvision_in_turns=1.625,
+                 flops_fraction=0.125, proposals_per_image=571.5),
           result("faster_rcnn_r50_fpn", framework="torchvision", step_s=4.0, compile_s=None, peak_rss_mb=1000),
-          result("retinanet_r50_fpn", mode="infer", error="BrokenProcessPool: killed")]
+          result("retinanet_r50_fpn", mode="infer", error="BrokenProcessPool: killed"),
+          result("retinanet_r50_fpn", step_s=1.0, compile_s=30.0, in_turns_error="RuntimeError: ended")]
   lines = run.format_table(rows, "HEADER").splitlines()
   assert lines[0] == "HEADER"
   assert lines[1].split() == ["model", "framework", "mode", "shape", "img/s", "s/step", "compile", "s", "cached", "s",
                               "peak", "MB", "GFLOP/s", "of", "matmul", "proposals", "vs", "tv", "vs", "tv", "plain",
-                              "extra", "s/step", "vs", "mmdet", "V100"]
+                              "vs", "tv", "in", "turns", "extra", "s/step", "vs", "mmdet", "V100"]
   assert lines[2].split() == ["faster_rcnn_r50_fpn", "libra_jax", "train", "256x256", "b1", "0.500", "2.000",
-                              "61.0", "4.0", "2048", "2.0", "12%", "572", "1.50x", "1.75x", "-", "-"]
+                              "61.0", "4.0", "2048", "2.0", "12%", "572", "1.50x", "1.75x", "1.62x", "-", "-"]
   assert lines[3].split()[5:9] == ["0.250", "4.000", "-", "-"]
-  assert lines[4] == "retinanet_r50_fpn infer 256x256 b1: failed: BrokenProcessPool: killed"
-  assert len({len(line) for line in lines[1:4]}) == 1
+  # A row whose turns with torchvision failed keeps its own numbers, and the failure is named below the table.
+  assert lines[4].split()[6:8] == ["1.000", "30.0"]
+  assert lines[5:] == ["retinanet_r50_fpn infer 256x256 b1: failed: BrokenProcessPool: killed",
+                       "retinanet_r50_fpn train 256x256 b1: in turns with torchvision: failed: RuntimeError: ended"]
+  assert len({len(line) for line in lines[1:5]}) == 1
+
+
+def test_only_our_faster_rcnn_and_retinanet_rows_on_the_cpu_step_in_turns_with_torchvision():
+  marked = {(r["config"], r["mode"], r["height"]) for r in run.plan("full", with_torchvision=True)
+            if r.get("in_turns_with_torchvision")}
+  assert marked == {(config, mode, height) for config in ("faster_rcnn", "retinanet") for mode in ("train", "infer")
+                    for height in (800, 512)}
+  assert not any(r.get("in_turns_with_torchvision") for r in run.plan("full", with_torchvision=False))
+  assert not any(r.get("in_turns_with_torchvision") for r in run.plan("accelerator", with_torchvision=True))
+  row = next(r for r in run.plan("quick", with_torchvision=True) if r.get("in_turns_with_torchvision"))
+  theirs = run.torchvision_row_of(row)
+  assert (theirs["framework"], theirs["family"], theirs["model"]) == ("torchvision", row["config"], row["model"])
+
+
+def test_a_failure_in_turns_keeps_the_rows_own_measurements(monkeypatch):
+  row = next(r for r in run.plan("quick", with_torchvision=True) if r.get("in_turns_with_torchvision"))
+  own = dict(row, step_s=2.0, images_per_sec=0.5, compile_cached_s=4.0)
+  monkeypatch.setattr(run, "run_isolated", lambda function, *args: (
+      dict(compile_s=30.0, compile_peak_rss_mb=900.0) if function is run.compile_cold else dict(own)))
+
+  def ended(row, cache_dir):
+    raise RuntimeError("the stepping process ended (exit code -9)")
+  monkeypatch.setattr(run, "measure_in_turns_with_torchvision", ended)
+  got = run.measure(row, "unused")
+  assert got == dict(own, compile_s=30.0, compile_peak_rss_mb=900.0,
+                     in_turns_error="RuntimeError: the stepping process ended (exit code -9)")
+  monkeypatch.setattr(run, "measure_in_turns_with_torchvision", lambda row, cache_dir: dict(
+      ratio_vs_torchvision_in_turns=1.25))
+  assert run.measure(row, "unused")["ratio_vs_torchvision_in_turns"] == 1.25
 
 
 def test_synthetic_batch_follows_the_input_contract():
@@ -224,7 +260,7 @@ def test_flops_count_convolutions_as_direct_even_after_a_winograd_trace():
   assert step.lower(x, w).cost_analysis()["flops"] == winograd  # and no direct trace is left behind
 
 
-def test_cold_compile_fills_the_cache_and_a_second_one_is_refused(tmp_path):
+def test_a_cold_compile_fills_the_cache_and_a_cached_one_must_find_it_there(tmp_path):
   script = f"""
 import json, pathlib, jax, jax.numpy as jnp
 from benchmarks import run
@@ -233,6 +269,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import gc
 collector_on = []  # gc.isenabled() each time a function is traced
+cache = pathlib.Path({str(tmp_path)!r})
 
 def traced(body):
   def record(x):
@@ -240,27 +277,57 @@ def traced(body):
     return body(x)
   return jax.jit(record)
 
+def refused(function, expect, **options):
+  try:
+    run.compile_timed(function, (x,), cache, expect, **options)
+    return False
+  except RuntimeError:
+    return True
+
 f = traced(lambda x: jnp.sin(x) @ x.T)
 x = jnp.ones((8, 8))
-compiled, cold, cached = run.compile_cold_and_cached(f, (x,), pathlib.Path({str(tmp_path)!r}))
-try:
-  run.compile_cold_and_cached(f, (x,), pathlib.Path({str(tmp_path)!r}))
-  refused = False
-except RuntimeError:
-  refused = True
+compiled_cold, cold = run.compile_timed(f, (x,), cache, "cold")
+entries = len(list(cache.iterdir()))
+jax.clear_caches()
+compiled_cached, cached = run.compile_timed(f, (x,), cache, "cached")
+same_entries = len(list(cache.iterdir())) == entries
+jax.clear_caches()
+cold_again_refused = refused(f, "cold")
+new_program_refused = refused(traced(lambda x: jnp.tan(x) @ x.T), "cached")
 paused = collector_on[:2]
-run.compile_cold_and_cached(traced(lambda x: jnp.cos(x) @ x.T), (x,), pathlib.Path({str(tmp_path)!r}),
-                            pause_collector=False)
-print(json.dumps(dict(value=float(compiled(x).sum()), cold=cold, cached=cached, refused=refused, paused=paused,
-                      not_paused=collector_on[-2:], after=gc.isenabled())))
+run.compile_timed(traced(lambda x: jnp.cos(x) @ x.T), (x,), cache, "cold", pause_collector=False)
+print(json.dumps(dict(cold_value=float(compiled_cold(x).sum()), cached_value=float(compiled_cached(x).sum()),
+                      cold=cold, cached=cached, same_entries=same_entries, entries=entries,
+                      cold_again_refused=cold_again_refused, new_program_refused=new_program_refused,
+                      paused=paused, not_paused=collector_on[-1:], after=gc.isenabled())))
 """
   out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120)
   got = json.loads(out.stdout.splitlines()[-1])
-  assert got["refused"] and got["cold"] > 0 and got["cached"] > 0
-  assert got["value"] == pytest.approx(64 * np.sin(1.0) * 8, rel=1e-5)
-  assert any(tmp_path.iterdir())
-  # Both compiles (cold, then cached after jax.clear_caches) trace with the collector paused, unless asked not to.
-  assert got["paused"] == [False, False] and got["not_paused"] == [True, True] and got["after"]
+  assert got["cold"] > 0 and got["cached"] > 0 and got["entries"] >= 1 and got["same_entries"]
+  assert got["cold_value"] == got["cached_value"] == pytest.approx(64 * np.sin(1.0) * 8, rel=1e-5)
+  assert got["cold_again_refused"] and got["new_program_refused"]
+  with pytest.raises(ValueError, match="expect must be 'cold' or 'cached'"):
+    run.compile_timed(None, (), tmp_path, "warm")
+  # Both compiles trace with the collector paused, unless asked not to.
+  assert got["paused"] == [False, False] and got["not_paused"] == [True] and got["after"]
+
+
+def test_a_stepping_process_takes_its_steps_there_and_reports_a_failed_build():
+  # Steps that sleep 0.05 and 0.15 s, each in a process of its own, in turns: the second takes 0.1 s more a round.
+  sleeper = functools.partial(functools.partial, time.sleep)
+  with run.stepping_process(sleeper, 0.05) as fast, run.stepping_process(sleeper, 0.15) as slow:
+    times = run.paired_seconds(slow, fast, warmup=1, rounds=4)
+  assert times["extra_s_per_step"] == pytest.approx(0.1, abs=0.04)
+  assert times["baseline_step_s"] == pytest.approx(0.05, abs=0.04)
+  with pytest.raises(RuntimeError, match="building the step failed: ValueError: invalid literal"):
+    with run.stepping_process(int, "not a number"):
+      pass
+
+
+def test_a_stepping_process_that_dies_is_an_error_here():
+  with run.stepping_process(functools.partial, os._exit, 3) as step:
+    with pytest.raises(RuntimeError, match=r"the stepping process ended \(exit code 3\)"):
+      step()
 
 
 def test_sigterm_ends_the_row_in_flight_and_is_remembered():
@@ -367,7 +434,7 @@ def test_xla_cpu_flushes_denormals_to_zero_as_torchvisions_rows_are_made_to():
 
 def our_proposals_per_image(row, cache_dir):
   """Our row's ``count_proposals`` (the benchmark's config at the row's depth), compiled untimed."""
-  return run.compiled_row(row, run.detector_config(row), cache_dir, timed=False).count_proposals()
+  return run.compiled_row(row, run.detector_config(row), cache_dir).count_proposals()
 
 
 @needs_torchvision
@@ -402,7 +469,7 @@ for family, file, mode, cap in [("faster", "faster_rcnn", "infer", 7), ("faster"
   if cap:
     config.model.test.rpn_proposal.max_per_img = cap
   row = dict(height=128, width=160, batch=2, mode=mode, accelerator=False)
-  counts.append(run.compiled_row(row, config, {str(tmp_path)!r}, timed=False).count_proposals())
+  counts.append(run.compiled_row(row, config, {str(tmp_path)!r}).count_proposals())
 print(json.dumps(counts))
 """
   out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=300)

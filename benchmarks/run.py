@@ -118,9 +118,10 @@ RetinaNet rows and ours, at both shapes).
 batch 1, 2 timed steps, and only the rows Libra Faster R-CNN train, the
 baseline train and infer, and torchvision's Faster R-CNN train and infer
 (both setups for train; no Libra-part rows, no RetinaNet). Each of our rows still initializes the model
-and compiles its step twice (25 to 70 s cold on 2 cores), so it takes 3 to 4
-minutes on a 2-core CPU (3 min 18 s on 2026-11-28, with another job on the
-same cores part of the time).
+and compiles its step cold (15 to 70 s on 2 cores) and from the cache in
+another process, and the Faster R-CNN rows step in turns with torchvision's
+in two more, so it takes 3 to 4 minutes on a 2-core CPU (2 min 55 s on
+2026-12-06).
 
 ``--accelerator`` measures one GPU or TPU (JAX's default device; torch's
 CUDA device for torchvision): ResNet-50 at 800 x 1344 batch 2, mmdetection's
@@ -476,8 +477,10 @@ def baseline_row(row: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def compile_cold(row: Dict[str, Any], cache_dir: str) -> Dict[str, float]:
-  """Compiles a libra_jax row's step into the empty persistent cache in ``cache_dir`` (run in a fresh process of
-  its own, which ends after it). Returns ``compile_s`` and the process's peak memory, ``compile_peak_rss_mb``.
+  """Compiles a libra_jax row's step into the persistent cache in ``cache_dir``, which must not hold it yet (run in
+  a fresh process of its own, which ends after it). Returns ``compile_s`` and the process's peak memory,
+  ``compile_peak_rss_mb``. The step of the row's baseline, if it has one, is compiled there too, untimed (from the
+  cache, if the baseline's own row ran), so that the timing process only loads programs.
 
   The row's steps are timed in another process (:func:`measure_ours`), which
   loads the step from the cache, as a restarted run does: on the CPU a
@@ -485,6 +488,9 @@ def compile_cold(row: Dict[str, Any], cache_dir: str) -> Dict[str, float]:
   programs from the cache slower (see the README's benchmark section).
   """
   compiled = compiled_row(row, detector_config(row), cache_dir, compile="cold")
+  if row.get("baseline_config"):
+    baseline = baseline_row(row)
+    compiled_row(baseline, detector_config(baseline), cache_dir)
   return dict(compile_s=compiled.compile_s, compile_peak_rss_mb=peak_rss_mb())
 
 
@@ -718,28 +724,32 @@ def run_isolated(function: Callable, *args):
 
 def serve_steps(connection, build: Callable[..., Callable[[], None]], *args) -> None:
   """Builds a step, ``build(*args)``, then takes one step for each ``"step"`` received on ``connection`` and answers
-  ``"done"``, until it receives anything else. Runs in a process of its own (:func:`stepping_process`).
+  ``("done", None)``, until it receives anything else. Runs in a process of its own (:func:`stepping_process`).
 
-  First answers ``("ready", None)``, or ``("error", message)`` if the build raised.
+  First answers ``("ready", None)``. If the build or a step raises, it answers ``("error", message)`` and ends.
   """
   try:
     step = build(*args)
+    connection.send(("ready", None))
+    while connection.recv() == "step":
+      step()
+      connection.send(("done", None))
   except Exception as error:  # reported to the measuring process, which raises it there
     connection.send(("error", f"{type(error).__name__}: {error}"))
-    return
-  connection.send(("ready", None))
-  while connection.recv() == "step":
-    step()
-    connection.send("done")
 
 
-def _answer(connection, process):
-  """The next answer from ``process`` (see :func:`serve_steps`); a RuntimeError if the process ended instead."""
+def _ask(connection, process, message: Optional[str], doing: str) -> None:
+  """Sends ``message`` (unless None) to ``process`` (see :func:`serve_steps`) and waits for its answer; a
+  RuntimeError if the answer is an error (``doing`` says what failed) or the process ended instead."""
   try:
-    return connection.recv()
-  except EOFError:
+    if message is not None:
+      connection.send(message)
+    status, error = connection.recv()
+  except (EOFError, OSError):  # the process ended: its end of the pipe closed
     process.join()
     raise RuntimeError(f"the stepping process ended (exit code {process.exitcode})") from None
+  if status == "error":
+    raise RuntimeError(f"{doing} failed: {error}")
 
 
 @contextlib.contextmanager
@@ -751,25 +761,21 @@ def stepping_process(build: Callable[..., Callable[[], None]], *args) -> Iterato
   context = multiprocessing.get_context("spawn")
   here, there = context.Pipe()
   process = context.Process(target=serve_steps, args=(there, build) + args)
-  process.start()
-  there.close()  # this process's copy: the pipe then reports the child's end (EOFError) if the child dies
   try:
-    status, message = _answer(here, process)
-    if status == "error":
-      raise RuntimeError(f"building the step failed: {message}")
-
-    def step():
-      here.send("step")
-      _answer(here, process)
-    yield step
+    process.start()
+    there.close()  # this process's copy: the pipe then reports the child's end (EOFError) if the child dies
+    _ask(here, process, None, "building the step")
+    yield lambda: _ask(here, process, "step", "the step")
   finally:
     with contextlib.suppress(OSError):
       here.send("stop")
-    process.join(timeout=60)
-    if process.is_alive():
-      process.terminate()
-      process.join()
+    if process.pid is not None:
+      process.join(timeout=60)
+      if process.is_alive():
+        process.terminate()
+        process.join()
     here.close()
+    there.close()
 
 
 def our_step(row: Dict[str, Any], cache_dir: str) -> Callable[[], None]:
@@ -889,6 +895,10 @@ def torchvision_available() -> bool:
   return all(importlib.util.find_spec(name) is not None for name in ("torch", "torchvision"))
 
 
+# SIGTERMs received since stop_on_sigterm: a row's later phases do not start after one.
+_SIGTERMS_RECEIVED: List[int] = []
+
+
 def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
   """One row in its own process; a failure becomes the row with an ``error``. A row marked
   ``in_turns_with_torchvision`` is then also timed in turns with torchvision's
@@ -897,14 +907,20 @@ def measure(row: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
     if row["framework"] in TORCHVISION_SETUPS:
       return run_isolated(measure_torchvision, row, our_setup_once(row["family"], row["depth"]))
     compiled = run_isolated(compile_cold, row, cache_dir)
+    if _SIGTERMS_RECEIVED:
+      raise RuntimeError("stopped (SIGTERM) after the cold compile")
     measured = dict(run_isolated(measure_ours, row, cache_dir), **compiled)
   except Exception as error:  # a crashed worker, an out-of-memory kill, an exception in the row
     return dict(row, error=f"{type(error).__name__}: {error}")
   if row.get("in_turns_with_torchvision"):
+    if _SIGTERMS_RECEIVED:
+      measured["in_turns_error"] = "not measured: the run was stopped (SIGTERM)"
+      return measured
     try:
       measured.update(measure_in_turns_with_torchvision(row, cache_dir))
     except Exception as error:  # the row's own measurements stand
-      measured["in_turns_error"] = f"{type(error).__name__}: {error}"
+      stopped = " (stopped by SIGTERM)" if _SIGTERMS_RECEIVED else ""
+      measured["in_turns_error"] = f"{type(error).__name__}: {error}{stopped}"
   return measured
 
 
@@ -912,18 +928,17 @@ def stop_on_sigterm() -> Callable[[], bool]:
   """From now on, SIGTERM (``timeout``'s signal) ends the row in flight instead of the run.
 
   The handler terminates this process's worker processes, so the row being
-  measured fails at once. Returns a function that tells whether a SIGTERM
-  came: then the caller measures no more rows and reports those it has.
+  measured fails at once, and :func:`measure` starts none of the row's later
+  phases. Returns a function that tells whether a SIGTERM came: then the
+  caller measures no more rows and reports those it has.
   """
-  received = []
-
   def handler(signum, frame):
-    received.append(signum)
+    _SIGTERMS_RECEIVED.append(signum)
     for child in multiprocessing.active_children():
       child.terminate()
 
   signal.signal(signal.SIGTERM, handler)
-  return lambda: bool(received)
+  return lambda: bool(_SIGTERMS_RECEIVED)
 
 
 def main(argv) -> int:
@@ -954,7 +969,7 @@ def main(argv) -> int:
         continue
       start = time.perf_counter()
       results.append(dict(measure(row, cache_dir), date=date))
-      if stopped():
+      if stopped() and "error" in results[-1]:  # a row measured in full keeps its numbers
         results[-1] = dict(row, date=date, error="stopped (SIGTERM) while being measured")
       done = results[-1]
       outcome = done.get("error") or (f"{done['images_per_sec']:.3f} images/s, {done['step_s']:.4f} s/step"

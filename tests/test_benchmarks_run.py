@@ -233,6 +233,32 @@ def test_a_failure_in_turns_keeps_the_rows_own_measurements(monkeypatch):
   assert run.measure(row, "unused")["ratio_vs_torchvision_in_turns"] == 1.25
 
 
+def test_after_a_sigterm_a_row_starts_no_later_phase(monkeypatch):
+  row = next(r for r in run.plan("quick", with_torchvision=True) if r.get("in_turns_with_torchvision"))
+  started = []
+
+  def isolated(function, *args):
+    started.append(function.__name__)
+    if function is run.compile_cold:
+      run._SIGTERMS_RECEIVED.append(15)  # arrives while the cold compile runs, which finishes
+      return dict(compile_s=30.0, compile_peak_rss_mb=900.0)
+    return dict(row, step_s=2.0)
+  monkeypatch.setattr(run, "_SIGTERMS_RECEIVED", [])
+  monkeypatch.setattr(run, "run_isolated", isolated)
+  monkeypatch.setattr(run, "measure_in_turns_with_torchvision", lambda *args: started.append("in turns"))
+  assert run.measure(row, "unused")["error"] == "RuntimeError: stopped (SIGTERM) after the cold compile"
+  assert started == ["compile_cold"]
+  # Arriving during the timed steps: the row keeps them, and its turns with torchvision are not started.
+  started.clear()
+  monkeypatch.setattr(run, "_SIGTERMS_RECEIVED", [])
+  monkeypatch.setattr(run, "run_isolated", lambda function, *args: (
+      started.append(function.__name__) or (dict(compile_s=30.0) if function is run.compile_cold else
+                                             run._SIGTERMS_RECEIVED.append(15) or dict(row, step_s=2.0))))
+  got = run.measure(row, "unused")
+  assert got["step_s"] == 2.0 and got["in_turns_error"] == "not measured: the run was stopped (SIGTERM)"
+  assert started == ["compile_cold", "measure_ours"]
+
+
 def test_synthetic_batch_follows_the_input_contract():
   batch = run.synthetic_batch(96, 160, 2, max_instances=10)
   assert batch["image"].shape == (2, 96, 160, 3) and batch["image"].dtype == np.float32
@@ -324,9 +350,15 @@ def test_a_stepping_process_takes_its_steps_there_and_reports_a_failed_build():
       pass
 
 
-def test_a_stepping_process_that_dies_is_an_error_here():
+def test_a_stepping_process_that_dies_or_whose_step_raises_is_an_error_here():
   with run.stepping_process(functools.partial, os._exit, 3) as step:
     with pytest.raises(RuntimeError, match=r"the stepping process ended \(exit code 3\)"):
+      step()
+    # Asked again, after it is gone: the same error, not a broken pipe.
+    with pytest.raises(RuntimeError, match=r"the stepping process ended \(exit code 3\)"):
+      step()
+  with run.stepping_process(functools.partial, int, "not a number") as step:
+    with pytest.raises(RuntimeError, match="the step failed: ValueError: invalid literal"):
       step()
 
 

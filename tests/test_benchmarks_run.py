@@ -251,9 +251,14 @@ def test_after_a_sigterm_a_row_starts_no_later_phase(monkeypatch):
   # Arriving during the timed steps: the row keeps them, and its turns with torchvision are not started.
   started.clear()
   monkeypatch.setattr(run, "_SIGTERMS_RECEIVED", [])
-  monkeypatch.setattr(run, "run_isolated", lambda function, *args: (
-      started.append(function.__name__) or (dict(compile_s=30.0) if function is run.compile_cold else
-                                             run._SIGTERMS_RECEIVED.append(15) or dict(row, step_s=2.0))))
+
+  def isolated_stopped_while_stepping(function, *args):
+    started.append(function.__name__)
+    if function is run.compile_cold:
+      return dict(compile_s=30.0)
+    run._SIGTERMS_RECEIVED.append(15)  # arrives while the steps are timed, which finish
+    return dict(row, step_s=2.0)
+  monkeypatch.setattr(run, "run_isolated", isolated_stopped_while_stepping)
   got = run.measure(row, "unused")
   assert got["step_s"] == 2.0 and got["in_turns_error"] == "not measured: the run was stopped (SIGTERM)"
   assert started == ["compile_cold", "measure_ours"]

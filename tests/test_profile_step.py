@@ -32,6 +32,8 @@ def test_every_stage_is_timed_and_the_staged_losses_are_the_models(tmp_path, cap
   conv = sum(result["stages"][name] for name in profile_step.CONV_STAGES)
   assert result["step_s"] > 0 and result["non_conv_fraction"] == pytest.approx(min(max(1 - conv / result["step_s"],
                                                                                        0), 1))
+  # The timing process loaded every program that the compiling process had put in the cache.
+  assert result["compiled_while_timing"] == 0
   # The stages, compiled one by one, compute the loss of the model's own forward pass (to float rounding).
   np.testing.assert_allclose(result["staged_loss"], result["model_loss"], rtol=1e-4)
   assert list(pathlib.Path(tmp_path / "trace").rglob("*.xplane.pb"))

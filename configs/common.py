@@ -31,6 +31,9 @@ def run_config(config: ml_collections.ConfigDict, train_images: int, epochs: int
   config.keep = 3
   config.skip_nonfinite = False
   config.compilation_cache_dir = ""
+  # On a CPU host with one process, compile the run's programs in a fresh process before training, which then
+  # loads them from the cache and steps as fast as a restarted run (libra_jax/training/precompile.py).
+  config.precompile_in_fresh_process = True
   # Fine-tuning: a fresh run starts from this whole detector (.pth, .safetensors or .npz state dict, or an orbax
   # work directory) instead of config.backbone_checkpoint; a resumed run reads its own checkpoints.
   config.init_checkpoint = ""

@@ -109,6 +109,8 @@ def tiny_train_overrides(tfds_dir, cache_dir, **extra):
       "model.backbone.base_channels": 8, "model.neck.out_channels": 16, "model.rpn.feat_channels": 16,
       "model.rcnn.fc_channels": 32, "model.train.rcnn.sampler.num": 64, "global_batch_size": 4,
       "eval_batch_size": 4, "log_every": 2, "checkpoint_every": 4, "eval_every": 1000,
+      # Compiling in a fresh process first costs each run a process start; tests/training/test_precompile.py has it.
+      "precompile_in_fresh_process": False,
       # One square bucket holds both orientations of the shapes images: one compilation per step function.
       "data.buckets": ((192, 192),),
   }

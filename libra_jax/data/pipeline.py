@@ -319,6 +319,17 @@ def eval_batches(data_config, batch_size: int, shard_index: int = 0, num_shards:
   return Batches(builder, table, plan, data_config, batch_size, reports, len(plan), len(rows))
 
 
+def padding_batch(data_config, batch_size: int, height: int, width: int) -> Dict[str, np.ndarray]:
+  """A batch of ``batch_size`` padding slots in a ``height x width`` bucket: every key, dtype and shape of the batch
+  contract (``train_batches`` and ``eval_batches`` give the same), zero images, no objects, ``valid`` False."""
+  instances = data_config.max_instances
+  return {"image_shape": np.zeros((batch_size, 2), np.int32), "scale": np.zeros((batch_size, 2), np.float32),
+          "image_id": np.full(batch_size, -1, np.int64), "boxes": np.zeros((batch_size, instances, 4), np.float32),
+          "labels": np.full((batch_size, instances), -1, np.int32),
+          "is_crowd": np.zeros((batch_size, instances), bool), "valid": np.zeros(batch_size, bool),
+          "image": np.zeros((batch_size, height, width, 3), np.float32)}
+
+
 def first_bucket_image(data_config) -> np.ndarray:
   """A zero image ``[1, H, W, 3]`` float32 in the first bucket's shape (what a model is initialized on)."""
   height, width = data_config.buckets[0]

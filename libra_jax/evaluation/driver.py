@@ -45,6 +45,11 @@ def checked_model(config, mesh) -> Tuple[pipeline.DatasetInfo, object]:
   return info, build_detector(config.model)
 
 
+def detection_inputs(batch, mesh):
+  """What the detection step takes of a host's numpy ``batch``: global arrays of every key but ``image_id``."""
+  return runtime.to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh)
+
+
 def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator:
   """Runs ``predict`` over the evaluation split (every image once); returns all detections, ready for COCOeval.
 
@@ -73,7 +78,7 @@ def detect_eval_split(predict, variables, config, mesh, info) -> CocoAccumulator
   pending = None
   for batch in batches:
     with compilation.around(batch["image"]):
-      detections = predict(variables, runtime.to_global({k: v for k, v in batch.items() if k != "image_id"}, mesh))
+      detections = predict(variables, detection_inputs(batch, mesh))
     if pending is not None:
       convert(*pending)
     pending = batch, detections

@@ -42,11 +42,11 @@ from libra_jax.errors import NonFiniteLossError, Stopped, UserError
 from libra_jax.evaluation import driver
 from libra_jax.evaluation.predict_step import make_predict_step
 from libra_jax.models.detectors import jitted_init
-from libra_jax.training import optim
+from libra_jax.training import optim, precompile
 from libra_jax.training.checkpoint import Checkpointer, abstract_like
 from libra_jax.training.metrics import MetricWriter
 from libra_jax.training.preemption import StopRequest
-from libra_jax.training.step import make_train_step, new_train_state
+from libra_jax.training.step import make_train_step, optimizer_and_state
 from libra_jax.training.workdir import WorkdirLock, check_and_record_config
 
 LOSS_PREFIX = "loss"
@@ -135,11 +135,10 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
   fine_tune = bool(config.get("init_checkpoint")) and checkpointer.latest_step() is None
   if config.get("init_checkpoint") and not fine_tune:
     _log.info("resuming from %s's own checkpoints; config.init_checkpoint is not read", workdir)
+  if precompile.wanted(config):
+    precompile.compile_in_fresh_process(config, workdir)
   variables = _initial_variables(config, model, mesh, pipeline.first_bucket_image(config.data), fine_tune)
-  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
-                                   variables["params"], config.model.backbone.frozen_stages)
-  state = jax.device_put(new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1)),
-                         runtime.replicated(mesh))
+  optimizer, state = optimizer_and_state(config, variables, mesh)
   restored = checkpointer.restore_latest(abstract_like(state))
   if restored is not None:
     step, state, meta = restored

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from libra_jax.runtime import DATA_AXIS
+from libra_jax.runtime import DATA_AXIS, replicated
+from libra_jax.training import optim
 
 
 @flax.struct.dataclass
@@ -38,6 +39,15 @@ def new_train_state(variables, optimizer: optax.GradientTransformation, rng) -> 
   return TrainState(step=jnp.int32(0), params=variables["params"], batch_stats=variables["batch_stats"],
                     opt_state=optimizer.init(variables["params"]), rng=jax.random.key_data(rng),
                     skipped_steps=jnp.int32(0))
+
+
+def optimizer_and_state(config, variables, mesh: Mesh) -> Tuple[optax.GradientTransformation, TrainState]:
+  """The run's optimizer (``config.optim``) and its train state at step 0 from ``variables``, replicated on
+  ``mesh``: ``(optimizer, state)``."""
+  optimizer = optim.make_optimizer(config.optim, config.global_batch_size, config.steps_per_epoch,
+                                   variables["params"], config.model.backbone.frozen_stages)
+  state = new_train_state(variables, optimizer, jax.random.fold_in(jax.random.key(config.seed), 1))
+  return optimizer, jax.device_put(state, replicated(mesh))
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, mesh: Mesh,

@@ -31,9 +31,9 @@ CONFIG_FILE = "config.json"
 # Keys a resumed run may change: how often it logs, saves and evaluates, where things are, how it is launched,
 # how far it goes, and the weights only a fresh start reads.
 RESUMABLE_KEYS = frozenset({
-    "log_every", "checkpoint_every", "eval_every", "keep", "compilation_cache_dir", "skip_nonfinite",
-    "distributed", "coordinator_address", "num_processes", "process_id", "eval_batch_size", "total_steps",
-    "epochs", "init_checkpoint", "backbone_checkpoint", "data.tfds_data_dir", "data.eval_split",
+    "log_every", "checkpoint_every", "eval_every", "keep", "compilation_cache_dir", "precompile_in_fresh_process",
+    "skip_nonfinite", "distributed", "coordinator_address", "num_processes", "process_id", "eval_batch_size",
+    "total_steps", "epochs", "init_checkpoint", "backbone_checkpoint", "data.tfds_data_dir", "data.eval_split",
     "data.val_annotations", "data.val_images",
 })
 

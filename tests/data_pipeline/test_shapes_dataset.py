@@ -40,6 +40,11 @@ def test_shapes_prepares_on_first_use_and_feeds_the_default_pipeline(shapes_dir)
     assert batch["image"].shape[1:3] in ((160, 192), (192, 160))
     assert (batch["image_shape"].max(1) == 192).any() or (batch["image_shape"].min(1) == 160).any()
     assert ((batch["labels"] >= 0).sum(1) >= 1).all()
+    # A batch of padding slots in the same bucket has every key, dtype and shape of a real one (what a fresh
+    # process compiles the steps for, libra_jax.training.precompile).
+    padding = pipeline.padding_batch(data, 8, *batch["image"].shape[1:3])
+    assert {k: (v.dtype, v.shape) for k, v in padding.items()} == {k: (v.dtype, v.shape) for k, v in batch.items()}
+    assert not padding["valid"].any() and (padding["labels"] == -1).all()
 
 
 def test_two_hosts_partition_the_training_images_and_step_together(shapes_dir):

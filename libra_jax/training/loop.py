@@ -22,7 +22,7 @@ What keeps a run safe:
 The train step runs under JAX's transfer guard (``disallow``): every value the
 loop reads from the devices is fetched with an explicit ``jax.device_get``.
 ``metrics.jsonl`` gets a ``kind="compile"`` record after the first step (its
-wall time, compilation included) and each train record counts the train
+wall time, compiling or loading the step included) and each train record counts the train
 step's compilations, one per bucket shape; more is a bug.
 """
 
@@ -54,15 +54,22 @@ LOSS_PREFIX = "loss"
 _log = logging.getLogger(__name__)
 
 
-def load_backbone(config, variables):
-  """Imports ``config.backbone_checkpoint`` (if set) into the backbone."""
+def backbone_file(config) -> Optional[str]:
+  """``config.backbone_checkpoint``, or None where it is not set; a FileNotFoundError that says what to do where
+  it is not a file."""
   path = config.get("backbone_checkpoint")
-  if not path:
-    return variables
-  if not pathlib.Path(path).is_file():
+  if path and not pathlib.Path(path).is_file():
     raise FileNotFoundError(
         f"backbone checkpoint {path} not found: put torchvision's ImageNet weights there (.pth, .safetensors "
         f"or .npz), or pass --config.backbone_checkpoint='' to train the backbone from scratch")
+  return path or None
+
+
+def load_backbone(config, variables):
+  """Imports ``config.backbone_checkpoint`` (if set) into the backbone."""
+  path = backbone_file(config)
+  if path is None:
+    return variables
   variables, report = convert.import_backbone(convert.load_state_dict(path), variables)
   _log.info("backbone from %s: %s", path, report)
   return variables
@@ -136,7 +143,9 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
   if config.get("init_checkpoint") and not fine_tune:
     _log.info("resuming from %s's own checkpoints; config.init_checkpoint is not read", workdir)
   if precompile.wanted(config):
-    precompile.compile_in_fresh_process(config, workdir)
+    if not fine_tune:
+      backbone_file(config)  # a missing file is reported now, not after the compiles
+    precompile.compile_in_fresh_process(config, workdir, stop)
   variables = _initial_variables(config, model, mesh, pipeline.first_bucket_image(config.data), fine_tune)
   optimizer, state = optimizer_and_state(config, variables, mesh)
   restored = checkpointer.restore_latest(abstract_like(state))
@@ -182,7 +191,7 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
         first_step_seconds = time.perf_counter() - last_time
         writer.write(step, {"first_step_seconds": first_step_seconds,
                             "train_step_compilations": train_step._cache_size()}, kind="compile")
-        _log.info("first step (compilation included): %.1f s", first_step_seconds)
+        _log.info("first step (compiling or loading the step included): %.1f s", first_step_seconds)
       if unchecked is not None:
         _check_finite(config, *unchecked, checkpointer)
       unchecked = step, metrics

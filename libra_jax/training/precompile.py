@@ -18,34 +18,47 @@ them from the cache. Programs it compiles anyway (other shapes, small
 helpers, ones JAX's cache settings leave out) are compiled as before, so the
 run computes the same thing either way.
 
-It applies where JAX computes on the host and the run is one process
-(:func:`wanted`); ``config.precompile_in_fresh_process=False`` turns it off.
-If the fresh process fails, the run logs a warning and compiles in its own
-process.
+It applies where JAX computes on the CPU, the run is one process and it is
+the process's first training run (:func:`wanted`; JAX fixes its persistent
+cache's directory at a process's first compile, so an ablation's later rows
+could not load what a fresh process put in theirs);
+``config.precompile_in_fresh_process=False`` turns it off. A SIGTERM or
+Ctrl-C while the fresh process compiles ends it and stops the run before
+anything trained. If the fresh process fails, the run logs a warning with
+the reason and compiles in its own process.
 """
 
-import concurrent.futures
 import logging
 import multiprocessing
+import signal
 
 import jax
 import numpy as np
 
-from libra_jax import host_memory, runtime
+from libra_jax import errors, runtime
 from libra_jax.data import pipeline
 from libra_jax.evaluation import driver
 from libra_jax.evaluation.predict_step import make_predict_step
 from libra_jax.models.detectors import build_detector, jitted_init
+from libra_jax.training.preemption import StopRequest
 from libra_jax.training.step import make_train_step, optimizer_and_state
 
+# How often the training process looks for a stop request while the fresh process compiles, in seconds.
+POLL_SECONDS = 0.2
+
 _log = logging.getLogger(__name__)
+# Training runs this process has started (see wanted).
+_runs_started = 0
 
 
 def wanted(config) -> bool:
-  """Whether a run of ``config`` compiles its programs in a fresh process first: on by config, JAX computing on the
-  host, and one process."""
-  return (bool(config.get("precompile_in_fresh_process", True)) and host_memory.jax_computes_on_host()
-          and jax.process_count() == 1)
+  """Whether the training run of ``config`` that calls this now compiles its programs in a fresh process first (see
+  the module docstring): on by config, JAX computing on the CPU, one process, and the process's first run. Call it
+  once per run."""
+  global _runs_started
+  _runs_started += 1
+  return (bool(config.get("precompile_in_fresh_process", True)) and jax.default_backend() == "cpu"
+          and jax.process_count() == 1 and _runs_started == 1)
 
 
 def compile_run_programs(config, workdir) -> int:
@@ -70,17 +83,46 @@ def compile_run_programs(config, workdir) -> int:
   return compiled
 
 
-def compile_in_fresh_process(config, workdir) -> None:
-  """:func:`compile_run_programs` in a fresh (spawned) process, waited for; a failure there is logged as a warning
-  (the run then compiles in its own process)."""
-  context = multiprocessing.get_context("spawn")
+def _compile_and_answer(config, workdir: str, connection) -> None:
+  """:func:`compile_run_programs` in the fresh process: sends ``("done", count)`` or ``("error", one line)``."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to act on: it ends this one
   try:
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-      compiled = pool.submit(compile_run_programs, config, str(workdir)).result()
-  except Exception as error:  # pylint: disable=broad-except
-    _log.warning("compiling the run's programs in a fresh process failed (%s: %s); compiling them here, where "
-                 "on the CPU the steps then run more slowly (restart the run to load them from the cache)",
-                 type(error).__name__, error)
+    connection.send(("done", compile_run_programs(config, workdir)))
+  except Exception as error:  # pylint: disable=broad-except  # reported by the training process
+    connection.send(("error", f"{type(error).__name__}: {errors.message(error).splitlines()[0]}"))
+
+
+def compile_in_fresh_process(config, workdir, stop: StopRequest) -> None:
+  """:func:`compile_run_programs` in a fresh (spawned) process, waited for. A failure there is logged as a warning
+  with its reason (the run then compiles in its own process).
+
+  Raises:
+    errors.Stopped: ``stop`` received a signal meanwhile; the fresh process is ended first.
+  """
+  context = multiprocessing.get_context("spawn")
+  answers, connection = context.Pipe(duplex=False)
+  process = context.Process(target=_compile_and_answer, args=(config, str(workdir), connection), daemon=True)
+  try:
+    process.start()
+    connection.close()  # the fresh process's end: when it exits, reading here ends (EOFError)
+    while not answers.poll(POLL_SECONDS):
+      if stop.signal_name is not None:
+        raise errors.Stopped(f"{stop.signal_name} received while compiling the run's programs in a fresh process, "
+                             f"before training; run the same command to start")
+    try:
+      status, detail = answers.recv()
+    except EOFError:
+      process.join()
+      status, detail = "error", f"it ended with exit code {process.exitcode}"
+  finally:
+    if process.is_alive():
+      process.terminate()
+    if process.pid is not None:
+      process.join()
+    answers.close()
+  if status == "error":
+    _log.warning("compiling the run's programs in a fresh process failed (%s); compiling them here, where on the "
+                 "CPU the steps then run more slowly (restart the run to load them from the cache)", detail)
     return
   _log.info("compiled %d train and detection steps in a fresh process; this one loads them from the cache",
-            compiled)
+            detail)

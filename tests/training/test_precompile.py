@@ -1,6 +1,7 @@
 """libra_jax.training.precompile: a CPU run's steps compiled in a fresh process, which the run then loads."""
 
 import logging
+import multiprocessing
 import os
 import pathlib
 import re
@@ -9,7 +10,9 @@ import sys
 
 import pytest
 
+from libra_jax.errors import Stopped
 from libra_jax.training import precompile
+from libra_jax.training.preemption import StopRequest
 from support import shapes_config, tiny_train_overrides
 
 pytestmark = pytest.mark.slow  # a training run and two fresh processes
@@ -40,10 +43,20 @@ def test_train_py_loads_every_step_that_the_fresh_process_compiled(tmp_path, sha
       ["jit_init_variables", "jit_per_device", "jit_per_device"]
 
 
-def test_a_failure_in_the_fresh_process_is_a_warning(tmp_path, shapes_tfds_dir, caplog):
+def test_a_failure_in_the_fresh_process_is_a_warning_with_its_reason(tmp_path, shapes_tfds_dir, caplog):
   config = shapes_config(tiny_train_overrides(shapes_tfds_dir, str(tmp_path / "cache")))
   config.model.type = "no_such_detector"
   with caplog.at_level(logging.WARNING, logger=precompile.__name__):
-    precompile.compile_in_fresh_process(config, tmp_path / "run")
+    precompile.compile_in_fresh_process(config, tmp_path / "run", StopRequest())
   assert "compiling the run's programs in a fresh process failed" in caplog.text
   assert "no_such_detector" in caplog.text
+
+
+def test_a_stop_request_ends_the_fresh_process_and_stops_the_run(tmp_path, shapes_tfds_dir):
+  config = shapes_config(tiny_train_overrides(shapes_tfds_dir, str(tmp_path / "cache")))
+  stop = StopRequest()
+  stop.signal_name = "SIGTERM"  # as its handler records a signal
+  with pytest.raises(Stopped, match="SIGTERM received while compiling the run's programs in a fresh process"):
+    precompile.compile_in_fresh_process(config, tmp_path / "run", stop)
+  assert not multiprocessing.active_children()
+  assert not (tmp_path / "cache").exists()  # ended before it compiled anything

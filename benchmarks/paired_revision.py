@@ -6,9 +6,14 @@
 
 This machine's speed drifts by 10% and more between runs (README), more than
 most changes gain, so a change is measured against its base in one process:
-both programs are compiled, then ``--repeats`` rounds (10 by default) call each once, in
+both programs are loaded, then ``--repeats`` rounds (10 by default) call each once, in
 alternating order (``benchmarks.run.paired_seconds``), and the median of the
-rounds' differences is the change's effect.
+rounds' differences is the change's effect. Both are compiled first in a
+fresh process of their own, into a temporary persistent cache that the
+timing process loads them from: on the CPU a process that has compiled a
+large program runs programs more slowly afterwards (the README's benchmark
+section). ``compiled_while_timing`` counts programs the timing process had
+to compile anyway (0 unless the cache missed).
 
 The base program is the working tree with some names taken from ``--base``:
 ``--swap=MODULE:NAME`` replaces ``MODULE.NAME`` by the ``NAME`` that
@@ -26,7 +31,7 @@ a synthetic batch (``benchmarks.run.synthetic_batch``) with randomly
 initialized parameters, as ``benchmarks/run.py``'s rows do. Prints
 ``base_step_s`` and ``step_s`` (medians), ``change_s`` (the median of the
 rounds' differences, the working tree's less the base's: negative is faster)
-and ``change_s_per_round``; ``--json`` prints them as one JSON object.
+and ``change_s_per_round`` (and ``compiled_while_timing``); ``--json`` prints them as one JSON object.
 """
 
 import contextlib
@@ -36,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import types
-from typing import Any, Dict, Iterator, List, NamedTuple, Sequence
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -117,24 +122,42 @@ def swapped(values: Dict[Swap, Any]) -> Iterator[None]:
       setattr(module, name, value)
 
 
-def measure(config, swaps: Sequence[Swap], revision: str, mode: str, height: int, width: int, batch: int,
-            repeats: int) -> Dict[str, Any]:
-  """Compiles the base's step and the working tree's, then times them in turns (see the module doc)."""
+def compiled_steps(config, swaps: Sequence[Swap], revision: str, row: Dict[str, Any],
+                   cache_dir: str) -> Tuple[Callable[[], None], Callable[[], None]]:
+  """``(base step, working tree's step)`` of ``row`` (``benchmarks.run.compiled_row``), compiled through the
+  persistent cache in ``cache_dir``."""
   import jax
 
   from benchmarks import run
 
-  values = base_values(swaps, revision)
+  with swapped(base_values(swaps, revision)):
+    base_step = run.compiled_row(row, config, cache_dir).step
+  jax.clear_caches()  # the working tree's functions are traced anew, not taken from the base's trace
+  return base_step, run.compiled_row(row, config, cache_dir).step
+
+
+def fill_cache(config, swaps: Sequence[Swap], revision: str, row: Dict[str, Any], cache_dir: str) -> None:
+  """Compiles both steps of :func:`compiled_steps` into ``cache_dir`` (in a fresh process of its own)."""
+  compiled_steps(config, swaps, revision, row, cache_dir)
+
+
+def measure(config, swaps: Sequence[Swap], revision: str, mode: str, height: int, width: int, batch: int,
+            repeats: int) -> Dict[str, Any]:
+  """Compiles the base's step and the working tree's in a fresh process, loads them here from its cache and
+  times them in turns (see the module doc)."""
+  from benchmarks import run
+
   row = dict(height=height, width=width, batch=batch, mode=mode, accelerator=False)
   with tempfile.TemporaryDirectory(prefix="libra_jax_paired_xla_cache_") as cache_dir:
-    with swapped(values):
-      base_step = run.compiled_row(row, config, cache_dir).step
-    jax.clear_caches()  # the working tree's functions are traced anew, not taken from the base's trace
-    step = run.compiled_row(row, config, cache_dir).step
+    run.run_isolated(fill_cache, config, swaps, revision, row, cache_dir)
+    compiled = run.cached_programs(cache_dir)
+    base_step, step = compiled_steps(config, swaps, revision, row, cache_dir)
+    compiled_while_timing = len(run.cached_programs(cache_dir) - compiled)
     timed = run.paired_seconds(step, base_step, warmup=1, rounds=repeats)
   return dict(base=revision, swaps=[f"{s.module}:{s.name}={s.source}" for s in swaps], mode=mode,
               shape=f"{height}x{width} b{batch}", base_step_s=timed["baseline_step_s"], step_s=timed["step_s"],
-              change_s=timed["extra_s_per_step"], change_s_per_round=timed["extra_s_per_round"])
+              change_s=timed["extra_s_per_step"], change_s_per_round=timed["extra_s_per_round"],
+              compiled_while_timing=compiled_while_timing)
 
 
 def main(argv) -> int:

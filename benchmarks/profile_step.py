@@ -327,15 +327,13 @@ def profile_in_two_processes(config, height: int, width: int, batch_size: int, r
                              trace_dir=None) -> Dict[str, Any]:
   """:func:`profile`, its programs compiled in one fresh process and timed in another that loads them from the
   first's cache (see the module doc); the result also has ``compiled_while_timing``."""
-  from benchmarks.run import run_isolated
+  from benchmarks.run import cached_programs, run_isolated
 
   with tempfile.TemporaryDirectory(prefix="profile_step_cache_") as cache_dir:
-    # The cache's programs, one "*-cache" file each (it may keep other files beside them: access times, locks).
-    entries = lambda: len(list(pathlib.Path(cache_dir).glob("*-cache")))  # noqa: E731
     run_isolated(profile_with_cache, cache_dir, config, height, width, batch_size, repeats, None, True)
-    compiled = entries()
+    compiled = cached_programs(cache_dir)
     result = run_isolated(profile_with_cache, cache_dir, config, height, width, batch_size, repeats, trace_dir)
-    return dict(result, compiled_while_timing=entries() - compiled)
+    return dict(result, compiled_while_timing=len(cached_programs(cache_dir) - compiled))
 
 
 def format_table(result: Dict[str, Any]) -> str:

@@ -157,7 +157,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Import this checkout's libra_jax and configs, not an installed copy. JAX and torch are imported only inside
@@ -353,6 +353,12 @@ def detector_config(row: Dict[str, Any]):
   return config
 
 
+def cached_programs(cache_dir) -> Set[str]:
+  """The programs in JAX's persistent compilation cache in ``cache_dir``: its ``*-cache`` files' names (one per
+  program; the cache may keep other files beside them, such as access times)."""
+  return {path.name for path in pathlib.Path(cache_dir).glob("*-cache")}
+
+
 def compile_timed(jitted, args, cache_dir: pathlib.Path, expect: str, pause_collector: bool = True):
   """Compiles ``jitted`` for ``args`` through the persistent cache in ``cache_dir`` and times it.
 
@@ -368,12 +374,12 @@ def compile_timed(jitted, args, cache_dir: pathlib.Path, expect: str, pause_coll
   if expect not in ("cold", "cached"):
     raise ValueError(f"expect must be 'cold' or 'cached', got {expect!r}")
   collector = cyclic_gc_paused if pause_collector else contextlib.nullcontext
-  entries = set(cache_dir.iterdir())
+  entries = cached_programs(cache_dir)
   start = time.perf_counter()
   with collector():
     compiled = jitted.lower(*args).compile()
   seconds = time.perf_counter() - start
-  added = bool(set(cache_dir.iterdir()) - entries)
+  added = bool(cached_programs(cache_dir) - entries)
   if expect == "cold" and not added:
     raise RuntimeError(f"the cold compile added nothing to the persistent cache {cache_dir}: the program was "
                        f"already there, or the cache is off, so the compile time would be wrong")

@@ -1,5 +1,6 @@
 """benchmarks/paired_revision.py: swaps named on the command line, modules read from a git revision, restored."""
 
+import json
 import subprocess
 import sys
 import types
@@ -7,6 +8,7 @@ import types
 import pytest
 
 from benchmarks import paired_revision
+from benchmarks.paired_revision import ROOT
 from libra_jax import cli
 
 
@@ -79,3 +81,19 @@ def test_the_command_needs_a_base_and_a_swap():
   with pytest.raises(cli.UsageError, match="--mode"):
     paired_revision.main(["--config=configs/faster_rcnn_r50_fpn_1x_coco.py", "--base=HEAD", "--swap=a.b:c",
                           "--mode=eval"])
+
+
+@pytest.mark.slow  # two tiny detectors' inference steps, compiled in a fresh process
+def test_both_steps_are_compiled_in_a_fresh_process_and_loaded_for_timing():
+  # As a command of its own: measuring sets JAX's persistent cache up, which this process shares with other tests.
+  tiny = ["--config.model.backbone.depth=18", "--config.model.backbone.base_channels=8",
+          "--config.model.neck.out_channels=16", "--config.model.rpn.feat_channels=16",
+          "--config.model.rcnn.fc_channels=32"]
+  done = subprocess.run([sys.executable, "benchmarks/paired_revision.py",
+                         "--config=configs/faster_rcnn_r50_fpn_1x_coco.py", *tiny, "--base=HEAD", "--swap=libra_jax.ops.conv:winograd_conv3x3_maps", "--mode=infer",
+                         "--height=64", "--width=64", "--batch=1", "--repeats=2", "--json"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads(done.stdout.splitlines()[-1])
+  assert result["compiled_while_timing"] == 0
+  assert len(result["change_s_per_round"]) == 2 and result["base_step_s"] > 0 and result["step_s"] > 0

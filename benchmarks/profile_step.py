@@ -311,12 +311,11 @@ def profile_with_cache(cache_dir: str, config, height: int, width: int, batch_si
   """:func:`profile` through JAX's persistent compilation cache in ``cache_dir`` (run in a fresh process: it sets the
   cache up, and ``host_memory``'s malloc settings where JAX computes on the host). ``only_compile``: fill the cache
   (:func:`compile_only`), time nothing and return an empty dict."""
+  from benchmarks.run import cache_every_program
+
   if host_memory.jax_computes_on_host():
     host_memory.keep_freed_host_memory()
-  import jax
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  cache_every_program(cache_dir)
   # One call for both passes: the train step's cache key includes its metadata, whose stack frames name this line.
   result = profile(config, height, width, batch_size, repeats, None if only_compile else trace_dir,
                    compile_only if only_compile else None)

@@ -359,6 +359,15 @@ def cached_programs(cache_dir) -> Set[str]:
   return {path.name for path in pathlib.Path(cache_dir).glob("*-cache")}
 
 
+def cache_every_program(cache_dir: str) -> None:
+  """Turns on JAX's persistent compilation cache in ``cache_dir`` for every program, however small or quick to
+  compile. Call it before this process compiles anything: JAX reads the directory at its first compile."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def compile_timed(jitted, args, cache_dir: pathlib.Path, expect: str, pause_collector: bool = True):
   """Compiles ``jitted`` for ``args`` through the persistent cache in ``cache_dir`` and times it.
 
@@ -427,9 +436,7 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
   ``compile_s``), or untimed (None). Run in a fresh process: it sets up JAX's persistent cache."""
   host_memory.keep_freed_host_memory()
   import jax
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  cache_every_program(cache_dir)
   from libra_jax.models.detectors import FasterRCNN, build_detector
   from libra_jax.training import optim
   from libra_jax.evaluation.predict_step import make_predict_step

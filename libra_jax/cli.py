@@ -31,6 +31,8 @@ from libra_jax.errors import ConfigError, UserError
 
 VERBOSE_ENV = "LIBRA_JAX_VERBOSE"
 OVERRIDE_PREFIX = "--config."
+# The --import modules imported so far (import_modules).
+_imported: List[str] = []
 
 
 class UsageError(UserError):
@@ -122,13 +124,22 @@ def one_line(error: BaseException) -> str:
 
 
 def import_modules(names: Sequence[str]) -> None:
-  """Imports each ``--import`` module (one that registers a loss, say); a failure is one line naming it."""
+  """Imports each ``--import`` module (one that registers a loss, say); a failure is one line naming it. The names
+  imported are kept for :func:`imported_modules`."""
   for name in names:
     try:
       importlib.import_module(name)
     except Exception as error:  # noqa: BLE001  (any failure of the user's module is reported as one line)
       raise ConfigError(f"--import={name}: cannot import it ({type(error).__name__}: {error}); give a module on "
                         f"the Python path, e.g. mylosses for ./mylosses.py") from None
+    if name not in _imported:
+      _imported.append(name)
+
+
+def imported_modules() -> Tuple[str, ...]:
+  """The ``--import`` modules this process has imported, in order: a fresh process that builds the same models
+  imports them too (``training.precompile``), or a loss they register would be unknown there."""
+  return tuple(_imported)
 
 
 def setup_logging() -> None:

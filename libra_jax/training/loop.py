@@ -142,7 +142,7 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
   fine_tune = bool(config.get("init_checkpoint")) and checkpointer.latest_step() is None
   if config.get("init_checkpoint") and not fine_tune:
     _log.info("resuming from %s's own checkpoints; config.init_checkpoint is not read", workdir)
-  if precompile.wanted(config):
+  if precompile.wanted(config, checkpointer.latest_step()):
     if not fine_tune:
       backbone_file(config)  # a missing file is reported now, not after the compiles
     precompile.compile_in_fresh_process(config, workdir, stop)

@@ -18,24 +18,33 @@ them from the cache. Programs it compiles anyway (other shapes, small
 helpers, ones JAX's cache settings leave out) are compiled as before, so the
 run computes the same thing either way.
 
-It applies where JAX computes on the CPU, the run is one process and it is
+It applies where JAX computes on the CPU, the run is one process, it is
 the process's first training run (:func:`wanted`; JAX fixes its persistent
 cache's directory at a process's first compile, so an ablation's later rows
-could not load what a fresh process put in theirs);
-``config.precompile_in_fresh_process=False`` turns it off. A SIGTERM or
-Ctrl-C while the fresh process compiles ends it and stops the run before
-anything trained. If the fresh process fails, the run logs a warning with
-the reason and compiles in its own process.
+could not load what a fresh process put in theirs) and it has steps left to
+train (a finished run started again only evaluates);
+``config.precompile_in_fresh_process=False`` turns it off. The fresh process
+imports the ``--import`` modules of the command first
+(``cli.imported_modules``), so that a loss they register is known there.
+A SIGTERM or Ctrl-C while the fresh process compiles ends it and stops the
+run before anything trained; on Linux it also ends when the training process
+dies without that chance (a SIGKILL, or a second SIGTERM). If the fresh
+process fails, the run logs a warning with the reason and compiles in its
+own process.
 """
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
+import sys
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
-from libra_jax import errors, runtime
+from libra_jax import cli, errors, runtime
 from libra_jax.data import pipeline
 from libra_jax.evaluation import driver
 from libra_jax.evaluation.predict_step import make_predict_step
@@ -45,20 +54,22 @@ from libra_jax.training.step import make_train_step, optimizer_and_state
 
 # How often the training process looks for a stop request while the fresh process compiles, in seconds.
 POLL_SECONDS = 0.2
+# prctl's option that gives a process a signal for its parent's death (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 
 _log = logging.getLogger(__name__)
 # Training runs this process has started (see wanted).
 _runs_started = 0
 
 
-def wanted(config) -> bool:
-  """Whether the training run of ``config`` that calls this now compiles its programs in a fresh process first (see
-  the module docstring): on by config, JAX computing on the CPU, one process, and the process's first run. Call it
-  once per run."""
+def wanted(config, latest_step: Optional[int]) -> bool:
+  """Whether the training run of ``config``, whose newest checkpoint is of step ``latest_step`` (None: none yet),
+  compiles its programs in a fresh process first now (see the module docstring): on by config, JAX computing on the
+  CPU, one process, the process's first run, and steps left to train. Call it once per run."""
   global _runs_started
   _runs_started += 1
   return (bool(config.get("precompile_in_fresh_process", True)) and jax.default_backend() == "cpu"
-          and jax.process_count() == 1 and _runs_started == 1)
+          and jax.process_count() == 1 and _runs_started == 1 and (latest_step or 0) < config.total_steps)
 
 
 def compile_run_programs(config, workdir) -> int:
@@ -83,10 +94,23 @@ def compile_run_programs(config, workdir) -> int:
   return compiled
 
 
-def _compile_and_answer(config, workdir: str, connection) -> None:
-  """:func:`compile_run_programs` in the fresh process: sends ``("done", count)`` or ``("error", one line)``."""
+def _end_with_parent(parent_pid: int) -> None:
+  """Has Linux kill this process when the process ``parent_pid`` that started it dies, so that a training process
+  killed outright leaves no compile running alone. Elsewhere it does nothing."""
+  if not sys.platform.startswith("linux"):
+    return
+  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+  if os.getppid() != parent_pid:  # the parent died before the request took effect
+    os._exit(1)
+
+
+def _compile_and_answer(config, workdir: str, modules: Sequence[str], parent_pid: int, connection) -> None:
+  """In the fresh process: imports ``modules`` (the command's ``--import`` ones), then runs
+  :func:`compile_run_programs`; sends ``("done", count)`` or ``("error", one line)``."""
+  _end_with_parent(parent_pid)
   signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to act on: it ends this one
   try:
+    cli.import_modules(modules)
     connection.send(("done", compile_run_programs(config, workdir)))
   except Exception as error:  # pylint: disable=broad-except  # reported by the training process
     first_line = (errors.message(error).splitlines() or [""])[0]
@@ -102,7 +126,8 @@ def compile_in_fresh_process(config, workdir, stop: StopRequest) -> None:
   """
   context = multiprocessing.get_context("spawn")
   answers, connection = context.Pipe(duplex=False)
-  process = context.Process(target=_compile_and_answer, args=(config, str(workdir), connection), daemon=True)
+  process = context.Process(target=_compile_and_answer,
+                            args=(config, str(workdir), cli.imported_modules(), os.getpid(), connection), daemon=True)
   try:
     process.start()
     connection.close()  # the fresh process's end: when it exits, reading here ends (EOFError)

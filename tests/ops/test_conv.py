@@ -127,6 +127,19 @@ def test_winograd_agrees_with_float64_as_closely_as_xla(size, padding):
   assert ours_error < 1e-6 * np.abs(want).max()
 
 
+def test_winograd_filter_transform_and_its_adjoint_are_g_w_gt_and_gt_du_g():
+  # The transform is written as sums of taps; here it is the matrix product of Lavin & Gray's G, in float64.
+  rng = np.random.default_rng(5)
+  g = np.asarray(conv.WINOGRAD_FILTER_TRANSFORM, np.float64)
+  w = rng.normal(size=(3, 3, 5, 7)).astype(np.float32)
+  u, pullback = jax.vjp(conv._winograd_filter, jnp.asarray(w))
+  want = np.einsum("ik,klcd,jl->ijcd", g, w.astype(np.float64), g).reshape(16, 5, 7)
+  np.testing.assert_allclose(u, want, rtol=1e-6, atol=1e-6)
+  du = rng.normal(size=(16, 5, 7)).astype(np.float32)
+  want_dw = np.einsum("ik,ijcd,jl->klcd", g, du.reshape(4, 4, 5, 7).astype(np.float64), g)
+  np.testing.assert_allclose(pullback(jnp.asarray(du))[0], want_dw, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("size,padding", [((9, 10), ((1, 1), (1, 1))), ((8, 7), ((0, 2), (2, 0))),
                                           ((7, 8), ((0, 0), (0, 0)))])
 def test_winograd_gradients_equal_the_direct_convolutions(size, padding):

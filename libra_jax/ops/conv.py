@@ -16,7 +16,13 @@ accelerators keep XLA's convolutions, which are their fast path):
   output rows of about ``FILTER_GRADIENT_BAND_POSITIONS`` positions each
   (:func:`banded_filter_gradient`): band ``[r0, r1)`` reads input rows
   ``[s*r0 - pad, s*(r1 - 1) - pad + kh)``. Maps of one band keep XLA's
-  convolution as it is.
+  convolution as it is. A strided convolution of several bands takes one
+  matmul per tap instead (:func:`tap_filter_gradient`): XLA's filter-gradient
+  convolution reads its input channels first, and in the train step XLA:CPU
+  transposes each band of the map for it in a fusion that also recomputes the
+  BatchNorm and ReLU before it, slowly (Faster R-CNN R-50 at 800x1344: 71 ms
+  for the bands of layer2's first 3x3 convolution, whose filter gradient
+  itself took 46 ms; 2026-12-06).
 
 Measured on 2 cores with AVX-512 (2026-12-04, jax 0.10, median of three calls,
 ms; ``bench_conv_grad.py`` times the layers and the whole step), filter
@@ -358,7 +364,9 @@ def _xla_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ..
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_banded_filter_gradient(x, w, strides, padding):
+def _conv_with_split_filter_gradient(x, w, strides, padding):
+  """XLA's convolution, whose filter gradient is computed in parts: by bands of output rows, or per tap when it is
+  strided (the module docstring)."""
   return _xla_conv(x, w, strides, padding)
 
 
@@ -403,13 +411,36 @@ def banded_filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[in
   return total
 
 
+def tap_filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, int],
+                        padding: Sequence[Tuple[int, int]]):
+  """``dL/dW [kh, kw, C_in, C_out]`` of an NHWC convolution as one matmul per filter tap.
+
+  Tap ``(i, j)`` is ``X_ij^T @ G``: ``X_ij [positions, C_in]`` the input
+  positions that tap reads (a strided window of the padded input), ``G
+  [positions, C_out]`` the output gradient.
+  """
+  (top, bottom), (left, right) = padding
+  batch, out_height, out_width, out_channels = g.shape
+  padded = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+  flat_g = g.reshape(-1, out_channels)
+  taps = []
+  for i in range(kernel_size[0]):
+    for j in range(kernel_size[1]):
+      window = lax.slice(padded, (0, i, j, 0),
+                         (batch, i + (out_height - 1) * strides[0] + 1, j + (out_width - 1) * strides[1] + 1,
+                          x.shape[3]), (1,) + tuple(strides) + (1,))
+      taps.append(lax.dot_general(window.reshape(-1, x.shape[3]), flat_g, (((0,), (0,)), ((), ()))))
+  return jnp.stack(taps).reshape(kernel_size + (x.shape[3], out_channels))
+
+
 def _backward(strides, padding, residuals, g):
   x, w = residuals
   _, input_gradient = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
-  return input_gradient(g)[0], banded_filter_gradient(x, g, w.shape[:2], strides, padding).astype(w.dtype)
+  filter_gradient = tap_filter_gradient if tuple(strides) != (1, 1) else banded_filter_gradient
+  return input_gradient(g)[0], filter_gradient(x, g, w.shape[:2], strides, padding).astype(w.dtype)
 
 
-_conv_banded_filter_gradient.defvjp(_forward, _backward)
+_conv_with_split_filter_gradient.defvjp(_forward, _backward)
 
 
 def _output_shape(lhs_shape, rhs_shape, strides, padding) -> Tuple[int, int, int, int]:
@@ -514,7 +545,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     return winograd_conv3x3(lhs, rhs, tuple(tuple(p) for p in padding))
   if plain and _several_bands(output_shape):
     lhs, rhs = vary_alike(lhs, rhs), vary_alike(rhs, lhs)
-    return _conv_banded_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    return _conv_with_split_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                                   feature_group_count, batch_group_count, precision, preferred_element_type)
 

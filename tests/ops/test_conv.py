@@ -30,8 +30,8 @@ def small_bands(monkeypatch):
 
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 2, 3), (3, 2, 0), (4, 3, 1)])
 def test_values_and_gradients_equal_xlas(kernel, stride, pad, small_bands):
-  # Strided maps have bands of 2 or 3 rows and a shorter last one; padding 0 with stride 2 (and 4x4 by 3)
-  # never reads the last row or column, so the filter gradient's high padding is negative.
+  # Stride 1 takes bands of 2 or 3 rows and a shorter last one, larger strides one matmul per tap; padding 0 with
+  # stride 2 (and 4x4 by 3) never reads the last row or column, so the filter gradient's high padding is negative.
   rng = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, 11, 13, 3)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
@@ -47,6 +47,20 @@ def test_values_and_gradients_equal_xlas(kernel, stride, pad, small_bands):
   np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dw, filter_gradient_by_loops(np.asarray(x), np.asarray(g), kernel, stride, pad),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_strided_filter_gradients_are_tap_matmuls_and_the_others_bands(small_bands):
+  # 2 x 13 positions per row and bands of 30: an 8-row output has 8 bands, each one convolution; the same output
+  # of a stride-2 convolution takes 9 tap matmuls and no convolution.
+  def backward(stride):
+    x = jax.ShapeDtypeStruct((2, 8 * stride, 13 * stride, 3), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 3, 5), jnp.float32)
+    ours = lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), ((1, 1), (1, 1)),
+                                                  dimension_numbers=conv.NHWC)
+    return str(jax.make_jaxpr(lambda x, w: jax.vjp(ours, x, w)[1](jnp.ones((2, 8, 13, 5))))(x, w))
+  banded, taps = backward(1), backward(2)
+  assert banded.count("conv_general_dilated[") - taps.count("conv_general_dilated[") == 8
+  assert banded.count("dot_general[") == 0 and taps.count("dot_general[") == 9
 
 
 def test_bands_cover_every_output_row_once(monkeypatch):

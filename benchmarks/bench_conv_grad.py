@@ -8,7 +8,9 @@ Three parts, each pair measured in this one process, one after the other:
    (stride-4 and stride-8 maps, 1x1 and 3x3 filters, a stride-2 3x3): XLA's
    forward pass, the 1x1 ones also as a matmul (``matmul_forward_s``), XLA's
    filter gradient and ours (``ours_filter_gradient_s``: a matmul for 1x1
-   filters, Winograd's for the stride-1 3x3 filters it takes, else
+   filters, Winograd's for the stride-1 3x3 filters it takes, one matmul per
+   tap for strided filters of several bands
+   (:func:`libra_jax.ops.conv.tap_filter_gradient`), else
    :func:`libra_jax.ops.conv.banded_filter_gradient`), each the median of
    ``--repeats`` jitted calls, as seconds and GFLOP/s (2 x output positions x
    C_in x C_out x k^2 FLOPs).

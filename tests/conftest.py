@@ -44,6 +44,14 @@ def load_ref():
 
 
 
+@pytest.fixture(autouse=True)
+def no_import_modules_from_other_tests(monkeypatch):
+  """Each test starts with no recorded ``--import`` modules (``cli.imported_modules``): a fresh process a test
+  spawns imports those, and another test's module may be gone from the path by then."""
+  from libra_jax import cli
+  monkeypatch.setattr(cli, "_imported", [])
+
+
 @pytest.fixture(scope="session")
 def shapes_tfds_dir(tmp_path_factory) -> str:
   """A TFDS data dir where the easy ``shapes`` dataset is prepared, once for the whole run.

@@ -22,12 +22,16 @@ accelerators keep XLA's convolutions, which are their fast path):
   transposes each band of the map for it in a fusion that also recomputes the
   BatchNorm and ReLU before it, slowly (Faster R-CNN R-50 at 800x1344: 71 ms
   for the bands of layer2's first 3x3 convolution, whose filter gradient
-  itself took 46 ms; 2026-12-06).
+  itself took 46 ms; 2026-12-06). A strided stem (7x7, 3 channels) takes 49
+  such matmuls when it is trained; with ``frozen_stages >= 0`` its gradient
+  is never computed.
 
 Measured on 2 cores with AVX-512 (2026-12-04, jax 0.10, median of three calls,
 ms; ``bench_conv_grad.py`` times the layers and the whole step), filter
-gradients of 3x3 filters, XLA's own, the nine tap matmuls this module used
-before, and bands of 2,048 positions::
+gradients of 3x3 filters, XLA's own, the nine tap matmuls (which only
+strided convolutions of several bands take now: alone they were slower than
+the bands, inside the train step faster, see above), and bands of 2,048
+positions::
 
     map (output)   channels        XLA   nine matmuls   bands
     1x200x336      256 -> 256     2149        700         501-554

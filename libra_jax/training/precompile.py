@@ -99,7 +99,10 @@ def _end_with_parent(parent_pid: int) -> None:
   killed outright leaves no compile running alone. Elsewhere it does nothing."""
   if not sys.platform.startswith("linux"):
     return
-  ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+  libc = ctypes.CDLL(None, use_errno=True)
+  if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+    _log.debug("prctl(PR_SET_PDEATHSIG) failed: %s; this process outlives a killed parent",
+               os.strerror(ctypes.get_errno()))
   if os.getppid() != parent_pid:  # the parent died before the request took effect
     os._exit(1)
 

@@ -30,8 +30,8 @@ def small_bands(monkeypatch):
 
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 2, 3), (3, 2, 0), (4, 3, 1)])
 def test_values_and_gradients_equal_xlas(kernel, stride, pad, small_bands):
-  # Stride 1 takes bands of 2 or 3 rows and a shorter last one, larger strides one matmul per tap; padding 0 with
-  # stride 2 (and 4x4 by 3) never reads the last row or column, so the filter gradient's high padding is negative.
+  # Stride 1 takes bands of 2 or 3 rows and a shorter last one, larger strides one matmul per tap; a 4x4 filter by 3
+  # with padding 1 never reads the last column.
   rng = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(rng.normal(size=(2, 11, 13, 3)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
@@ -61,6 +61,19 @@ def test_strided_filter_gradients_are_tap_matmuls_and_the_others_bands(small_ban
   banded, taps = backward(1), backward(2)
   assert banded.count("conv_general_dilated[") - taps.count("conv_general_dilated[") == 8
   assert banded.count("dot_general[") == 0 and taps.count("dot_general[") == 9
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [(3, 2, 0), (4, 3, 1), (5, 2, 2)])
+def test_banded_filter_gradients_of_strided_convolutions(kernel, stride, pad, small_bands):
+  # The bands serve stride 1 in the layers, but are written for any stride: 4x4 by 3 with padding 1 never reads the
+  # last column, so a band's XLA filter gradient takes a negative high padding there.
+  rng = np.random.default_rng(kernel + stride)
+  x = rng.normal(size=(2, 11, 13, 3)).astype(np.float32)
+  g = rng.normal(size=(2, (11 + 2 * pad - kernel) // stride + 1, (13 + 2 * pad - kernel) // stride + 1, 4))
+  got = conv.banded_filter_gradient(jnp.asarray(x), jnp.asarray(g, jnp.float32), (kernel, kernel), (stride, stride),
+                                    ((pad, pad), (pad, pad)))
+  np.testing.assert_allclose(got, filter_gradient_by_loops(x, g.astype(np.float32), kernel, stride, pad),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_bands_cover_every_output_row_once(monkeypatch):

@@ -25,12 +25,6 @@ PROGRAMS = ("jit_init_variables", "jit_per_device")  # the initialization; the t
 DONE = "train and detection steps in a fresh process; this one loads them from the cache"
 
 
-@pytest.fixture(autouse=True)
-def no_import_modules(monkeypatch):
-  """The fresh processes here import no ``--import`` modules that other tests of this process imported."""
-  monkeypatch.setattr(cli, "_imported", [])
-
-
 def test_train_py_loads_every_step_that_the_fresh_process_compiled(tmp_path, shapes_tfds_dir):
   # A cache of its own, empty: every program is compiled once, and JAX reports each miss (the fresh process's on
   # the same stderr). The eval batch differs from the train batch, so a detection step compiled for the wrong one
@@ -80,6 +74,7 @@ def test_the_fresh_process_imports_the_commands_import_modules(tmp_path, shapes_
       f"import os\nwith open({str(marker)!r}, 'a') as f:\n  f.write(f'{{os.getpid()}}\\n')\n")
   monkeypatch.syspath_prepend(str(tmp_path))
   cli.import_modules(["precompile_test_module"])
+  monkeypatch.delitem(sys.modules, "precompile_test_module")
   assert cli.imported_modules() == ("precompile_test_module",)
   config = shapes_config(tiny_train_overrides(shapes_tfds_dir, str(tmp_path / "cache")))
   config.model.type = "no_such_detector"
@@ -100,28 +95,37 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fresh process's end with its parent is Linux's")
 def test_the_fresh_process_ends_when_the_training_process_is_killed(tmp_path, shapes_tfds_dir):
-  script = (f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+  # The training process imports a module that, in the fresh process only, says so and then sleeps: the fresh
+  # process is then certainly past setting up its end with its parent, and would outlive a killed parent by
+  # minutes without it.
+  ready = tmp_path / "fresh_process_pid"
+  (tmp_path / "precompile_sleeper.py").write_text(
+      "import multiprocessing, os, pathlib, time\n"
+      "if multiprocessing.parent_process() is not None:\n"
+      f"  pathlib.Path({str(ready)!r}).write_text(str(os.getpid()))\n"
+      "  time.sleep(120)\n")
+  script = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(tmp_path)!r}]\n"
             "from support import shapes_config, tiny_train_overrides\n"
+            "from libra_jax import cli\n"
             "from libra_jax.training import precompile\n"
             "from libra_jax.training.preemption import StopRequest\n"
+            "cli.import_modules(['precompile_sleeper'])\n"
             f"config = shapes_config(tiny_train_overrides({shapes_tfds_dir!r}, {str(tmp_path / 'cache')!r}))\n"
             f"precompile.compile_in_fresh_process(config, {str(tmp_path / 'run')!r}, StopRequest())\n")
   parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  children_file = pathlib.Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
-  children, deadline = [], time.monotonic() + 120
-  while not children and time.monotonic() < deadline and parent.poll() is None:
-    children = [int(pid) for pid in children_file.read_text().split()]
+  deadline = time.monotonic() + 120
+  while not ready.exists() and time.monotonic() < deadline and parent.poll() is None:
     time.sleep(0.1)
-  assert children, "the training process started no fresh process"
-  time.sleep(5)  # the fresh process is importing or compiling by now (its compile takes much longer)
-  assert parent.poll() is None, "the fresh process finished before the test could kill its parent"
+  assert ready.exists(), "the fresh process never imported the module"
+  time.sleep(0.2)  # the pid is written before the file is closed
+  child = int(ready.read_text())
   parent.kill()
   parent.wait()
   deadline = time.monotonic() + 10
-  while any(map(_alive, children)) and time.monotonic() < deadline:
+  while _alive(child) and time.monotonic() < deadline:
     time.sleep(0.1)
-  assert not any(map(_alive, children))
+  assert not _alive(child)
 
 
 def test_a_failure_in_the_fresh_process_is_a_warning_with_its_reason(tmp_path, shapes_tfds_dir, caplog):

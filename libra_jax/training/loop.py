@@ -135,14 +135,14 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
   mesh = runtime.make_mesh()
   info, model = driver.checked_model(config, mesh)
   checkpointer = Checkpointer(workdir, config.keep)
-  check_and_record_config(config, workdir, checkpointer.latest_step(), allow_config_change,
-                          write=jax.process_index() == 0)
+  latest_step = checkpointer.latest_step()
+  check_and_record_config(config, workdir, latest_step, allow_config_change, write=jax.process_index() == 0)
   per_host = config.global_batch_size // jax.process_count()
 
-  fine_tune = bool(config.get("init_checkpoint")) and checkpointer.latest_step() is None
+  fine_tune = bool(config.get("init_checkpoint")) and latest_step is None
   if config.get("init_checkpoint") and not fine_tune:
     _log.info("resuming from %s's own checkpoints; config.init_checkpoint is not read", workdir)
-  if precompile.wanted(config, checkpointer.latest_step()):
+  if precompile.wanted(config, latest_step):
     if not fine_tune:
       backbone_file(config)  # a missing file is reported now, not after the compiles
     precompile.compile_in_fresh_process(config, workdir, stop)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from libra_jax.models import params
 from libra_jax.ops import conv as conv_ops
 
 Initializer = Callable[..., Any]
@@ -56,7 +57,7 @@ class ConvModule(nn.Module):
     return nn.relu(x) if self.use_relu else x
 
 
-class SharedFilterConv(nn.Module):
+class SharedFilterConv(params.ReadsExistingParams, nn.Module):
   """One stride-1 convolution, PyTorch-padded (odd square kernel), applied to each map of a sequence.
 
   The parameters are ``nn.Conv``'s (``kernel [k, k, C_in, features]``,
@@ -110,8 +111,8 @@ class ConvModuleList(nn.Module):
 def conv2d(features: int, kernel_size: int, strides: int = 1, use_bias: bool = True,
            name: Optional[str] = None, feature_group_count: int = 1,
            kernel_init: Initializer = nn.initializers.xavier_uniform(),
-           bias_init: Initializer = nn.initializers.zeros, dtype: Any = jnp.float32) -> nn.Conv:
-  """``nn.Conv`` padded symmetrically by ``kernel_size // 2`` like PyTorch.
+           bias_init: Initializer = nn.initializers.zeros, dtype: Any = jnp.float32) -> params.Conv:
+  """``nn.Conv`` (:class:`libra_jax.models.params.Conv`) padded symmetrically by ``kernel_size // 2`` like PyTorch.
 
   Flax's ``"SAME"`` pads stride-2 convolutions asymmetrically, which shifts the
   output by a pixel relative to weights trained in PyTorch. On the CPU, 1x1
@@ -119,11 +120,11 @@ def conv2d(features: int, kernel_size: int, strides: int = 1, use_bias: bool = T
   (``libra_jax.ops.conv``).
   """
   pad = kernel_size // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
-                 padding=((pad, pad), (pad, pad)), use_bias=use_bias, name=name,
-                 feature_group_count=feature_group_count, kernel_init=kernel_init,
-                 bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32,
-                 conv_general_dilated=conv_ops.conv_general_dilated)
+  return params.Conv(features, (kernel_size, kernel_size), strides=(strides, strides),
+                     padding=((pad, pad), (pad, pad)), use_bias=use_bias, name=name,
+                     feature_group_count=feature_group_count, kernel_init=kernel_init,
+                     bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32,
+                     conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 def resize_nearest(x: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from libra_jax.models import params
 from libra_jax.models.own_padding import OwnArea, zero_outside
 from libra_jax.ops import conv as conv_ops
 
@@ -82,16 +83,16 @@ def stem_max_pool(x: jnp.ndarray) -> jnp.ndarray:
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str, groups: int = 1) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype, name: str, groups: int = 1) -> params.Conv:
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+  return params.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
                  feature_group_count=groups, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
                  kernel_init=_conv_init, name=name, conv_general_dilated=conv_ops.conv_general_dilated)
 
 
-def _bn(dtype, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+def _bn(dtype, name: str) -> params.BatchNorm:
+  return params.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, dtype=dtype, param_dtype=jnp.float32,
+                          name=name)
 
 
 class Downsample(nn.Module):

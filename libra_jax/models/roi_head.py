@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from libra_jax import losses
+from libra_jax.models import params
 from libra_jax.models.postprocess import Detections, nms_detections
 from libra_jax.ops import boxes as box_ops
 from libra_jax.ops.assign import max_iou_assign
@@ -36,8 +37,8 @@ class BBoxHead(nn.Module):
   def __call__(self, roi_features: jnp.ndarray):
     """``[K, S, S, C]`` -> ``(logits [K, num_classes + 1], deltas [K, 4 num_classes])``, float32."""
     x = jnp.transpose(roi_features, (0, 3, 1, 2)).reshape(roi_features.shape[0], -1).astype(self.dtype)
-    dense = lambda features, init, name: nn.Dense(features, kernel_init=init, dtype=self.dtype,
-                                                  param_dtype=jnp.float32, name=name)
+    dense = lambda features, init, name: params.Dense(features, kernel_init=init, dtype=self.dtype,
+                                                      param_dtype=jnp.float32, name=name)
     shared = _Numbered(name="shared_fcs")
     x = nn.relu(shared(x, 0, self.fc_channels, self.dtype))
     x = nn.relu(shared(x, 1, self.fc_channels, self.dtype))
@@ -51,8 +52,8 @@ class _Numbered(nn.Module):
 
   @nn.compact
   def __call__(self, x, index: int, features: int, dtype):
-    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype,
-                    param_dtype=jnp.float32, name=str(index))(x)
+    return params.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype,
+                        param_dtype=jnp.float32, name=str(index))(x)
 
 
 class RoIHead(nn.Module):

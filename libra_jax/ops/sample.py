@@ -34,11 +34,20 @@ SAMPLERS = Registry("sampler")
 
 
 KEY_BITS = 23
+# Independent key rows that instance-balanced positives and IoU-balanced negatives draw.
+POSITIVE_DRAWS = 3
+NEGATIVE_DRAWS = 4
 
 
-def _random_keys(key, num: int):
-  """``[num]`` int32 uniform random keys in ``[0, 2**KEY_BITS)``: the mantissas of ``jax.random.uniform(key, (num,))``."""
-  return lax.bitcast_convert_type(jax.random.uniform(key, (num,)) + 1.0, jnp.int32) & ((1 << KEY_BITS) - 1)
+def _random_keys(key, shape):
+  """int32 uniform random keys of ``shape`` in ``[0, 2**KEY_BITS)``: the mantissas of ``jax.random.uniform(key, shape)``.
+
+  A sampler that makes several draws takes them as the rows of one
+  ``[draws, N]`` call: the rows are independent, and the step holds one
+  random-bits computation where separate keys made one (a loop of
+  kernels) per draw.
+  """
+  return lax.bitcast_convert_type(jax.random.uniform(key, shape) + 1.0, jnp.int32) & ((1 << KEY_BITS) - 1)
 
 
 def _smallest_satisfying(predicate, low: int, high: int):
@@ -62,11 +71,11 @@ def _smallest_satisfying(predicate, low: int, high: int):
   return lax.fori_loop(1, steps, step, first)[1]
 
 
-def _random_ranks(key, groups):
+def _random_ranks(keys, groups):
   """Random rank of every element inside its group.
 
   Args:
-    key: PRNG key.
+    keys: ``[N]`` int32 random keys (:func:`_random_keys`).
     groups: ``[N]`` int group id per element.
 
   Returns:
@@ -74,7 +83,7 @@ def _random_ranks(key, groups):
     of their random keys (ties by index).
   """
   num = groups.shape[0]
-  order = jnp.lexsort((_random_keys(key, num), groups))
+  order = jnp.lexsort((keys, groups))
   sorted_groups = groups[order]
   position = jnp.arange(num, dtype=jnp.int32)
   starts = jnp.concatenate([jnp.ones((1,), bool), sorted_groups[1:] != sorted_groups[:-1]])
@@ -107,8 +116,12 @@ def choose_random(key, candidates, k) -> jnp.ndarray:
   Returns:
     ``[N]`` bool, a subset of ``candidates``.
   """
+  return _first_by_keys(_random_keys(key, candidates.shape), candidates, k)
+
+
+def _first_by_keys(keys, candidates, k) -> jnp.ndarray:
+  """:func:`choose_random` with its ``[N]`` int32 random ``keys`` given: the first ``k`` candidates in (key, index) order."""
   num = candidates.shape[0]
-  keys = _random_keys(key, num)
   k = jnp.asarray(k, jnp.int32)
   # The k-th smallest key, or 2**KEY_BITS (above every key) when there are fewer than k candidates.
   cut_key = _smallest_satisfying(lambda t: jnp.sum(candidates & (keys <= t), dtype=jnp.int32) >= k,
@@ -134,8 +147,13 @@ def choose_per_group(key, groups, candidates, quota) -> jnp.ndarray:
   Returns:
     ``[N]`` bool, a subset of ``candidates``.
   """
+  return _per_group_by_keys(_random_keys(key, candidates.shape), groups, candidates, quota)
+
+
+def _per_group_by_keys(keys, groups, candidates, quota) -> jnp.ndarray:
+  """:func:`choose_per_group` with its ``[N]`` int32 random ``keys`` given."""
   outside = jnp.max(groups, initial=0) + 1
-  rank = _random_ranks(key, jnp.where(candidates, groups, outside))
+  rank = _random_ranks(keys, jnp.where(candidates, groups, outside))
   return candidates & (rank < quota)
 
 
@@ -164,15 +182,15 @@ def random_positives_negatives(key, gt_inds, num: int, pos_fraction: float,
     ``(positives [N] bool, negatives [N] bool)``.
   """
   del max_iou
-  pos_key, neg_key = jax.random.split(key)
   gt_inds = jnp.asarray(gt_inds)
+  pos_keys, neg_keys = _random_keys(key, (2,) + gt_inds.shape)
   valid = jnp.ones(gt_inds.shape, bool) if valid is None else jnp.asarray(valid, bool)
-  positives = choose_random(pos_key, (gt_inds > 0) & valid, int(num * pos_fraction))
+  positives = _first_by_keys(pos_keys, (gt_inds > 0) & valid, int(num * pos_fraction))
   num_pos = jnp.sum(positives, dtype=jnp.int32)
   num_neg = num - num_pos
   if neg_pos_ub >= 0:
     num_neg = jnp.minimum(num_neg, (neg_pos_ub * jnp.maximum(num_pos, 1)).astype(jnp.int32))
-  negatives = choose_random(neg_key, (gt_inds == 0) & valid, num_neg)
+  negatives = _first_by_keys(neg_keys, (gt_inds == 0) & valid, num_neg)
   return positives, negatives
 
 
@@ -207,9 +225,16 @@ def iou_balanced_negatives(key, max_iou, is_negative, num, floor_thr: float = -1
   Returns:
     ``[N]`` bool mask of the chosen negatives.
   """
-  bin_key, bin_fill_key, floor_key, fill_key = jax.random.split(key, 4)
-  max_iou = jnp.asarray(max_iou, jnp.float32)
   is_negative = jnp.asarray(is_negative, bool)
+  return _iou_balanced_by_keys(_random_keys(key, (NEGATIVE_DRAWS,) + is_negative.shape), max_iou, is_negative, num,
+                               floor_thr, floor_fraction, num_bins)
+
+
+
+def _iou_balanced_by_keys(keys, max_iou, is_negative, num, floor_thr, floor_fraction, num_bins) -> jnp.ndarray:
+  """:func:`iou_balanced_negatives` with its ``[NEGATIVE_DRAWS, N]`` int32 random ``keys`` given."""
+  bin_keys, bin_fill_keys, floor_keys, fill_keys = keys
+  max_iou = jnp.asarray(max_iou, jnp.float32)
   if floor_thr > 0:
     binned = is_negative & (max_iou >= floor_thr)
     floor_set = is_negative & (max_iou >= 0) & (max_iou < floor_thr)
@@ -230,16 +255,15 @@ def iou_balanced_negatives(key, max_iou, is_negative, num, floor_thr: float = -1
     in_bin = (max_iou[:, None] >= edges[None, :-1]) & (max_iou[:, None] < edges[None, 1:])
     in_some_bin = binned & jnp.any(in_bin, axis=1)
     bin_ids = jnp.argmax(in_bin, axis=1)
-    from_bins = choose_per_group(bin_key, bin_ids, in_some_bin, num_iou // num_bins)
+    from_bins = _per_group_by_keys(bin_keys, bin_ids, in_some_bin, num_iou // num_bins)
     shortfall = num_iou - jnp.sum(from_bins, dtype=jnp.int32)
-    iou_sampled = from_bins | choose_random(bin_fill_key, binned & ~from_bins, shortfall)
+    iou_sampled = from_bins | _first_by_keys(bin_fill_keys, binned & ~from_bins, shortfall)
   else:
-    iou_sampled = choose_random(bin_key, binned, num_iou)
+    iou_sampled = _first_by_keys(bin_keys, binned, num_iou)
 
   num_floor = num - jnp.sum(iou_sampled, dtype=jnp.int32)
-  chosen = iou_sampled | choose_random(floor_key, floor_set, num_floor)
-  return chosen | choose_random(fill_key, is_negative & ~chosen,
-                                 num - jnp.sum(chosen, dtype=jnp.int32))
+  chosen = iou_sampled | _first_by_keys(floor_keys, floor_set, num_floor)
+  return chosen | _first_by_keys(fill_keys, is_negative & ~chosen, num - jnp.sum(chosen, dtype=jnp.int32))
 
 
 def instance_balanced_positives(key, gt_inds, num) -> jnp.ndarray:
@@ -260,15 +284,21 @@ def instance_balanced_positives(key, gt_inds, num) -> jnp.ndarray:
   Returns:
     ``[N]`` bool mask of the chosen positives.
   """
-  quota_key, cut_key, fill_key = jax.random.split(key, 3)
   gt_inds = jnp.asarray(gt_inds, jnp.int32)
+  return _instance_balanced_by_keys(_random_keys(key, (POSITIVE_DRAWS,) + gt_inds.shape), gt_inds, num)
+
+
+
+def _instance_balanced_by_keys(keys, gt_inds, num) -> jnp.ndarray:
+  """:func:`instance_balanced_positives` with its ``[POSITIVE_DRAWS, N]`` int32 random ``keys`` given."""
+  quota_keys, cut_keys, fill_keys = keys
   positive = gt_inds > 0
   num_instances = _count_distinct_positive(gt_inds)
   quota = (jnp.round(num / jnp.maximum(num_instances, 1)) + 1).astype(jnp.int32)
-  per_instance = choose_per_group(quota_key, gt_inds, positive, quota)
-  per_instance = choose_random(cut_key, per_instance, num)
-  return per_instance | choose_random(fill_key, positive & ~per_instance,
-                                      num - jnp.sum(per_instance, dtype=jnp.int32))
+  per_instance = _per_group_by_keys(quota_keys, gt_inds, positive, quota)
+  per_instance = _first_by_keys(cut_keys, per_instance, num)
+  return per_instance | _first_by_keys(fill_keys, positive & ~per_instance,
+                                       num - jnp.sum(per_instance, dtype=jnp.int32))
 
 
 @SAMPLERS.register("libra")
@@ -293,12 +323,12 @@ def balanced_positives_negatives(key, gt_inds, max_iou, num: int, pos_fraction: 
   Returns:
     ``(positives [N] bool, negatives [N] bool)``.
   """
-  pos_key, neg_key = jax.random.split(key)
   gt_inds = jnp.asarray(gt_inds, jnp.int32)
   if valid is not None:
     gt_inds = jnp.where(jnp.asarray(valid, bool), gt_inds, -1)
-  positives = instance_balanced_positives(pos_key, gt_inds, int(num * pos_fraction))
-  negatives = iou_balanced_negatives(neg_key, max_iou, gt_inds == 0,
-                                     num - jnp.sum(positives, dtype=jnp.int32),
-                                     floor_thr, floor_fraction, num_bins)
+  keys = _random_keys(key, (POSITIVE_DRAWS + NEGATIVE_DRAWS,) + gt_inds.shape)
+  positives = _instance_balanced_by_keys(keys[:POSITIVE_DRAWS], gt_inds, int(num * pos_fraction))
+  negatives = _iou_balanced_by_keys(keys[POSITIVE_DRAWS:], max_iou, gt_inds == 0,
+                                    num - jnp.sum(positives, dtype=jnp.int32),
+                                    floor_thr, floor_fraction, num_bins)
   return positives, negatives

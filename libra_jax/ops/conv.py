@@ -24,7 +24,12 @@ accelerators keep XLA's convolutions, which are their fast path):
   for the bands of layer2's first 3x3 convolution, whose filter gradient
   itself took 46 ms; 2026-12-06). A strided stem (7x7, 3 channels) takes 49
   such matmuls when it is trained; with ``frozen_stages >= 0`` its gradient
-  is never computed.
+  is never computed. A convolution of one band takes the tap matmuls too when
+  it has at least ``TAP_MIN_CHANNELS`` input channels (layer4's 3x3
+  convolutions; the others keep XLA's own): Faster R-CNN R-50's train step at
+  800x1344 -0.062 and -0.076 s (8 and 5 of 10 and 8 rounds faster), RetinaNet
+  R-50's at 512x512 batch 2 -0.027 s (7 of 10), each against the version
+  before in one process (``benchmarks/paired_revision.py``, 2026-12-06).
 
 Measured on 2 cores with AVX-512 (2026-12-04, jax 0.10, median of three calls,
 ms; ``bench_conv_grad.py`` times the layers and the whole step), filter
@@ -141,6 +146,8 @@ FILTER_GRADIENT_BAND_POSITIONS = 2048
 # The smallest 3x3 convolutions (input channels, output positions batch x rows x width) computed by Winograd.
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_POSITIONS = 2048
+# The fewest input channels of a convolution of one band whose filter gradient is tap matmuls (layer4's 3x3).
+TAP_MIN_CHANNELS = 512
 # F(2x2, 3x3)'s filter transform G [4, 3]; its input transform B^T and output transform A^T are written out as sums in
 # _winograd_input_rows and _winograd_output_rows.
 WINOGRAD_FILTER_TRANSFORM = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -440,7 +447,8 @@ def tap_filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, 
 def _backward(strides, padding, residuals, g):
   x, w = residuals
   _, input_gradient = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
-  filter_gradient = tap_filter_gradient if tuple(strides) != (1, 1) else banded_filter_gradient
+  several_bands = _several_bands(_output_shape(x.shape, w.shape, strides, padding))
+  filter_gradient = banded_filter_gradient if tuple(strides) == (1, 1) and several_bands else tap_filter_gradient
   return input_gradient(g)[0], filter_gradient(x, g, w.shape[:2], strides, padding).astype(w.dtype)
 
 
@@ -457,6 +465,12 @@ def _output_shape(lhs_shape, rhs_shape, strides, padding) -> Tuple[int, int, int
 def _several_bands(output_shape) -> bool:
   """Whether the filter gradient of a convolution with this output shape spans more than one band."""
   return band_rows(output_shape) < output_shape[1]
+
+
+def _wide(lhs) -> bool:
+  """Whether a convolution of one band takes :func:`tap_filter_gradient`: at least ``TAP_MIN_CHANNELS`` input
+  channels (the module docstring)."""
+  return lhs.shape[3] >= TAP_MIN_CHANNELS
 
 
 def materialize_cotangent(x):
@@ -547,7 +561,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if plain and _winograd_applies(lhs, rhs, window_strides, padding, math.prod(output_shape[:3])):
     lhs, rhs = vary_alike(lhs, rhs), vary_alike(rhs, lhs)
     return winograd_conv3x3(lhs, rhs, tuple(tuple(p) for p in padding))
-  if plain and _several_bands(output_shape):
+  if plain and (_several_bands(output_shape) or _wide(lhs)):
     lhs, rhs = vary_alike(lhs, rhs), vary_alike(rhs, lhs)
     return _conv_with_split_filter_gradient(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,

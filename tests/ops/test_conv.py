@@ -63,6 +63,27 @@ def test_strided_filter_gradients_are_tap_matmuls_and_the_others_bands(small_ban
   assert banded.count("dot_general[") == 0 and taps.count("dot_general[") == 9
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_convolutions_of_one_band_take_tap_matmuls_with_xlas_gradients(stride, monkeypatch):
+  # One band (2,048 positions) covers these maps; from TAP_MIN_CHANNELS input channels on (layer4's 512 in the
+  # layers, 6 here) the filter gradient is nine tap matmuls, below it XLA's own convolution.
+  monkeypatch.setattr(conv, "TAP_MIN_CHANNELS", 6)
+  rng = np.random.default_rng(stride)
+  w = jnp.asarray(rng.normal(size=(3, 3, 6, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 9, 11, 6)), jnp.float32)
+  args = ((stride, stride), ((1, 1), (1, 1)))
+  ours = lambda x, w: conv.conv_general_dilated(x, w, *args, dimension_numbers=conv.NHWC)
+  xlas = lambda x, w: lax.conv_general_dilated(x, w, *args, dimension_numbers=conv.NHWC)
+  g = jnp.asarray(rng.normal(size=xlas(x, w).shape), jnp.float32)
+  backward = str(jax.make_jaxpr(lambda x, w: jax.vjp(ours, x, w)[1](g))(x, w))
+  assert backward.count("dot_general[") == 9
+  np.testing.assert_allclose(ours(x, w), xlas(x, w), rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.vjp(ours, x, w)[1](g), jax.vjp(xlas, x, w)[1](g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  narrow = str(jax.make_jaxpr(lambda x, w: jax.vjp(ours, x, w)[1](g))(x[..., :5], w[:, :, :5]))
+  assert "dot_general[" not in narrow
+
+
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 2, 0), (4, 3, 1), (5, 2, 2)])
 def test_banded_filter_gradients_of_strided_convolutions(kernel, stride, pad, small_bands):
   # The bands serve stride 1 in the layers, but are written for any stride: 4x4 by 3 with padding 1 never reads the

@@ -147,9 +147,10 @@ def model_candidates(config, workdir, num_batches: int = 4) -> List[np.ndarray]:
 def _negative_draws(keys, max_iou, is_negative, num_negatives: int):
   """Masks ``[D, N]`` bool of the negatives picked by random and by IoU-balanced sampling, one row per key of
   ``keys [D]``, from candidates ``max_iou [N]`` of which ``is_negative [N]`` may be picked."""
-  random_masks = jax.vmap(lambda k: sample.choose_random(k, is_negative, num_negatives))(keys)
+  random_keys, balanced_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+  random_masks = jax.vmap(lambda k: sample.choose_random(k, is_negative, num_negatives))(random_keys)
   balanced_masks = jax.vmap(
-      lambda k: sample.iou_balanced_negatives(k, max_iou, is_negative, num_negatives, floor_thr=0))(keys)
+      lambda k: sample.iou_balanced_negatives(k, max_iou, is_negative, num_negatives, floor_thr=0))(balanced_keys)
   return random_masks, balanced_masks
 
 

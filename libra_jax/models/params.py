@@ -32,11 +32,13 @@ class ReadsExistingParams:
   def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):
     if not self.has_variable("params", name):
       return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+    self.scope.reserve(name, "params")  # a second claim on the name fails, as in Flax
     value = self.get_variable("params", name)
+    stored = meta.unbox(value)
     wanted = tuple(init_args[0])
-    if np.shape(value) != wanted:
-      raise errors.ScopeParamShapeError(name, self.scope.path_text, np.shape(value), wanted)
-    return meta.unbox(value) if unbox else value
+    if np.shape(stored) != wanted:
+      raise errors.ScopeParamShapeError(name, self.scope.path_text, np.shape(stored), wanted)
+    return stored if unbox else value
 
 
 class Conv(ReadsExistingParams, nn.Conv):

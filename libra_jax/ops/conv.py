@@ -16,7 +16,8 @@ accelerators keep XLA's convolutions, which are their fast path):
   output rows of about ``FILTER_GRADIENT_BAND_POSITIONS`` positions each
   (:func:`banded_filter_gradient`): band ``[r0, r1)`` reads input rows
   ``[s*r0 - pad, s*(r1 - 1) - pad + kh)``. Maps of one band keep XLA's
-  convolution as it is. A strided convolution of several bands takes one
+  convolution as it is, unless they have at least ``TAP_MIN_CHANNELS`` input
+  channels (below). A strided convolution of several bands takes one
   matmul per tap instead (:func:`tap_filter_gradient`): XLA's filter-gradient
   convolution reads its input channels first, and in the train step XLA:CPU
   transposes each band of the map for it in a fusion that also recomputes the
@@ -26,16 +27,18 @@ accelerators keep XLA's convolutions, which are their fast path):
   such matmuls when it is trained; with ``frozen_stages >= 0`` its gradient
   is never computed. A convolution of one band takes the tap matmuls too when
   it has at least ``TAP_MIN_CHANNELS`` input channels (layer4's 3x3
-  convolutions; the others keep XLA's own): Faster R-CNN R-50's train step at
-  800x1344 -0.062 and -0.076 s (8 and 5 of 10 and 8 rounds faster), RetinaNet
-  R-50's at 512x512 batch 2 -0.027 s (7 of 10), each against the version
-  before in one process (``benchmarks/paired_revision.py``, 2026-12-06).
+  convolutions where Winograd does not take them, as at batch 1, and
+  RetinaNet's P6 convolution on C5; narrower ones keep XLA's own): Faster
+  R-CNN R-50's train step at 800x1344 -0.062 and -0.076 s (8 and 5 of 10 and
+  8 rounds faster), RetinaNet R-50's at 512x512 batch 2 -0.027 s (7 of 10),
+  each against the version before in one process
+  (``benchmarks/paired_revision.py``, 2026-12-06).
 
 Measured on 2 cores with AVX-512 (2026-12-04, jax 0.10, median of three calls,
 ms; ``bench_conv_grad.py`` times the layers and the whole step), filter
-gradients of 3x3 filters, XLA's own, the nine tap matmuls (which only
-strided convolutions of several bands take now: alone they were slower than
-the bands, inside the train step faster, see above), and bands of 2,048
+gradients of 3x3 filters, XLA's own, the nine tap matmuls (which strided
+convolutions of several bands and wide ones of one band take now: alone they
+were slower than the bands, inside the train step faster, see above), and bands of 2,048
 positions::
 
     map (output)   channels        XLA   nine matmuls   bands
@@ -376,8 +379,8 @@ def _xla_conv(x, w, strides: Tuple[int, int], padding: Tuple[Tuple[int, int], ..
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_with_split_filter_gradient(x, w, strides, padding):
-  """XLA's convolution, whose filter gradient is computed in parts: by bands of output rows, or per tap when it is
-  strided (the module docstring)."""
+  """XLA's convolution, whose filter gradient is computed in parts: by bands of output rows when it has stride 1 and
+  spans several bands, otherwise per tap (the module docstring)."""
   return _xla_conv(x, w, strides, padding)
 
 
@@ -447,8 +450,8 @@ def tap_filter_gradient(x, g, kernel_size: Tuple[int, int], strides: Tuple[int, 
 def _backward(strides, padding, residuals, g):
   x, w = residuals
   _, input_gradient = jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)
-  several_bands = _several_bands(_output_shape(x.shape, w.shape, strides, padding))
-  filter_gradient = banded_filter_gradient if tuple(strides) == (1, 1) and several_bands else tap_filter_gradient
+  banded = tuple(strides) == (1, 1) and _several_bands(g.shape)
+  filter_gradient = banded_filter_gradient if banded else tap_filter_gradient
   return input_gradient(g)[0], filter_gradient(x, g, w.shape[:2], strides, padding).astype(w.dtype)
 
 

@@ -45,7 +45,8 @@ def _random_keys(key, shape):
   A sampler that makes several draws takes them as the rows of one
   ``[draws, N]`` call: the rows are independent, and the step holds one
   random-bits computation where separate keys made one (a loop of
-  kernels) per draw.
+  kernels) per draw. Row 0 equals the ``[N]`` call on the same key, so two
+  samplers that must draw independently take keys of their own.
   """
   return lax.bitcast_convert_type(jax.random.uniform(key, shape) + 1.0, jnp.int32) & ((1 << KEY_BITS) - 1)
 
@@ -230,7 +231,6 @@ def iou_balanced_negatives(key, max_iou, is_negative, num, floor_thr: float = -1
                                floor_thr, floor_fraction, num_bins)
 
 
-
 def _iou_balanced_by_keys(keys, max_iou, is_negative, num, floor_thr, floor_fraction, num_bins) -> jnp.ndarray:
   """:func:`iou_balanced_negatives` with its ``[NEGATIVE_DRAWS, N]`` int32 random ``keys`` given."""
   bin_keys, bin_fill_keys, floor_keys, fill_keys = keys
@@ -286,7 +286,6 @@ def instance_balanced_positives(key, gt_inds, num) -> jnp.ndarray:
   """
   gt_inds = jnp.asarray(gt_inds, jnp.int32)
   return _instance_balanced_by_keys(_random_keys(key, (POSITIVE_DRAWS,) + gt_inds.shape), gt_inds, num)
-
 
 
 def _instance_balanced_by_keys(keys, gt_inds, num) -> jnp.ndarray:

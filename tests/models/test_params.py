@@ -60,3 +60,22 @@ def test_a_stored_parameter_of_another_shape_names_its_module_and_shapes():
   wrong["params"]["stem"]["kernel"] = jnp.zeros((3, 3, 2, 6))
   with pytest.raises(errors.ScopeParamShapeError, match=r"kernel.*/stem.*\(3, 3, 2, 4\).*existing.*\(3, 3, 2, 6\)"):
     net.apply(wrong, x)
+
+
+def test_boxed_parameters_are_compared_and_returned_unboxed():
+  layer = params.Dense(3, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model")))
+  x = jnp.ones((2, 4))
+  variables = layer.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(layer.apply(variables, x), nn.Dense(3).apply(nn.unbox(variables), x))
+
+
+def test_a_parameter_name_claimed_twice_fails_in_apply_as_in_init():
+  class Twice(params.ReadsExistingParams, nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param("w", nn.initializers.ones, (2,)) * self.param("w", nn.initializers.ones, (2,))
+
+  with pytest.raises(Exception, match='"w"'):
+    Twice().init(jax.random.key(0), jnp.ones(2))
+  with pytest.raises(Exception, match='"w"'):
+    Twice().apply({"params": {"w": jnp.ones(2)}}, jnp.ones(2))

@@ -86,8 +86,8 @@ def stem_max_pool(x: jnp.ndarray) -> jnp.ndarray:
 def _conv(features: int, kernel: int, stride: int, dtype, name: str, groups: int = 1) -> params.Conv:
   pad = kernel // 2
   return params.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 feature_group_count=groups, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=_conv_init, name=name, conv_general_dilated=conv_ops.conv_general_dilated)
+                     feature_group_count=groups, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                     kernel_init=_conv_init, name=name, conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 def _bn(dtype, name: str) -> params.BatchNorm:

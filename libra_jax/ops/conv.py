@@ -38,8 +38,8 @@ Measured on 2 cores with AVX-512 (2026-12-04, jax 0.10, median of three calls,
 ms; ``bench_conv_grad.py`` times the layers and the whole step), filter
 gradients of 3x3 filters, XLA's own, the nine tap matmuls (which strided
 convolutions of several bands and wide ones of one band take now: alone they
-were slower than the bands, inside the train step faster, see above), and bands of 2,048
-positions::
+were slower than the bands, inside the train step faster, see above), and
+bands of 2,048 positions::
 
     map (output)   channels        XLA   nine matmuls   bands
     1x200x336      256 -> 256     2149        700         501-554
@@ -149,7 +149,7 @@ FILTER_GRADIENT_BAND_POSITIONS = 2048
 # The smallest 3x3 convolutions (input channels, output positions batch x rows x width) computed by Winograd.
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_POSITIONS = 2048
-# The fewest input channels of a convolution of one band whose filter gradient is tap matmuls (layer4's 3x3).
+# The fewest input channels of a one-band convolution whose filter gradient is tap matmuls (layer4's 3x3, P6 on C5).
 TAP_MIN_CHANNELS = 512
 # F(2x2, 3x3)'s filter transform G [4, 3]; its input transform B^T and output transform A^T are written out as sums in
 # _winograd_input_rows and _winograd_output_rows.

@@ -13,11 +13,15 @@ that was about 2 s of a 10 s step at 800 x 1344, 0.2 s of 4.6 s at 512 x 512.
 one arena for every thread (the only one that can grow past 64 MB without
 ``mmap``), no ``mmap`` for large blocks, and no trimming of the heap. A freed
 block then stays in the process and a later step reuses it without a fault.
-The heap settles after two steps: the second still adds memory (smaller blocks
-allocated in between split the first step's freed buffer), later ones add
-none. The cost: the process keeps that memory until it exits (the Faster
-R-CNN R-50 train step at 512 x 512 batch 2 peaked at 5.0-5.4 GB with it, about
-4.0 GB without; at 800 x 1344 at 6.1 GB both ways).
+The heap settles after a few steps. Until then a step may add a whole
+buffer's worth of memory, when smaller blocks allocated in between have split
+the freed buffer so that it no longer fits. The cost: the process keeps that
+memory until it exits. The Faster R-CNN R-50 train step at 512 x 512 batch 2
+peaked at 5.0-5.4 GB with it, about 4.0 GB without. At 800 x 1344, loaded
+from the persistent cache (2026-12-06), it peaked at 4.4 GB without it
+(7.2-7.5 s a step) and with it at 4.3 GB for the first steps, then 7.4 GB,
+and in some processes 10.5 GB (5.1-5.4 s a step). That is one, two or three
+3.1 GB buffers. The peak then stayed the same through 20 steps.
 
 Threads that allocated before the call keep their own arenas, and XLA:CPU's
 worker threads start with the backend, so it must run before the first JAX

@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from libra_jax import xla_cache
 from libra_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -87,8 +88,14 @@ def enable_compilation_cache(config, workdir) -> None:
 
   Which programs it keeps follows JAX's settings (by default, those that took
   at least a second to compile; ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``).
+  The first process first deletes the entries that a process stopped while
+  writing them left cut short (``libra_jax.xla_cache``), which JAX would
+  otherwise fail to read, and compile again, at every start. Only the first
+  process writes entries, so no other process is writing one then.
   """
   directory = config.get("compilation_cache_dir") or str(pathlib.Path(workdir) / "xla_cache")
+  if jax.process_index() == 0:
+    xla_cache.remove_unreadable_entries(directory)
   jax.config.update("jax_compilation_cache_dir", directory)
 
 

@@ -1,0 +1,82 @@
+"""Cut-short entries of JAX's persistent compilation cache are deleted before a run uses the cache."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import zlib
+
+from libra_jax import xla_cache
+
+# A fresh process (JAX fixes its cache directory at the first compile) compiles one program through the cache in
+# argv[1]; with argv[2] == "repair" it turns the cache on as a run does. It prints the warnings it saw and whether
+# each entry in the cache is readable afterwards.
+COMPILE_CHILD = textwrap.dedent("""
+    import json, logging, pathlib, sys, warnings
+    import jax, jax.numpy as jnp
+    from libra_jax import runtime, xla_cache
+    logging.basicConfig(level=logging.WARNING)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if sys.argv[2] == "repair":
+      runtime.enable_compilation_cache({"compilation_cache_dir": sys.argv[1]}, "unused")
+    else:
+      jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+    with warnings.catch_warnings(record=True) as seen:
+      warnings.simplefilter("always")
+      jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)(jnp.ones((32, 32))).block_until_ready()
+    entries = {p.name: xla_cache.is_readable(p.read_bytes())
+               for p in sorted(pathlib.Path(sys.argv[1]).glob("jit__lambda*-cache"))}
+    print(json.dumps(dict(warnings=[str(w.message) for w in seen], entries=entries)))
+""")
+
+
+def compile_in_child(cache_dir, mode):
+  done = subprocess.run([sys.executable, "-c", COMPILE_CHILD, str(cache_dir), mode], capture_output=True, text=True,
+                        check=True, timeout=300)
+  return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def test_a_cut_short_entry_fails_every_start_until_a_run_removes_it(tmp_path):
+  written, _ = compile_in_child(tmp_path, "plain")
+  assert list(written["entries"].values()) == [True]
+  (entry,) = tmp_path.glob("jit__lambda*-cache")
+  entry.write_bytes(entry.read_bytes()[:len(entry.read_bytes()) // 2])  # as a process killed mid-write leaves it
+  for _ in range(2):  # JAX alone never replaces it: each start warns and compiles again
+    plain, _ = compile_in_child(tmp_path, "plain")
+    assert any("Error reading persistent compilation cache entry" in w for w in plain["warnings"])
+    assert list(plain["entries"].values()) == [False]
+  repaired, stderr = compile_in_child(tmp_path, "repair")
+  assert "removed 1 cut-short entries from the compilation cache" in stderr
+  assert not any("persistent compilation cache" in w for w in repaired["warnings"])
+  assert list(repaired["entries"].values()) == [True]  # written anew, whole
+
+
+def test_only_entries_that_do_not_decompress_are_removed_with_their_access_times(tmp_path, caplog):
+  whole = zlib.compress(b"a compiled program" * 100)
+  (tmp_path / "jit_a-1-cache").write_bytes(whole)
+  (tmp_path / "jit_a-1-atime").write_bytes(b"12345678")
+  (tmp_path / "jit_b-2-cache").write_bytes(whole[:len(whole) // 2])
+  (tmp_path / "jit_b-2-atime").write_bytes(b"12345678")
+  (tmp_path / "jit_c-3-cache").write_bytes(b"")
+  with caplog.at_level(logging.WARNING, logger=xla_cache.__name__):
+    removed = xla_cache.remove_unreadable_entries(tmp_path)
+  assert [p.name for p in removed] == ["jit_b-2-cache", "jit_c-3-cache"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["jit_a-1-atime", "jit_a-1-cache"]
+  assert f"removed 2 cut-short entries from the compilation cache {tmp_path}" in caplog.text
+  assert xla_cache.remove_unreadable_entries(tmp_path) == [] and "removed 2" in caplog.text
+
+
+def test_zstd_entries_are_judged_only_where_zstd_can_be_read(monkeypatch):
+  cut = xla_cache.ZSTD_MAGIC + b"not a whole frame"
+  monkeypatch.setattr(xla_cache, "_zstd_decompress", lambda: None)
+  assert xla_cache.is_readable(cut) is None
+  monkeypatch.setattr(xla_cache, "_zstd_decompress", lambda: zlib.decompress)  # any decoder that rejects it
+  assert xla_cache.is_readable(cut) is False
+
+
+def test_missing_and_remote_directories_are_left_alone(tmp_path):
+  assert xla_cache.remove_unreadable_entries(tmp_path / "not_made_yet") == []
+  assert not (tmp_path / "not_made_yet").exists()
+  assert xla_cache.remove_unreadable_entries("gs://bucket/xla_cache") == []

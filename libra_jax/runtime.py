@@ -90,8 +90,9 @@ def enable_compilation_cache(config, workdir) -> None:
   at least a second to compile; ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``).
   The first process first deletes the entries that a process stopped while
   writing them left cut short (``libra_jax.xla_cache``), which JAX would
-  otherwise fail to read, and compile again, at every start. Only the first
-  process writes entries, so no other process is writing one then.
+  otherwise fail to read, and compile again, at every start. Within a run only
+  the first process writes entries; another run sharing the directory may
+  lose an entry it is writing at that moment, to be compiled again later.
   """
   directory = config.get("compilation_cache_dir") or str(pathlib.Path(workdir) / "xla_cache")
   if jax.process_index() == 0:

@@ -2,10 +2,14 @@
 
 import json
 import logging
+import os
+import pathlib
 import subprocess
 import sys
 import textwrap
 import zlib
+
+import pytest
 
 from libra_jax import xla_cache
 
@@ -53,27 +57,70 @@ def test_a_cut_short_entry_fails_every_start_until_a_run_removes_it(tmp_path):
   assert list(repaired["entries"].values()) == [True]  # written anew, whole
 
 
+KEY = "0123456789abcdef" * 4  # the 64 hex digits of JAX's entry names
+
+
 def test_only_entries_that_do_not_decompress_are_removed_with_their_access_times(tmp_path, caplog):
   whole = zlib.compress(b"a compiled program" * 100)
-  (tmp_path / "jit_a-1-cache").write_bytes(whole)
-  (tmp_path / "jit_a-1-atime").write_bytes(b"12345678")
-  (tmp_path / "jit_b-2-cache").write_bytes(whole[:len(whole) // 2])
-  (tmp_path / "jit_b-2-atime").write_bytes(b"12345678")
-  (tmp_path / "jit_c-3-cache").write_bytes(b"")
+  (tmp_path / f"jit_a-{KEY}-cache").write_bytes(whole)
+  (tmp_path / f"jit_a-{KEY}-atime").write_bytes(b"12345678")
+  (tmp_path / f"jit_b-{KEY}-cache").write_bytes(whole[:len(whole) // 2])
+  (tmp_path / f"jit_b-{KEY}-atime").write_bytes(b"12345678")
+  (tmp_path / f"jit_c-{KEY}-cache").write_bytes(b"")
+  (tmp_path / "notes-cache").write_bytes(b"not JAX's")  # not an entry's name: kept
   with caplog.at_level(logging.WARNING, logger=xla_cache.__name__):
     removed = xla_cache.remove_unreadable_entries(tmp_path)
-  assert [p.name for p in removed] == ["jit_b-2-cache", "jit_c-3-cache"]
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["jit_a-1-atime", "jit_a-1-cache"]
+  assert [p.name for p in removed] == [f"jit_b-{KEY}-cache", f"jit_c-{KEY}-cache"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [xla_cache.CHECKED_STAMP, f"jit_a-{KEY}-atime",
+                                                        f"jit_a-{KEY}-cache", "notes-cache"]
   assert f"removed 2 cut-short entries from the compilation cache {tmp_path}" in caplog.text
-  assert xla_cache.remove_unreadable_entries(tmp_path) == [] and "removed 2" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=xla_cache.__name__):
+    assert xla_cache.remove_unreadable_entries(tmp_path) == []
+  assert caplog.text == ""
+
+
+def test_entries_older_than_the_last_check_are_not_read_again(tmp_path):
+  cut = tmp_path / f"jit_d-{KEY}-cache"
+  cut.write_bytes(zlib.compress(b"program")[:5])
+  os.utime(cut, (1000.0, 1000.0))  # written long before the check below
+  (tmp_path / xla_cache.CHECKED_STAMP).touch()
+  assert xla_cache.remove_unreadable_entries(tmp_path) == [] and cut.exists()
+  os.utime(cut)  # modified now, after the last check
+  assert xla_cache.remove_unreadable_entries(tmp_path) == [cut] and not cut.exists()
+
+
+def test_a_directory_that_cannot_be_written_is_a_warning_not_an_error(tmp_path, caplog, monkeypatch):
+  (tmp_path / f"jit_e-{KEY}-cache").write_bytes(b"cut")
+
+  def refuse(*_, **__):
+    raise PermissionError("read-only file system")
+  monkeypatch.setattr(pathlib.Path, "unlink", refuse)
+  with caplog.at_level(logging.WARNING, logger=xla_cache.__name__):
+    assert xla_cache.remove_unreadable_entries(tmp_path) == []
+  assert f"could not check the compilation cache {tmp_path} for cut-short entries: read-only" in caplog.text
 
 
 def test_zstd_entries_are_judged_only_where_zstd_can_be_read(monkeypatch):
   cut = xla_cache.ZSTD_MAGIC + b"not a whole frame"
-  monkeypatch.setattr(xla_cache, "_zstd_decompress", lambda: None)
+  monkeypatch.setattr(xla_cache, "_zstd", lambda: None)
   assert xla_cache.is_readable(cut) is None
-  monkeypatch.setattr(xla_cache, "_zstd_decompress", lambda: zlib.decompress)  # any decoder that rejects it
+  monkeypatch.setattr(xla_cache, "_zstd", lambda: (zlib.decompress, zlib.error))  # a decoder that rejects it
   assert xla_cache.is_readable(cut) is False
+
+
+def test_real_zstd_entries_whole_and_cut():
+  zstandard = pytest.importorskip("zstandard")
+  whole = zstandard.ZstdCompressor().compress(b"a compiled program" * 100)
+  assert xla_cache.is_readable(whole) is True
+  assert xla_cache.is_readable(whole[:len(whole) // 2]) is False
+
+
+def test_a_failure_that_is_not_the_codecs_is_no_verdict(monkeypatch):
+  def out_of_memory(_):
+    raise MemoryError
+  monkeypatch.setattr(xla_cache.zlib, "decompress", out_of_memory)
+  assert xla_cache.is_readable(b"x\x9c whatever") is None
 
 
 def test_missing_and_remote_directories_are_left_alone(tmp_path):

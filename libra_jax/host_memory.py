@@ -20,8 +20,8 @@ memory until it exits. The Faster R-CNN R-50 train step at 512 x 512 batch 2
 peaked at 5.0-5.4 GB with it, about 4.0 GB without. At 800 x 1344, loaded
 from the persistent cache (2026-12-06), it peaked at 4.4 GB without it
 (7.2-7.5 s a step) and with it at 4.3 GB for the first steps, then 7.4 GB,
-and in some processes 10.5 GB (5.1-5.4 s a step): about 1.2 GB and one, two or three
-3.1 GB buffers. The peak then stayed the same through 20 steps.
+and in some processes 10.5 GB (5.1-5.4 s a step): about 1.2 GB and one, two
+or three 3.1 GB buffers. The peak then stayed the same through 20 steps.
 
 Threads that allocated before the call keep their own arenas, and XLA:CPU's
 worker threads start with the backend, so it must run before the first JAX

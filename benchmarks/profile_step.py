@@ -313,8 +313,7 @@ def profile_with_cache(cache_dir: str, config, height: int, width: int, batch_si
   (:func:`compile_only`), time nothing and return an empty dict."""
   from benchmarks.run import cache_every_program
 
-  if host_memory.jax_computes_on_host():
-    host_memory.keep_freed_host_memory()
+  host_memory.keep_freed_host_memory_where_wanted()
   cache_every_program(cache_dir)
   # One call for both passes: the train step's cache key includes its metadata, whose stack frames name this line.
   result = profile(config, height, width, batch_size, repeats, None if only_compile else trace_dir,

@@ -100,10 +100,12 @@ weights of its own, and the counts differed twofold (512 x 512 batch 2: ours
 (a test checks at ResNet-18).
 
 Every row's process, ours and torchvision's alike, first sets glibc's malloc
-to keep freed memory (``libra_jax.host_memory``, which every libra_jax command
-does on the CPU): otherwise each step page-faults its large buffers in anew.
-Both frameworks gain from it; we gain more, having more temporary memory
-per step (README's benchmark section has the paired measurements).
+to keep freed memory, as every libra_jax command does on the CPU
+(``libra_jax.host_memory``; ``LIBRA_JAX_KEEP_HOST_MEMORY=0`` declines it, here
+too): otherwise each step page-faults its large buffers in anew. Both
+frameworks gain from it; we gain more, having more temporary memory per step
+(README's benchmark section has the paired measurements). Each row records
+whether it was done in ``keeps_freed_host_memory``.
 
 The full run: ResNet-50, both shapes, 5 timed steps per row, the Libra-part
 rows at both shapes, the fixed-grid and bucket-padding rows at 800 x 1344
@@ -434,7 +436,7 @@ def compiled_row(row: Dict[str, Any], config, cache_dir: str, pause_collector: b
   """The step of a libra_jax row and of its experiment ``config``, compiled through the persistent cache in
   ``cache_dir``: timed as ``compile`` says (``"cold"`` or ``"cached"``: :func:`compile_timed`, its seconds in
   ``compile_s``), or untimed (None). Run in a fresh process: it sets up JAX's persistent cache."""
-  host_memory.keep_freed_host_memory()
+  host_memory.keep_freed_host_memory_where_wanted()
   import jax
   cache_every_program(cache_dir)
   from libra_jax.models.detectors import FasterRCNN, build_detector
@@ -634,7 +636,7 @@ def torchvision_step(row: Dict[str, Any],
   its result; torch's defaults stand (TF32 in cuDNN convolutions, which
   XLA's GPU convolutions use too; no ``cudnn.benchmark``, as mmdetection).
   """
-  host_memory.keep_freed_host_memory()
+  host_memory.keep_freed_host_memory_where_wanted()
   import torch
   import torchvision
   from benchmarks import torchvision_weights
@@ -973,6 +975,8 @@ def main(argv) -> int:
     rows = only_models(rows, args.models.split(","))
   matmul_rate = run_isolated(matmul_flops_per_sec)
   date = datetime.date.today().isoformat()
+  # Every row's process decides as this one did (cli.run), from the same environment.
+  kept = host_memory.jax_computes_on_host() and host_memory.wanted()
   results = []
   stopped = stop_on_sigterm()
   with tempfile.TemporaryDirectory(prefix="libra_jax_bench_xla_cache_") as cache_dir:
@@ -1000,7 +1004,7 @@ def main(argv) -> int:
   table = format_table(results, header)
   if args.json:
     for result in results:
-      print(json.dumps(dict(result, matmul_flops_per_sec=matmul_rate)))
+      print(json.dumps(dict(result, matmul_flops_per_sec=matmul_rate, keeps_freed_host_memory=kept)))
   print(table, file=sys.stderr if args.json else sys.stdout)
   return 0
 

@@ -12,7 +12,7 @@
   ``stopped:`` line saying where, and exits with status 0.
 - Where JAX computes on the CPU, freed host memory stays in the process
   (:mod:`libra_jax.host_memory`): a step's buffers are not page-faulted in anew
-  every step.
+  every step. ``LIBRA_JAX_KEEP_HOST_MEMORY=0`` declines it.
 
 A command builds its flags with :class:`ArgumentParser` and runs its
 ``main(argv)`` through :func:`run`.
@@ -155,9 +155,8 @@ def run(main: Callable[[Sequence[str]], Optional[int]], argv: Optional[Sequence[
   """Runs ``main(argv)`` as a command: exits with its return value, or prints a failure as one line."""
   argv = list(sys.argv[1:] if argv is None else argv)
   setup_logging()
-  if host_memory.jax_computes_on_host():
-    host_memory.keep_freed_host_memory()
   try:
+    host_memory.keep_freed_host_memory_where_wanted()
     code = main(argv)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)

@@ -16,18 +16,26 @@ block then stays in the process and a later step reuses it without a fault.
 The heap settles after a few steps. Until then a step may add a whole
 buffer's worth of memory, when smaller blocks allocated in between have split
 the freed buffer so that it no longer fits. The cost: the process keeps that
-memory until it exits. The Faster R-CNN R-50 train step at 512 x 512 batch 2
-peaked at 5.0-5.4 GB with it, about 4.0 GB without. At 800 x 1344, loaded
-from the persistent cache (2026-12-06), it peaked at 4.4 GB without it
-(7.2-7.5 s a step) and with it at 4.3 GB for the first steps, then 7.4 GB,
-and in some processes 10.5 GB (5.1-5.4 s a step): about 1.2 GB and one, two
-or three 3.1 GB buffers. The peak then stayed the same through 20 steps.
+memory until it exits. The Faster R-CNN R-50 train step at 800 x 1344 took
+5.2 s a step with it and 6.1 s without (2026-12-06); without it the process
+peaked at 4.6 GB, with it at 4.4 GB, or 7.7 or 10.8 GB in processes where one
+or two more of its 3.1 GB buffers were added (``benchmarks/bench_host_memory.py``;
+README, "Host memory on the CPU", has the table).
 
 Threads that allocated before the call keep their own arenas, and XLA:CPU's
 worker threads start with the backend, so it must run before the first JAX
-computation. Every command does this (``libra_jax.cli.run``), where JAX
-computes on the CPU (:func:`jax_computes_on_host`); on accelerator hosts the
-step's buffers live in device memory, so nothing is changed there.
+computation. Every command does this (``libra_jax.cli.run``, through
+:func:`keep_freed_host_memory_where_wanted`), where JAX computes on the CPU
+(:func:`jax_computes_on_host`); on accelerator hosts the step's buffers live
+in device memory, so nothing is changed there.
+
+Who is short of memory rather than time declines it with
+``LIBRA_JAX_KEEP_HOST_MEMORY=0``. Unset, it is done unless the environment
+already sets glibc's own malloc parameters (``MALLOC_ARENA_MAX``,
+``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
+``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``):
+those are the user's choice, and ``mallopt`` would silently override them.
+``LIBRA_JAX_KEEP_HOST_MEMORY=1`` sets it even over them.
 """
 
 import ctypes
@@ -35,6 +43,9 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+from typing import List
+
+from libra_jax.errors import ConfigError
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -42,6 +53,11 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 # (parameter, value): one arena, no mmap for large blocks, never trim (-1 disables trimming, per mallopt(3)).
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+# 0 declines the settings, 1 asks for them; unset, see wanted().
+SWITCH_ENV = "LIBRA_JAX_KEEP_HOST_MEMORY"
+# glibc's own environment variables for malloc's parameters (mallopt(3)), read when a process starts.
+GLIBC_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                    "MALLOC_TRIM_THRESHOLD_")
 
 _log = logging.getLogger(__name__)
 
@@ -77,3 +93,42 @@ def jax_computes_on_host() -> bool:
     return all(p.strip() == "cpu" for p in platforms.split(","))
   return (not importlib.metadata.entry_points(group="jax_plugins") and importlib.util.find_spec("jax_plugins") is None
           and importlib.util.find_spec("libtpu") is None)
+
+
+def malloc_tuned_by_environment() -> List[str]:
+  """The environment variables by which this process was started with glibc malloc parameters of its own."""
+  names = [name for name in GLIBC_MALLOC_ENV if name in os.environ]
+  if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    names.append("GLIBC_TUNABLES")
+  return names
+
+
+def wanted() -> bool:
+  """Whether the environment asks for the malloc settings (see the module docstring).
+
+  ``LIBRA_JAX_KEEP_HOST_MEMORY=1``: yes; ``0``: no; unset: yes, unless the
+  process was started with glibc malloc parameters of its own.
+
+  Raises:
+    ConfigError: ``LIBRA_JAX_KEEP_HOST_MEMORY`` is set to anything else.
+  """
+  value = os.environ.get(SWITCH_ENV)
+  if value is None:
+    tuned = malloc_tuned_by_environment()
+    if tuned:
+      _log.info("host memory: malloc is left as %s set it (%s=1 would override that)", " and ".join(tuned), SWITCH_ENV)
+    return not tuned
+  if value.strip() not in ("0", "1"):
+    raise ConfigError(f"{SWITCH_ENV}={value}: set it to 1 (keep freed host memory for reuse: faster CPU steps, a "
+                      f"higher peak) or 0 (glibc's own malloc behaviour), or unset it")
+  return value.strip() == "1"
+
+
+def keep_freed_host_memory_where_wanted() -> bool:
+  """:func:`keep_freed_host_memory` where JAX computes on the host and :func:`wanted` says so; returns whether it was
+  done. Call it before the first JAX computation.
+
+  Raises:
+    ConfigError: from :func:`wanted`.
+  """
+  return jax_computes_on_host() and wanted() and keep_freed_host_memory()

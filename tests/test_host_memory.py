@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,8 @@ REUSE_CHILD = textwrap.dedent("""
     from libra_jax import host_memory
     if sys.argv[1] == "keep":
       assert host_memory.keep_freed_host_memory()
+    elif sys.argv[1] == "as_a_command":
+      host_memory.keep_freed_host_memory_where_wanted()
     def fill():
       buffer = np.empty(64 * 2 ** 20, np.float32)
       buffer.fill(1.0)
@@ -29,9 +32,20 @@ REUSE_CHILD = textwrap.dedent("""
 """)
 
 
-def second_buffer_faults(mode: str) -> int:
-  result = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True, text=True, check=True)
+def second_buffer_faults(mode: str, **environment: str) -> int:
+  """The child's page faults; ``environment`` is added to a copy of this process's, without any malloc setting."""
+  env = {name: value for name, value in os.environ.items()
+         if name not in host_memory.GLIBC_MALLOC_ENV + (host_memory.SWITCH_ENV, "GLIBC_TUNABLES")}
+  env.update(environment, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True, text=True, check=True,
+                          env=env)
   return json.loads(result.stdout)
+
+
+@pytest.fixture
+def no_malloc_settings_in_environment(monkeypatch):
+  for name in host_memory.GLIBC_MALLOC_ENV + (host_memory.SWITCH_ENV, "GLIBC_TUNABLES"):
+    monkeypatch.delenv(name, raising=False)
 
 
 @pytest.mark.skipif(not host_memory.uses_glibc(), reason="mallopt is glibc's")
@@ -41,6 +55,42 @@ def test_a_freed_buffer_is_reused_without_page_faults():
   # least 128 for 2 MB huge pages (which numpy asks the kernel for on large arrays).
   assert default >= 100
   assert kept * 10 <= default
+
+
+@pytest.mark.skipif(not host_memory.uses_glibc(), reason="mallopt is glibc's")
+def test_the_environment_can_decline_the_setting_and_glibc_s_own_variables_are_kept():
+  default = second_buffer_faults("default")
+  assert second_buffer_faults("as_a_command") * 10 <= default
+  assert second_buffer_faults("as_a_command", LIBRA_JAX_KEEP_HOST_MEMORY="0") >= 100
+  # A user's own malloc variable stands (it leaves large blocks to mmap), unless the switch says 1.
+  assert second_buffer_faults("as_a_command", MALLOC_ARENA_MAX="2") >= 100
+  assert second_buffer_faults("as_a_command", MALLOC_ARENA_MAX="2", LIBRA_JAX_KEEP_HOST_MEMORY="1") * 10 <= default
+
+
+@pytest.mark.parametrize("environment,expected", [
+    ({}, True),
+    ({"LIBRA_JAX_KEEP_HOST_MEMORY": "0"}, False),
+    ({"LIBRA_JAX_KEEP_HOST_MEMORY": "1"}, True),
+    ({"MALLOC_TRIM_THRESHOLD_": "131072"}, False),
+    ({"MALLOC_TRIM_THRESHOLD_": "131072", "LIBRA_JAX_KEEP_HOST_MEMORY": "1"}, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, False),
+    ({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=2048"}, True),
+])
+def test_wanted_reads_the_switch_and_glibc_s_variables(monkeypatch, no_malloc_settings_in_environment, environment,
+                                                      expected):
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  assert host_memory.wanted() is expected
+
+
+def test_a_bad_switch_value_is_one_line_naming_the_variable(monkeypatch, capsys, no_malloc_settings_in_environment):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("LIBRA_JAX_KEEP_HOST_MEMORY", "yes")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(lambda argv: 0, [])
+  assert exit_info.value.code == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: LIBRA_JAX_KEEP_HOST_MEMORY=yes:") and "unset it" in lines[0]
 
 
 def test_jax_computes_on_host_follows_jax_platforms(monkeypatch):
@@ -58,7 +108,8 @@ def test_an_installed_accelerator_plugin_means_not_on_host(monkeypatch):
 
 
 @pytest.mark.parametrize("platforms,kept", [("cpu", True), ("cuda", False)])
-def test_every_command_keeps_freed_memory_only_on_the_cpu(monkeypatch, platforms, kept):
+def test_every_command_keeps_freed_memory_only_on_the_cpu(monkeypatch, no_malloc_settings_in_environment,
+                                                          platforms, kept):
   calls = []
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   monkeypatch.setattr(host_memory, "keep_freed_host_memory", lambda: calls.append(True))

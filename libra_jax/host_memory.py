@@ -5,7 +5,9 @@ Faster R-CNN R-50 train step at 512 x 512 batch 2, 4.3 GB at 800 x 1344) and
 frees it at the end. glibc's malloc serves an allocation that large with a
 fresh ``mmap`` and returns it with ``munmap``, so every step page-faults the
 whole buffer in again, and the kernel zeroes each page first. On 2 cores
-that was about 2 s of a 10 s step at 800 x 1344, 0.2 s of 4.6 s at 512 x 512.
+that was about 2 s of a 10 s step at 800 x 1344 and 0.2 s of 4.6 s at
+512 x 512 batch 2 (2026-12-04); 0.6-0.9 s of 6.0-6.2 s and 0.4-0.5 s of
+3.4-3.6 s in ``benchmarks/bench_host_memory.py``'s rows (2026-12-06).
 
 :func:`keep_freed_host_memory` sets three glibc malloc parameters
 (``mallopt(3)``), as the environment variables ``MALLOC_ARENA_MAX=1``,
@@ -13,14 +15,15 @@ that was about 2 s of a 10 s step at 800 x 1344, 0.2 s of 4.6 s at 512 x 512.
 one arena for every thread (the only one that can grow past 64 MB without
 ``mmap``), no ``mmap`` for large blocks, and no trimming of the heap. A freed
 block then stays in the process and a later step reuses it without a fault.
-The heap settles after a few steps. Until then a step may add a whole
-buffer's worth of memory, when smaller blocks allocated in between have split
-the freed buffer so that it no longer fits. The cost: the process keeps that
-memory until it exits. The Faster R-CNN R-50 train step at 800 x 1344 took
-5.2 s a step with it and 6.1 s without (2026-12-06); without it the process
-peaked at 4.6 GB, with it at 4.4 GB, or 7.7 or 10.8 GB in processes where one
-or two more of its 3.1 GB buffers were added (``benchmarks/bench_host_memory.py``;
-README, "Host memory on the CPU", has the table).
+A step may still add a large buffer's worth of memory, when smaller blocks
+allocated in between have split the freed buffer so that it no longer fits,
+and the process keeps that memory until it exits. In
+``benchmarks/bench_host_memory.py``'s rows (2026-12-06) the Faster R-CNN R-50
+train step at 800 x 1344 took 5.2-5.4 s a step with it and 6.0-6.2 s
+without. Without it the process peaked at 4.6 GB; with it at 7.7 or 11.0 GB,
+growing from 4.5 GB by 3.3 GB at a time. The heap last grew at the 2nd to
+the 25th step of processes of 16 or 60 steps. README, "Host memory on the
+CPU", has the table.
 
 Threads that allocated before the call keep their own arenas, and XLA:CPU's
 worker threads start with the backend, so it must run before the first JAX
@@ -32,10 +35,11 @@ in device memory, so nothing is changed there.
 Who is short of memory rather than time declines it with
 ``LIBRA_JAX_KEEP_HOST_MEMORY=0``. Unset, it is done unless the environment
 already sets glibc's own malloc parameters (``MALLOC_ARENA_MAX``,
-``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
-``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``):
-those are the user's choice, and ``mallopt`` would silently override them.
-``LIBRA_JAX_KEEP_HOST_MEMORY=1`` sets it even over them.
+``MALLOC_ARENA_TEST``, ``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TOP_PAD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc.*`` in
+``GLIBC_TUNABLES``): those are the user's choice, and ``mallopt`` would
+silently override them. ``LIBRA_JAX_KEEP_HOST_MEMORY=1`` sets it even over
+them.
 """
 
 import ctypes
@@ -56,8 +60,8 @@ SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
 # 0 declines the settings, 1 asks for them; unset, see wanted().
 SWITCH_ENV = "LIBRA_JAX_KEEP_HOST_MEMORY"
 # glibc's own environment variables for malloc's parameters (mallopt(3)), read when a process starts.
-GLIBC_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
-                    "MALLOC_TRIM_THRESHOLD_")
+GLIBC_MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                    "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")
 
 _log = logging.getLogger(__name__)
 
@@ -106,22 +110,22 @@ def malloc_tuned_by_environment() -> List[str]:
 def wanted() -> bool:
   """Whether the environment asks for the malloc settings (see the module docstring).
 
-  ``LIBRA_JAX_KEEP_HOST_MEMORY=1``: yes; ``0``: no; unset: yes, unless the
-  process was started with glibc malloc parameters of its own.
+  ``LIBRA_JAX_KEEP_HOST_MEMORY=1``: yes; ``0``: no; unset or empty: yes,
+  unless the process was started with glibc malloc parameters of its own.
 
   Raises:
     ConfigError: ``LIBRA_JAX_KEEP_HOST_MEMORY`` is set to anything else.
   """
-  value = os.environ.get(SWITCH_ENV)
-  if value is None:
+  value = os.environ.get(SWITCH_ENV, "").strip()
+  if not value:
     tuned = malloc_tuned_by_environment()
     if tuned:
       _log.info("host memory: malloc is left as %s set it (%s=1 would override that)", " and ".join(tuned), SWITCH_ENV)
     return not tuned
-  if value.strip() not in ("0", "1"):
+  if value not in ("0", "1"):
     raise ConfigError(f"{SWITCH_ENV}={value}: set it to 1 (keep freed host memory for reuse: faster CPU steps, a "
                       f"higher peak) or 0 (glibc's own malloc behaviour), or unset it")
-  return value.strip() == "1"
+  return value == "1"
 
 
 def keep_freed_host_memory_where_wanted() -> bool:
@@ -129,6 +133,7 @@ def keep_freed_host_memory_where_wanted() -> bool:
   done. Call it before the first JAX computation.
 
   Raises:
-    ConfigError: from :func:`wanted`.
+    ConfigError: from :func:`wanted`, on any host (a mistaken value is reported where it would not apply too).
   """
-  return jax_computes_on_host() and wanted() and keep_freed_host_memory()
+  asked = wanted()
+  return jax_computes_on_host() and asked and keep_freed_host_memory()

@@ -17,7 +17,7 @@ def test_settings_alternate_and_each_gets_its_median(monkeypatch, capsys):
     calls.append((pause_collector, compile))
     # The n-th cached compile takes n seconds; each cold one ten times the cached one after it.
     cached = sum(kind == "cached" for _, kind in calls) + (compile == "cold")
-    return run.CompiledRow(None, 10.0 * cached if compile == "cold" else float(cached), None, None, None)
+    return run.CompiledRow(None, 10.0 * cached if compile == "cold" else float(cached), None, None, None, False)
 
   monkeypatch.setattr(run, "run_isolated", lambda function, *args: function(*args))
   monkeypatch.setattr(run, "compiled_row", fake_compiled_row)

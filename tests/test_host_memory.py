@@ -71,6 +71,8 @@ def test_the_environment_can_decline_the_setting_and_glibc_s_own_variables_are_k
     ({}, True),
     ({"LIBRA_JAX_KEEP_HOST_MEMORY": "0"}, False),
     ({"LIBRA_JAX_KEEP_HOST_MEMORY": "1"}, True),
+    ({"LIBRA_JAX_KEEP_HOST_MEMORY": ""}, True),
+    ({"LIBRA_JAX_KEEP_HOST_MEMORY": "", "MALLOC_ARENA_TEST": "1"}, False),
     ({"MALLOC_TRIM_THRESHOLD_": "131072"}, False),
     ({"MALLOC_TRIM_THRESHOLD_": "131072", "LIBRA_JAX_KEEP_HOST_MEMORY": "1"}, True),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, False),
@@ -83,8 +85,10 @@ def test_wanted_reads_the_switch_and_glibc_s_variables(monkeypatch, no_malloc_se
   assert host_memory.wanted() is expected
 
 
-def test_a_bad_switch_value_is_one_line_naming_the_variable(monkeypatch, capsys, no_malloc_settings_in_environment):
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+@pytest.mark.parametrize("platforms", ["cpu", "cuda"])
+def test_a_bad_switch_value_is_one_line_naming_the_variable(monkeypatch, capsys, no_malloc_settings_in_environment,
+                                                            platforms):
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)  # on an accelerator host too, where the setting does not apply
   monkeypatch.setenv("LIBRA_JAX_KEEP_HOST_MEMORY", "yes")
   with pytest.raises(SystemExit) as exit_info:
     cli.run(lambda argv: 0, [])

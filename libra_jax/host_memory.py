@@ -47,6 +47,8 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import resource
+import sys
 from typing import List
 
 from libra_jax.errors import ConfigError
@@ -137,3 +139,10 @@ def keep_freed_host_memory_where_wanted() -> bool:
   """
   asked = wanted()
   return jax_computes_on_host() and asked and keep_freed_host_memory()
+
+
+def peak_resident_gb() -> float:
+  """This process's peak resident host memory so far, in GB (10^9 bytes): what the malloc setting can raise, and
+  what a host must have room for. ``getrusage`` gives it in KiB on Linux and in bytes on macOS."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak * (1 if sys.platform == "darwin" else 1024) / 1e9

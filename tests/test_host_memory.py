@@ -97,6 +97,21 @@ def test_a_bad_switch_value_is_one_line_naming_the_variable(monkeypatch, capsys,
   assert len(lines) == 1 and lines[0].startswith("error: LIBRA_JAX_KEEP_HOST_MEMORY=yes:") and "unset it" in lines[0]
 
 
+def test_the_peak_counts_a_buffer_that_is_gone():
+  child = textwrap.dedent("""
+      import json
+      import numpy as np
+      from libra_jax import host_memory
+      before = host_memory.peak_resident_gb()
+      buffer = np.ones(64 * 2 ** 20, np.float32)  # 268 MB, every page written
+      del buffer
+      print(json.dumps([before, host_memory.peak_resident_gb()]))
+  """)
+  before, after = json.loads(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                                            check=True).stdout)
+  assert 0.25 < after - before < 0.35
+
+
 def test_jax_computes_on_host_follows_jax_platforms(monkeypatch):
   for platforms, on_host in (("cpu", True), ("cuda", False), ("cuda,cpu", False), ("tpu", False)):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 import tqdm
 
-from libra_jax import convert, runtime
+from libra_jax import convert, host_memory, runtime
 from libra_jax.data import pipeline
 from libra_jax.errors import NonFiniteLossError, Stopped, UserError
 from libra_jax.evaluation import driver
@@ -211,11 +211,12 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         scalars.update(lr=float(schedule(step - 1)), skipped_steps=int(jax.device_get(state.skipped_steps)),
                        train_step_compilations=train_step._cache_size(),
-                       images_per_sec=(step - last_step) * config.global_batch_size / (now - last_time))
+                       images_per_sec=(step - last_step) * config.global_batch_size / (now - last_time),
+                       host_memory_peak_gb=host_memory.peak_resident_gb())
         last_time, last_step = now, step
         writer.write(step, scalars)
         progress.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}",
-                             img_s=f"{scalars['images_per_sec']:.1f}")
+                             img_s=f"{scalars['images_per_sec']:.1f}", host_gb=f"{scalars['host_memory_peak_gb']:.1f}")
       if saving:
         checkpointer.save(step, state, {"input_position": step}, wait=stopping)
       if stopping:

@@ -143,6 +143,20 @@ def keep_freed_host_memory_where_wanted() -> bool:
 
 def peak_resident_gb() -> float:
   """This process's peak resident host memory so far, in GB (10^9 bytes): what the malloc setting can raise, and
-  what a host must have room for. ``getrusage`` gives it in KiB on Linux and in bytes on macOS."""
+  what a host must have room for.
+
+  On Linux it is ``VmHWM`` of ``/proc/self/status``, the peak of this
+  program's own memory. ``getrusage``'s ``ru_maxrss`` there also keeps the
+  peak of the process this one was started from, across ``fork`` and
+  ``execve``: a command started by a large process would show that
+  process's peak. Elsewhere, ``ru_maxrss`` (bytes on macOS).
+  """
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024 / 1e9
+  except OSError:
+    pass
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return peak * (1 if sys.platform == "darwin" else 1024) / 1e9

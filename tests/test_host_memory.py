@@ -98,6 +98,7 @@ def test_a_bad_switch_value_is_one_line_naming_the_variable(monkeypatch, capsys,
 
 
 def test_the_peak_counts_a_buffer_that_is_gone():
+  # A fresh program's own peak: this (large) test process's, which getrusage would carry into the child, is not in it.
   child = textwrap.dedent("""
       import json
       import numpy as np

@@ -63,10 +63,11 @@ def test_classifiers_learn_and_metrics_are_written(trained):
   [compiled] = records(workdir, "compile")
   assert compiled["step"] == 1 and compiled["first_step_seconds"] > 0 and compiled["train_step_compilations"] == 1
   assert [r["train_step_compilations"] for r in train] == [1] * len(train)
-  # The host's peak memory: never falls, and never above getrusage's peak for this process now (which also
-  # counts the peak of the process this one was started from).
+  # The host's peak memory: it does not fall (but for the kernel's approximate counters, a few pages: one run read
+  # 4.1227 then 4.1225 GB), and is never above getrusage's peak for this process now (which also counts the peak
+  # of the process this one was started from).
   peaks = [r["host_memory_peak_gb"] for r in train]
-  assert peaks[0] > 0.1 and peaks == sorted(peaks)
+  assert peaks[0] > 0.1 and all(later > earlier - 0.01 for earlier, later in zip(peaks, peaks[1:]))
   assert peaks[-1] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
   evals = records(workdir, "eval")
   assert len(evals) == 1 and evals[0]["step"] == 40 and set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}

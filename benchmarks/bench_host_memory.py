@@ -20,7 +20,7 @@ processes would not run glibc's defaults). One JSON line per process:
   for the heap's first growth). A later step at which the heap grows again
   stays in the median: ``rss_gb`` shows which;
 - ``rss_gb``: the process's resident memory after each step, in GB, and
-  ``peak_rss_gb``, its peak (Linux's ``VmHWM``): the setting's cost, since
+  ``peak_rss_gb``, its peak (``host_memory.peak_resident_gb``: Linux's ``VmHWM``): the setting's cost, since
   a process that keeps freed memory keeps its peak until it exits;
 - ``date``, ``cpu_count`` and ``jax_version``: where and when.
 """
@@ -41,17 +41,6 @@ from benchmarks import run as bench  # noqa: E402  (JAX is imported only in the 
 from libra_jax import cli, host_memory  # noqa: E402
 
 
-def memory_gb() -> Dict[str, float]:
-  """This process's resident memory now (``rss``) and at its peak (``peak``), in GB, from ``/proc/self/status``."""
-  fields = {}
-  with open("/proc/self/status") as status:
-    for line in status:
-      name, _, value = line.partition(":")
-      if name in ("VmRSS", "VmHWM"):
-        fields[name] = int(value.split()[0]) * 1024 / 1e9
-  return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
-
-
 def compile_into(row: Dict[str, Any], cache_dir: str) -> None:
   """Fills ``cache_dir`` with the row's step (run in a fresh process)."""
   bench.compiled_row(row, bench.detector_config(row), cache_dir, compile="cold")
@@ -68,10 +57,10 @@ def steps_from_cache(row: Dict[str, Any], cache_dir: str, steps: int) -> Dict[st
     start = time.perf_counter()
     compiled.step()
     seconds.append(time.perf_counter() - start)
-    resident.append(memory_gb()["rss"])
+    resident.append(host_memory.resident_gb())
   return dict(keeps_freed_host_memory=compiled.keeps_freed_host_memory, step_s=seconds,
-              median_step_s=statistics.median(seconds[1:]), rss_gb=resident, peak_rss_gb=memory_gb()["peak"],
-              cpu_count=os.cpu_count(), jax_version=jax.__version__)
+              median_step_s=statistics.median(seconds[1:]), rss_gb=resident,
+              peak_rss_gb=host_memory.peak_resident_gb(), cpu_count=os.cpu_count(), jax_version=jax.__version__)
 
 
 def measure(row: Dict[str, Any], steps: int, rounds: int) -> List[Dict[str, Any]]:

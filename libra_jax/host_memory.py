@@ -49,7 +49,7 @@ import logging
 import os
 import resource
 import sys
-from typing import List
+from typing import List, Optional
 
 from libra_jax.errors import ConfigError
 
@@ -141,6 +141,25 @@ def keep_freed_host_memory_where_wanted() -> bool:
   return jax_computes_on_host() and asked and keep_freed_host_memory()
 
 
+def _status_gb(field: str) -> Optional[float]:
+  """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``; the kernel gives KiB), in GB; None where the
+  file or the field does not exist (not Linux)."""
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        name, _, value = line.partition(":")
+        if name == field:
+          return int(value.split()[0]) * 1024 / 1e9
+  except OSError:
+    pass
+  return None
+
+
+def resident_gb() -> Optional[float]:
+  """This process's resident host memory now, in GB (10^9 bytes), from ``VmRSS``; None where it is not Linux."""
+  return _status_gb("VmRSS")
+
+
 def peak_resident_gb() -> float:
   """This process's peak resident host memory so far, in GB (10^9 bytes): what the malloc setting can raise, and
   what a host must have room for.
@@ -151,12 +170,7 @@ def peak_resident_gb() -> float:
   ``execve``: a command started by a large process would show that
   process's peak. Elsewhere, ``ru_maxrss`` (bytes on macOS).
   """
-  try:
-    with open("/proc/self/status") as status:
-      for line in status:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) * 1024 / 1e9
-  except OSError:
-    pass
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return peak * (1 if sys.platform == "darwin" else 1024) / 1e9
+  peak = _status_gb("VmHWM")
+  if peak is not None:
+    return peak
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9

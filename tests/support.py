@@ -9,11 +9,16 @@ import functools
 
 import numpy as np
 
+from libra_jax import host_memory
+
 # For the few test programs that run long rather than compile long (a ResNet-50 on 800x1216 images): XLA's own
 # default backend optimization instead of the suite's level 0 (tests/conftest.py), whose unoptimized elementwise
 # loops ran the end-to-end reference's program 2.9x slower (16.3 against 5.7 s, compiles of 4.7 and 6.6 s).
 # ``jax.jit(f, compiler_options=OPTIMIZED_CODE)``.
 OPTIMIZED_CODE = {"xla_backend_optimization_level": 3}
+# Every environment variable that decides how a process's malloc behaves (libra_jax.host_memory): a test that wants
+# glibc's defaults, or one variable alone, removes them all first.
+MALLOC_SETTING_VARIABLES = host_memory.GLIBC_MALLOC_ENV + (host_memory.SWITCH_ENV, "GLIBC_TUNABLES")
 
 
 def tiny_model_config(family: str = "faster", libra: bool = True, num_classes: int = 3):
@@ -159,3 +164,4 @@ def records(workdir, kind="train"):
   import pathlib
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   return [r for r in map(json.loads, lines) if r["kind"] == kind]
+

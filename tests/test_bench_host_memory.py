@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import bench_host_memory
 from libra_jax import cli, host_memory
+from support import MALLOC_SETTING_VARIABLES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROW = dict(height=64, width=64, batch=1, config="faster_rcnn")
@@ -52,24 +53,26 @@ def test_the_environment_is_restored_when_a_process_fails(monkeypatch):
   assert host_memory.SWITCH_ENV not in os.environ
 
 
-# A child process with glibc's own malloc reads its memory before, with and after a 268 MB buffer.
+# A child process with glibc's own malloc reads its memory, as the benchmark's processes do, before, with and after
+# a 268 MB buffer.
 MEMORY_CHILD = textwrap.dedent("""
     import json
     import numpy as np
-    from benchmarks import bench_host_memory
-    before = bench_host_memory.memory_gb()
+    from libra_jax import host_memory
+    def memory():
+      return {"rss": host_memory.resident_gb(), "peak": host_memory.peak_resident_gb()}
+    before = memory()
     buffer = np.ones(64 * 2 ** 20, np.float32)
-    during = bench_host_memory.memory_gb()
+    during = memory()
     del buffer
-    print(json.dumps([before, during, bench_host_memory.memory_gb()]))
+    print(json.dumps([before, during, memory()]))
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not host_memory.uses_glibc(),
                     reason="reads /proc/self/status; glibc returns a large freed block to the kernel")
 def test_memory_readings_see_a_buffer_and_the_peak_outlives_it():
-  env = {name: value for name, value in os.environ.items()
-         if name not in host_memory.GLIBC_MALLOC_ENV + (host_memory.SWITCH_ENV, "GLIBC_TUNABLES")}
+  env = {name: value for name, value in os.environ.items() if name not in MALLOC_SETTING_VARIABLES}
   result = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, check=True,
                           cwd=ROOT, env=env)
   before, during, after = json.loads(result.stdout)
@@ -86,7 +89,7 @@ def test_memory_readings_see_a_buffer_and_the_peak_outlives_it():
     ([], {"MALLOC_ARENA_MAX": "2"}, "MALLOC_ARENA_MAX set in the environment: unset it"),
 ])
 def test_a_bad_flag_or_environment_is_one_line(monkeypatch, capsys, argv, environment, expected):
-  for name in host_memory.GLIBC_MALLOC_ENV + ("GLIBC_TUNABLES",):
+  for name in MALLOC_SETTING_VARIABLES:
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv(host_memory.SWITCH_ENV, "0")  # this test process keeps glibc's malloc as it is

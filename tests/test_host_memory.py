@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from libra_jax import cli, host_memory
+from support import MALLOC_SETTING_VARIABLES
 
 # A child process allocates, fills and frees a 256 MB buffer (as XLA:CPU does with a step's temporaries),
 # then counts the page faults of doing it again.
@@ -34,8 +35,7 @@ REUSE_CHILD = textwrap.dedent("""
 
 def second_buffer_faults(mode: str, **environment: str) -> int:
   """The child's page faults; ``environment`` is added to a copy of this process's, without any malloc setting."""
-  env = {name: value for name, value in os.environ.items()
-         if name not in host_memory.GLIBC_MALLOC_ENV + (host_memory.SWITCH_ENV, "GLIBC_TUNABLES")}
+  env = {name: value for name, value in os.environ.items() if name not in MALLOC_SETTING_VARIABLES}
   env.update(environment, JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True, text=True, check=True,
                           env=env)
@@ -44,7 +44,7 @@ def second_buffer_faults(mode: str, **environment: str) -> int:
 
 @pytest.fixture
 def no_malloc_settings_in_environment(monkeypatch):
-  for name in host_memory.GLIBC_MALLOC_ENV + (host_memory.SWITCH_ENV, "GLIBC_TUNABLES"):
+  for name in MALLOC_SETTING_VARIABLES:
     monkeypatch.delenv(name, raising=False)
 
 

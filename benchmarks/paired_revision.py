@@ -4,15 +4,15 @@
         --swap=libra_jax.ops.conv:winograd_conv3x3_maps [--swap=...] [--mode=train] \\
         [--height 512 --width 512 --batch 2] [--repeats 10] [--json]
 
-This machine's speed drifts by 10% and more between runs (README), more than
+This machine's speed drifts by 10% and more between runs (benchmarks/README.md), more than
 most changes gain, so a change is measured against its base in one process:
 both programs are loaded, then ``--repeats`` rounds (10 by default) call each once, in
 alternating order (``benchmarks.run.paired_seconds``), and the median of the
 rounds' differences is the change's effect. Both are compiled first in a
 fresh process of their own, into a temporary persistent cache that the
 timing process loads them from: on the CPU a process that has compiled a
-large program runs programs more slowly afterwards (the README's benchmark
-section). ``compiled_while_timing`` counts programs the timing process had
+large program runs programs more slowly afterwards
+(benchmarks/README.md). ``compiled_while_timing`` counts programs the timing process had
 to compile anyway (0 unless the cache missed).
 
 The base program is the working tree with some names taken from ``--base``:

@@ -39,7 +39,7 @@ Two fresh processes do the work, one after the other. The first compiles
 every program into a persistent compilation cache of its own (a temporary
 directory) and times nothing. The second loads them all from that cache
 and times them. On the CPU a process that has compiled large programs runs
-them more slowly afterwards (the README's benchmark section): measured in
+them more slowly afterwards (benchmarks/README.md): measured in
 the compiling process, Libra Faster R-CNN R-50's step at 800x1344 took
 6.0-6.1 s against its stages' 5.1-5.3 s, and loaded from the cache
 4.7-4.9 s against 4.7-5.2 s in four runs (a fifth: 5.8 against 5.0 s;

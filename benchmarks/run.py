@@ -74,8 +74,8 @@ cache, as a restarted run compiles. That process then times the steps. The
 two processes are separate because on the CPU a process that compiled the
 step cold runs it slower: the Faster R-CNN R-50 train step at 800 x 1344
 took 5.7-6.0 s there against 4.4-4.7 s after only loading it from the cache
-(2026-12-06, three alternating pairs of processes; README, benchmark
-section). ``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
+(2026-12-06, three alternating pairs of processes; benchmarks/README.md).
+``flops_per_sec``: the step's FLOPs by XLA's cost analysis (loop bodies
 counted once, every convolution counted as a direct one and the test-time R-CNN
 head over all 1,000 proposal slots: ``run.direct_flops``;
 the lowered program's count, which was within 0.3% of the compiled one's for
@@ -104,7 +104,7 @@ to keep freed memory, as every libra_jax command does on the CPU
 (``libra_jax.host_memory``; ``LIBRA_JAX_KEEP_HOST_MEMORY=0`` declines it, here
 too): otherwise each step page-faults its large buffers in anew. Both
 frameworks gain from it; we gain more, having more temporary memory per step
-(README's benchmark section has the paired measurements). Each row records
+(benchmarks/README.md has the paired measurements). Each row records
 whether it was done in ``keeps_freed_host_memory``.
 
 The full run: ResNet-50, both shapes, 5 timed steps per row, the Libra-part
@@ -503,7 +503,7 @@ def compile_cold(row: Dict[str, Any], cache_dir: str) -> Dict[str, float]:
   The row's steps are timed in another process (:func:`measure_ours`), which
   loads the step from the cache, as a restarted run does: on the CPU a
   process that compiled a train step cold runs its steps slower, and loads
-  programs from the cache slower (see the README's benchmark section).
+  programs from the cache slower (see benchmarks/README.md).
   """
   compiled = compiled_row(row, detector_config(row), cache_dir, compile="cold")
   if row.get("baseline_config"):

@@ -12,7 +12,9 @@
   ``stopped:`` line saying where, and exits with status 0.
 - Where JAX computes on the CPU, freed host memory stays in the process
   (:mod:`libra_jax.host_memory`): a step's buffers are not page-faulted in anew
-  every step. ``LIBRA_JAX_KEEP_HOST_MEMORY=0`` declines it.
+  every step. Training gives glibc's defaults back where its step's buffers are
+  too large for the host; ``LIBRA_JAX_KEEP_HOST_MEMORY=0`` declines the setting
+  and ``=1`` keeps it.
 
 A command builds its flags with :class:`ArgumentParser` and runs its
 ``main(argv)`` through :func:`run`.

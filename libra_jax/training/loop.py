@@ -19,6 +19,10 @@ What keeps a run safe:
   synchronous checkpoint (``preemption.StopRequest``; the same step on every
   process), and ``errors.Stopped`` says where.
 
+On the CPU, after the first step of each image size, the loop asks
+``host_memory.keep_if_affordable`` whether keeping freed host memory fits the
+host, given the step's temporary buffer.
+
 The train step runs under JAX's transfer guard (``disallow``): every value the
 loop reads from the devices is fetched with an explicit ``jax.device_get``.
 ``metrics.jsonl`` gets a ``kind="compile"`` record after the first step (its
@@ -52,6 +56,13 @@ from libra_jax.training.workdir import WorkdirLock, check_and_record_config
 LOSS_PREFIX = "loss"
 
 _log = logging.getLogger(__name__)
+
+
+def temporary_bytes(jitted, *args) -> int:
+  """The temporary buffer of ``jitted``'s program for ``args``, in bytes, by XLA's memory analysis (0 where the
+  backend gives none). Call it after a call on arguments of those shapes: the program is then found, not compiled."""
+  analysis = jitted.lower(*args).compile().memory_analysis()
+  return 0 if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 def backbone_file(config) -> Optional[str]:
@@ -184,8 +195,12 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = runtime.to_global(next(batches), mesh)
+      sizes_seen = len(compilation.sizes)
       with jax.transfer_guard("disallow"), compilation.around(batch["image"]):
         state, metrics = train_step(state, batch)
+      if len(compilation.sizes) > sizes_seen and host_memory.made_by_default():
+        jax.block_until_ready(metrics)  # the resident memory counts this step's temporary buffer
+        host_memory.keep_if_affordable(temporary_bytes(train_step, state, batch))
       if step == start + 1:
         jax.block_until_ready(metrics)
         first_step_seconds = time.perf_counter() - last_time

@@ -19,7 +19,7 @@ import pytest
 
 from support import (assert_drawn_where_detected, largest_file, records, shapes_config, summary_steps,
                      tiny_train_overrides)
-from libra_jax import cli, convert, diagnostics, predict
+from libra_jax import cli, convert, diagnostics, host_memory, predict
 from libra_jax.evaluation import driver
 from libra_jax.models.detectors import build_detector
 from libra_jax.training import loop
@@ -37,15 +37,25 @@ def dirs(shapes_tfds_dir):
   return shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
+# The temporary buffers the training loop asked host_memory.keep_if_affordable about, in bytes, in the trained run.
+ASKED_ABOUT_HOST_MEMORY = []
+
+
 @pytest.fixture(scope="module")
 def trained(dirs, tmp_path_factory):
-  """A 40-step run of the tiny model, trained in this process: ``(overrides, config, workdir, final metrics)``."""
+  """A 40-step run of the tiny model, trained in this process: ``(overrides, config, workdir, final metrics)``.
+
+  The run sees freed host memory as kept by default, as a command on the CPU does, and records what it asks
+  ``host_memory.keep_if_affordable`` (which answers yes, leaving this process's malloc as it is)."""
   # One checkpoint, at the end: the tests read the final weights only.
   overrides = tiny_train_overrides(*dirs, total_steps=40, log_every=1, checkpoint_every=40,
                                    **{"optim.warmup_steps": 5, "optim.lr_per_16": 0.08})
   config = shapes_config(overrides)
   workdir = tmp_path_factory.mktemp("trained")
-  return overrides, config, workdir, loop.train_and_evaluate(config, workdir)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(host_memory, "_kept_because", "by default")
+    patch.setattr(host_memory, "keep_if_affordable", lambda n: ASKED_ABOUT_HOST_MEMORY.append(n) or True)
+    return overrides, config, workdir, loop.train_and_evaluate(config, workdir)
 
 
 def test_classifiers_learn_and_metrics_are_written(trained):
@@ -63,6 +73,9 @@ def test_classifiers_learn_and_metrics_are_written(trained):
   [compiled] = records(workdir, "compile")
   assert compiled["step"] == 1 and compiled["first_step_seconds"] > 0 and compiled["train_step_compilations"] == 1
   assert [r["train_step_compilations"] for r in train] == [1] * len(train)
+  # After the first step of its one image size, the loop asked whether keeping freed host memory is affordable,
+  # giving the step's temporary buffer: XLA's analysis of the tiny model's step, tens to hundreds of MB.
+  assert len(ASKED_ABOUT_HOST_MEMORY) == 1 and 10e6 < ASKED_ABOUT_HOST_MEMORY[0] < 2e9
   # The host's peak memory: it does not fall (but for the kernel's approximate counters, a few pages: one run read
   # 4.1227 then 4.1225 GB), and is never above getrusage's peak for this process now (which also counts the peak
   # of the process this one was started from).

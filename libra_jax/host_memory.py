@@ -8,7 +8,8 @@ whole buffer in again, and the kernel zeroes each page first. On 2 cores
 that was about 2 s of a 10 s step at 800 x 1344 and 0.2 s of 4.6 s at
 512 x 512 batch 2 (2026-12-04); 0.6-0.9 s of 6.0-6.2 s and 0.4-0.5 s of
 3.4-3.6 s in ``benchmarks/bench_host_memory.py``'s rows (2026-12-06). The
-quick start's training ran at 26-33 images/s with it and 18-20 without.
+quick start's training ran at 28-31 images/s with it and 21-22 without
+(medians of two runs each, in turns).
 
 :func:`keep_freed_host_memory` sets three glibc malloc parameters
 (``mallopt(3)``), as the environment variables ``MALLOC_ARENA_MAX=1``,

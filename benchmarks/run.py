@@ -105,7 +105,10 @@ to keep freed memory, as every libra_jax command does on the CPU
 too): otherwise each step page-faults its large buffers in anew. Both
 frameworks gain from it; we gain more, having more temporary memory per step
 (benchmarks/README.md has the paired measurements). Each row records
-whether it was done in ``keeps_freed_host_memory``.
+whether it was done in ``keeps_freed_host_memory``. Unlike training, the rows
+keep it whatever their step's size, so a row whose step training would find
+too large for the host (R-50 at 800 x 1344 batch 2 on a 25 GB host) measures
+the faster setting, which training would give back.
 
 The full run: ResNet-50, both shapes, 5 timed steps per row, the Libra-part
 rows at both shapes, the fixed-grid and bucket-padding rows at 800 x 1344

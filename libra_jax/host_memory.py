@@ -85,8 +85,9 @@ GLIBC_DEFAULTS = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 * 2 ** 20), (M_TRIM
 KEPT_PEAK_SHARE = 0.5
 # How many of a step's temporary buffers the setting can hold besides the one in use (the module docstring).
 EXTRA_TEMPORARY_BUFFERS = 2
-# Where cgroups (v2, v1) put a container's memory limit, in bytes ("max" or a huge number: none).
-CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+# Where cgroups v2 and v1 are mounted, and the file in a group's directory that holds its memory limit in bytes
+# ("max" or a huge number: none).
+CGROUP_MEMORY_LIMIT_FILES = (("/sys/fs/cgroup", "memory.max"), ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"))
 # 0 declines the settings, 1 asks for them; unset, see wanted().
 SWITCH_ENV = "LIBRA_JAX_KEEP_HOST_MEMORY"
 # glibc's own environment variables for malloc's parameters (mallopt(3)), read when a process starts.
@@ -115,7 +116,8 @@ def keep_freed_host_memory() -> bool:
     return False
   mallopt = ctypes.CDLL(None).mallopt  # the symbols the process has loaded, the C library's among them
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  return all(mallopt(parameter, value) == 1 for parameter, value in SETTINGS)
+  accepted = [mallopt(parameter, value) == 1 for parameter, value in SETTINGS]  # every one tried
+  return all(accepted)
 
 
 def jax_computes_on_host() -> bool:
@@ -188,11 +190,11 @@ def return_freed_host_memory() -> bool:
   global _kept_because
   libc = ctypes.CDLL(None)
   libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  accepted = all(libc.mallopt(parameter, value) == 1 for parameter, value in GLIBC_DEFAULTS)
+  accepted = [libc.mallopt(parameter, value) == 1 for parameter, value in GLIBC_DEFAULTS]  # every one tried
   libc.malloc_trim.argtypes = (ctypes.c_size_t,)
   libc.malloc_trim(0)
   _kept_because = None
-  return accepted
+  return all(accepted)
 
 
 def keep_if_affordable(temporary_bytes: int) -> bool:
@@ -202,17 +204,16 @@ def keep_if_affordable(temporary_bytes: int) -> bool:
   (see the module docstring). Call it after a step's first call, whose buffer the resident memory then counts.
 
   Args:
-    temporary_bytes: the step's temporary buffer, in bytes (``Compiled.memory_analysis().temp_size_in_bytes``).
+    temporary_bytes: the step's temporary buffers in this process, in bytes (``Compiled.memory_analysis()``'s
+      ``temp_size_in_bytes`` is one device's: times the process's devices). Several processes on one host each
+      measure against the whole host.
 
   Returns:
     Whether this process keeps freed memory after the call (also when the switch asked for it).
   """
   if _kept_because != "by default":
     return _kept_because is not None
-  resident = resident_gb()
-  if resident is None:
-    resident = peak_resident_gb()
-  peak_if_kept = resident + EXTRA_TEMPORARY_BUFFERS * temporary_bytes / 1e9
+  peak_if_kept = (resident_gb() or 0.0) + EXTRA_TEMPORARY_BUFFERS * temporary_bytes / 1e9  # glibc: Linux's /proc
   host = host_memory_gb()
   if peak_if_kept <= KEPT_PEAK_SHARE * host:
     return True
@@ -227,10 +228,10 @@ def keep_if_affordable(temporary_bytes: int) -> bool:
 
 
 def host_memory_gb() -> float:
-  """The host's memory this process may use, in GB (10^9 bytes): its physical memory, or its container's cgroup
-  limit where that is smaller."""
+  """The host's memory this process may use, in GB (10^9 bytes): its physical memory, or the smallest memory limit
+  of its cgroup and the cgroup's ancestors (``/proc/self/cgroup``, v2 or v1) where that is smaller."""
   limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  for path in CGROUP_MEMORY_LIMITS:
+  for path in cgroup_memory_limit_files():
     try:
       with open(path) as limit_file:
         value = limit_file.read().strip()
@@ -239,6 +240,28 @@ def host_memory_gb() -> float:
     if value.isdigit():
       limit = min(limit, int(value))
   return limit / 1e9
+
+
+def cgroup_memory_limit_files(membership: str = "/proc/self/cgroup") -> List[str]:
+  """The files that may hold a memory limit of this process's cgroup or of its ancestors, for cgroups v2 and v1
+  (``CGROUP_MEMORY_LIMIT_FILES``), read from ``membership``. Inside a container with its own cgroup namespace the
+  group is ``/``; without one (systemd, Slurm) it is a path below the mount."""
+  groups = {}  # mount -> the process's group below it
+  try:
+    with open(membership) as lines:
+      for line in lines:
+        _, controllers, group = line.rstrip("\n").split(":", 2)
+        if controllers == "":
+          groups[CGROUP_MEMORY_LIMIT_FILES[0][0]] = group
+        elif "memory" in controllers.split(","):
+          groups[CGROUP_MEMORY_LIMIT_FILES[1][0]] = group
+  except (OSError, ValueError):
+    pass
+  files = []
+  for mount, name in CGROUP_MEMORY_LIMIT_FILES:
+    parts = [part for part in groups.get(mount, "/").split("/") if part]
+    files += [os.path.join(mount, *parts[:depth], name) for depth in range(len(parts), -1, -1)]
+  return files
 
 
 def _status_gb(field: str) -> Optional[float]:

@@ -52,6 +52,15 @@ def no_import_modules_from_other_tests(monkeypatch):
   monkeypatch.setattr(cli, "_imported", [])
 
 
+@pytest.fixture(autouse=True)
+def no_host_memory_decision_from_other_tests(monkeypatch):
+  """Each test starts as if this process had not kept freed host memory by default: a command a test runs in this
+  process (``cli.run``) records that it did, and a later in-process training run would then decide on this
+  process's malloc (``host_memory.keep_if_affordable``)."""
+  from libra_jax import host_memory
+  monkeypatch.setattr(host_memory, "_kept_because", None)
+
+
 @pytest.fixture(scope="session")
 def shapes_tfds_dir(tmp_path_factory) -> str:
   """A TFDS data dir where the easy ``shapes`` dataset is prepared, once for the whole run.

@@ -157,6 +157,7 @@ AFFORDABLE_CHILD = textwrap.dedent("""
     for temporary_bytes in (10 ** 6, 10 ** 13):
       kept = host_memory.keep_if_affordable(temporary_bytes)
       answers.append(dict(kept=kept, resident_gb=host_memory.resident_gb(), faults=faults_of_a_fill()))
+    answers.append(host_memory.return_freed_host_memory())  # glibc takes every one of its defaults back
     print(json.dumps(answers))
 """)
 
@@ -171,7 +172,8 @@ def affordable_answers(**environment: str):
 
 @pytest.mark.skipif(not host_memory.uses_glibc(), reason="mallopt is glibc's")
 def test_a_step_too_large_for_the_host_gets_glibc_s_defaults_back():
-  small, huge = affordable_answers()
+  small, huge, defaults_accepted = affordable_answers()
+  assert defaults_accepted
   # A 1 MB step keeps the setting: the freed 256 MB stay in the process and are reused without faults.
   assert small["kept"] and small["faults"] <= 10 and small["resident_gb"] > 0.25
   # A 10 TB step cannot afford it: glibc's defaults come back, the heap's free 256 MB go back to the system (the
@@ -181,9 +183,9 @@ def test_a_step_too_large_for_the_host_gets_glibc_s_defaults_back():
 
 @pytest.mark.skipif(not host_memory.uses_glibc(), reason="mallopt is glibc's")
 def test_the_switch_decides_whatever_the_step_s_size():
-  asked = affordable_answers(LIBRA_JAX_KEEP_HOST_MEMORY="1")
+  asked = affordable_answers(LIBRA_JAX_KEEP_HOST_MEMORY="1")[:2]
   assert [a["kept"] for a in asked] == [True, True] and all(a["faults"] <= 10 for a in asked)
-  declined = affordable_answers(LIBRA_JAX_KEEP_HOST_MEMORY="0")
+  declined = affordable_answers(LIBRA_JAX_KEEP_HOST_MEMORY="0")[:2]
   assert [a["kept"] for a in declined] == [False, False] and all(a["faults"] >= 100 for a in declined)
 
 
@@ -204,12 +206,27 @@ def test_the_peak_the_setting_can_reach_decides(monkeypatch, temporary_gb, resid
   assert returned == ([] if kept else [True])
 
 
-def test_the_host_s_memory_is_its_container_s_limit_where_smaller(monkeypatch, tmp_path):
+def test_the_host_s_memory_is_its_cgroup_s_limit_where_smaller(monkeypatch, tmp_path):
   physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-  limits = {"none": "max\n", "huge": "9223372036854771712\n", "small": "1000000000\n"}
+  limits = {"none": "max\n", "huge": "9223372036854771712\n", "small": "1000000000\n", "smaller": "500000000\n"}
   for name, text in limits.items():
     (tmp_path / name).write_text(text)
   for files, expected in ((("none",), physical), (("huge",), physical), (("missing", "small"), 1.0),
-                          (("none", "small"), 1.0)):
-    monkeypatch.setattr(host_memory, "CGROUP_MEMORY_LIMITS", tuple(str(tmp_path / f) for f in files))
+                          (("none", "small", "smaller"), 0.5)):
+    monkeypatch.setattr(host_memory, "cgroup_memory_limit_files", lambda: [str(tmp_path / f) for f in files])
     assert host_memory.host_memory_gb() == pytest.approx(expected)
+
+
+def test_the_cgroup_s_limit_files_are_the_group_s_and_its_ancestors(tmp_path):
+  membership = tmp_path / "cgroup"
+  membership.write_text("12:cpu,memory:/slurm/job_7\n3:pids:/\n0::/user.slice/run.scope\n")
+  assert host_memory.cgroup_memory_limit_files(str(membership)) == [
+      "/sys/fs/cgroup/user.slice/run.scope/memory.max", "/sys/fs/cgroup/user.slice/memory.max",
+      "/sys/fs/cgroup/memory.max",
+      "/sys/fs/cgroup/memory/slurm/job_7/memory.limit_in_bytes", "/sys/fs/cgroup/memory/slurm/memory.limit_in_bytes",
+      "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+  # In a container with its own cgroup namespace, or where the file cannot be read: the mounts' own files.
+  membership.write_text("0::/\n")
+  roots = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+  assert host_memory.cgroup_memory_limit_files(str(membership)) == roots
+  assert host_memory.cgroup_memory_limit_files(str(tmp_path / "missing")) == roots

@@ -19,9 +19,9 @@ What keeps a run safe:
   synchronous checkpoint (``preemption.StopRequest``; the same step on every
   process), and ``errors.Stopped`` says where.
 
-On the CPU, after the first step of each image size, the loop asks
-``host_memory.keep_if_affordable`` whether keeping freed host memory fits the
-host, given the step's temporary buffer.
+On the CPU, where the command kept freed host memory by default, the loop asks
+``host_memory.keep_if_affordable`` after the first step of each image size
+whether that fits the host, given the step's temporary buffers.
 
 The train step runs under JAX's transfer guard (``disallow``): every value the
 loop reads from the devices is fetched with an explicit ``jax.device_get``.
@@ -59,10 +59,11 @@ _log = logging.getLogger(__name__)
 
 
 def temporary_bytes(jitted, *args) -> int:
-  """The temporary buffer of ``jitted``'s program for ``args``, in bytes, by XLA's memory analysis (0 where the
-  backend gives none). Call it after a call on arguments of those shapes: the program is then found, not compiled."""
+  """The temporary buffers of ``jitted``'s program for ``args`` in this process, in bytes: XLA's memory analysis
+  gives one device's, and each of the process's devices has one (0 where the backend gives none). Call it after a
+  call on arguments of those shapes: the program is then found, not compiled."""
   analysis = jitted.lower(*args).compile().memory_analysis()
-  return 0 if analysis is None else int(analysis.temp_size_in_bytes)
+  return 0 if analysis is None else int(analysis.temp_size_in_bytes) * jax.local_device_count()
 
 
 def backbone_file(config) -> Optional[str]:
@@ -198,15 +199,15 @@ def _train(config, workdir: pathlib.Path, allow_config_change: bool, stop: StopR
       sizes_seen = len(compilation.sizes)
       with jax.transfer_guard("disallow"), compilation.around(batch["image"]):
         state, metrics = train_step(state, batch)
-      if len(compilation.sizes) > sizes_seen and host_memory.made_by_default():
-        jax.block_until_ready(metrics)  # the resident memory counts this step's temporary buffer
-        host_memory.keep_if_affordable(temporary_bytes(train_step, state, batch))
       if step == start + 1:
         jax.block_until_ready(metrics)
         first_step_seconds = time.perf_counter() - last_time
         writer.write(step, {"first_step_seconds": first_step_seconds,
                             "train_step_compilations": train_step._cache_size()}, kind="compile")
         _log.info("first step (compiling or loading the step included): %.1f s", first_step_seconds)
+      if len(compilation.sizes) > sizes_seen and host_memory.made_by_default():
+        jax.block_until_ready(metrics)  # the resident memory counts this step's temporary buffers
+        host_memory.keep_if_affordable(temporary_bytes(train_step, state, batch))
       if unchecked is not None:
         _check_finite(config, *unchecked, checkpointer)
       unchecked = step, metrics

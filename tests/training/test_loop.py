@@ -5,6 +5,7 @@ share out this file's long tests and those.)
 """
 
 import json
+import logging
 import os
 import pathlib
 import resource
@@ -37,8 +38,33 @@ def dirs(shapes_tfds_dir):
   return shapes_tfds_dir, os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
-# The temporary buffers the training loop asked host_memory.keep_if_affordable about, in bytes, in the trained run.
+# The temporary buffers the training loop asked host_memory.keep_if_affordable about, in bytes, in the trained run,
+# and the compilations JAX logged while the loop measured them.
 ASKED_ABOUT_HOST_MEMORY = []
+COMPILED_WHILE_MEASURING = []
+
+
+class _Records(logging.Handler):
+  def __init__(self, records):
+    super().__init__()
+    self.records = records
+
+  def emit(self, record):
+    self.records.append(record.getMessage())
+
+
+def temporary_bytes_without_compiling(*args):
+  """``loop.temporary_bytes``, recording what JAX logs as compiled meanwhile."""
+  handler, jax_logger = _Records(COMPILED_WHILE_MEASURING), logging.getLogger("jax")
+  jax_logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      return TEMPORARY_BYTES(*args)
+  finally:
+    jax_logger.removeHandler(handler)
+
+
+TEMPORARY_BYTES = loop.temporary_bytes
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +81,7 @@ def trained(dirs, tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(host_memory, "_kept_because", "by default")
     patch.setattr(host_memory, "keep_if_affordable", lambda n: ASKED_ABOUT_HOST_MEMORY.append(n) or True)
+    patch.setattr(loop, "temporary_bytes", temporary_bytes_without_compiling)
     return overrides, config, workdir, loop.train_and_evaluate(config, workdir)
 
 
@@ -74,8 +101,10 @@ def test_classifiers_learn_and_metrics_are_written(trained):
   assert compiled["step"] == 1 and compiled["first_step_seconds"] > 0 and compiled["train_step_compilations"] == 1
   assert [r["train_step_compilations"] for r in train] == [1] * len(train)
   # After the first step of its one image size, the loop asked whether keeping freed host memory is affordable,
-  # giving the step's temporary buffer: XLA's analysis of the tiny model's step, tens to hundreds of MB.
+  # giving the step's temporary buffer: XLA's analysis of the tiny model's step, tens to hundreds of MB. Measuring
+  # it found the step's program, compiling nothing.
   assert len(ASKED_ABOUT_HOST_MEMORY) == 1 and 10e6 < ASKED_ABOUT_HOST_MEMORY[0] < 2e9
+  assert not [m for m in COMPILED_WHILE_MEASURING if "ompil" in m], COMPILED_WHILE_MEASURING
   # The host's peak memory: it does not fall (but for the kernel's approximate counters, a few pages: one run read
   # 4.1227 then 4.1225 GB), and is never above getrusage's peak for this process now (which also counts the peak
   # of the process this one was started from).

@@ -114,9 +114,15 @@ def keep_freed_host_memory() -> bool:
   if not uses_glibc():
     _log.debug("the C library is not glibc: host memory is returned as it decides")
     return False
+  return _set_malloc_parameters(SETTINGS)
+
+
+def _set_malloc_parameters(settings) -> bool:
+  """``mallopt(parameter, value)`` for each ``(parameter, value)`` of ``settings``, every one tried; returns whether
+  glibc accepted them all."""
   mallopt = ctypes.CDLL(None).mallopt  # the symbols the process has loaded, the C library's among them
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  accepted = [mallopt(parameter, value) == 1 for parameter, value in SETTINGS]  # every one tried
+  accepted = [mallopt(parameter, value) == 1 for parameter, value in settings]
   return all(accepted)
 
 
@@ -188,13 +194,12 @@ def return_freed_host_memory() -> bool:
   """Undoes :func:`keep_freed_host_memory`'s mmap and trimming parameters (``GLIBC_DEFAULTS``) and hands the heap's
   free memory back to the system (``malloc_trim``). Returns whether every parameter was accepted."""
   global _kept_because
-  libc = ctypes.CDLL(None)
-  libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  accepted = [libc.mallopt(parameter, value) == 1 for parameter, value in GLIBC_DEFAULTS]  # every one tried
-  libc.malloc_trim.argtypes = (ctypes.c_size_t,)
-  libc.malloc_trim(0)
+  accepted = _set_malloc_parameters(GLIBC_DEFAULTS)
+  malloc_trim = ctypes.CDLL(None).malloc_trim
+  malloc_trim.argtypes = (ctypes.c_size_t,)
+  malloc_trim(0)
   _kept_because = None
-  return all(accepted)
+  return accepted
 
 
 def keep_if_affordable(temporary_bytes: int) -> bool:

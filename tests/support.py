@@ -164,4 +164,3 @@ def records(workdir, kind="train"):
   import pathlib
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   return [r for r in map(json.loads, lines) if r["kind"] == kind]
-

@@ -86,7 +86,10 @@ def test_entries_older_than_the_last_check_are_not_read_again(tmp_path):
   os.utime(cut, (1000.0, 1000.0))  # written long before the check below
   (tmp_path / xla_cache.CHECKED_STAMP).touch()
   assert xla_cache.remove_unreadable_entries(tmp_path) == [] and cut.exists()
-  os.utime(cut)  # modified now, after the last check
+  # Modified after the last check. Set explicitly: a file's "now" comes from the kernel's coarse clock, which can
+  # read earlier than the time.time() the check stamped (a clean clone's run saw no entry found).
+  checked = (tmp_path / xla_cache.CHECKED_STAMP).stat().st_mtime
+  os.utime(cut, (checked + 1, checked + 1))
   assert xla_cache.remove_unreadable_entries(tmp_path) == [cut] and not cut.exists()
 
 
